@@ -1,0 +1,243 @@
+"""The only module that imports ``comfy.*`` / ``folder_paths``.
+
+Everything ComfyUI-specific (devices, dtypes, model management, progress bars, interrupts,
+model folders, the output folder) is asked here. When ComfyUI is absent (tests, the CLI) the
+same calls fall back to plain torch, so the node classes import and run anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+try:  # ComfyUI present
+    import comfy.model_management as _mm  # type: ignore
+    import comfy.model_patcher as _mp  # type: ignore
+    import comfy.utils as _cu  # type: ignore
+    import folder_paths as _fp  # type: ignore
+
+    COMFY = True
+except ImportError:  # tests, CLI
+    _mm = _mp = _cu = _fp = None
+    COMFY = False
+
+# The sonic_core package: a sibling package inside ComfyUI (the pack is imported as a package),
+# the top-level ``sonic_core`` in tests and the CLI (the repository root is on sys.path).
+_PACK = __package__.rsplit(".", 1)[0] if __package__ and "." in __package__ else None
+CORE_PACKAGE = f"{_PACK}.sonic_core" if _PACK else "sonic_core"
+
+
+def core(name: str):
+    """Import ``sonic_core.<name>`` whichever way this pack was imported."""
+    return importlib.import_module(f"{CORE_PACKAGE}.{name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Interrupts
+# ----------------------------------------------------------------------------------------------
+if COMFY:
+    InterruptProcessingException = _mm.InterruptProcessingException
+else:
+
+    class InterruptProcessingException(Exception):
+        """Raised when the user cancels (fallback twin of ComfyUI's exception)."""
+
+
+_interrupt = threading.Event()
+
+
+def request_interrupt() -> None:
+    """Ask the running job to stop at its next check (fallback mode; ComfyUI has its own)."""
+    if COMFY:
+        _mm.interrupt_current_processing(True)
+    else:
+        _interrupt.set()
+
+
+def check_interrupt() -> None:
+    """Raise InterruptProcessingException if the user cancelled."""
+    if COMFY:
+        _mm.throw_exception_if_processing_interrupted()
+    elif _interrupt.is_set():
+        _interrupt.clear()
+        raise InterruptProcessingException("cancelled")
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------
+class Progress:
+    """A progress bar in the ComfyUI UI (or a log line every 10 % without ComfyUI).
+
+    ``update`` also checks for cancellation, so a loop that reports progress is cancellable.
+    """
+
+    def __init__(self, total: int, what: str = "Sonic"):
+        self.total = max(int(total), 1)
+        self.current = 0
+        self.what = what
+        self._bar = _cu.ProgressBar(self.total) if COMFY else None
+        self._last_decile = -1
+
+    def update(self, n: int = 1, preview: Any = None) -> None:
+        self.current = min(self.current + n, self.total)
+        if self._bar is not None:
+            self._bar.update_absolute(self.current, self.total, preview)
+        else:
+            decile = self.current * 10 // self.total
+            if decile != self._last_decile:
+                self._last_decile = decile
+                log.info("%s: %d/%d", self.what, self.current, self.total)
+        check_interrupt()
+
+    def callback(self) -> Callable[..., None]:
+        """A ``callback(done, total, *_)`` for sonic_core loops."""
+
+        def _cb(done: int, total: int, *_: Any) -> None:
+            self.total = max(int(total), 1)
+            self.update(done - self.current)
+
+        return _cb
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and dtypes
+# ----------------------------------------------------------------------------------------------
+def load_device() -> torch.device:
+    """Where models compute."""
+    if COMFY:
+        return _mm.get_torch_device()
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    """Where models wait between runs."""
+    return _mm.unet_offload_device() if COMFY else torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where results handed between nodes live."""
+    return _mm.intermediate_device() if COMFY else torch.device("cpu")
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_CHOICES = ["auto", "fp16", "bf16", "fp32"]
+
+
+def resolve_dtype(choice: str, device: torch.device | None = None, params: int = 0) -> torch.dtype:
+    """``auto`` asks ComfyUI (fp32 on CPU without ComfyUI); otherwise the named dtype."""
+    if choice != "auto":
+        if choice not in DTYPES:
+            raise ValueError(f"dtype {choice!r} is not one of {DTYPE_CHOICES}")
+        return DTYPES[choice]
+    device = device or load_device()
+    if COMFY:
+        return _mm.unet_dtype(device=device, model_params=params)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class ManagedModel:
+    """An nn.Module under ComfyUI's model management (ModelPatcher), or plain torch without it.
+
+    Call ``load()`` right before use: it moves the weights to the load device (ComfyUI frees
+    other models first if needed) and returns the module.
+    """
+
+    def __init__(self, module: torch.nn.Module, load_dev: torch.device | None = None,
+                 offload_dev: torch.device | None = None):
+        self.load_device = load_dev or load_device()
+        self.offload_device = offload_dev or offload_device()
+        module.to(self.offload_device)
+        self.module = module
+        self.patcher = _mp.ModelPatcher(module, self.load_device, self.offload_device) if COMFY else None
+
+    def load(self) -> torch.nn.Module:
+        if self.patcher is not None:
+            _mm.load_models_gpu([self.patcher])
+        else:
+            self.module.to(self.load_device)
+        return self.module
+
+    def offload(self) -> None:
+        if self.patcher is None:
+            self.module.to(self.offload_device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders
+# ----------------------------------------------------------------------------------------------
+MODEL_FOLDER = "sonic"  # ComfyUI/models/sonic
+MODELS_ENV = "SONIC_MODELS_DIR"  # fallback model folder without ComfyUI
+OUTPUT_ENV = "SONIC_OUTPUT_DIR"  # fallback output folder without ComfyUI
+_registered = False
+
+
+def model_dirs(folder: str = MODEL_FOLDER) -> list[str]:
+    """Folders searched for Sonic weights (registered with ComfyUI on first use)."""
+    global _registered
+    if COMFY:
+        if not _registered:
+            _fp.add_model_folder_path(folder, os.path.join(_fp.models_dir, folder))
+            _registered = True
+        return list(_fp.get_folder_paths(folder))
+    return [os.environ.get(MODELS_ENV, os.path.join(os.getcwd(), "models", folder))]
+
+
+def list_files(suffixes: tuple[str, ...], folder: str = MODEL_FOLDER) -> list[str]:
+    """Relative paths of weight files with one of ``suffixes`` under the model folders."""
+    found: set[str] = set()
+    for root in model_dirs(folder):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            for f in files:
+                if f.lower().endswith(suffixes):
+                    found.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def list_subfolders(marker: str, folder: str = MODEL_FOLDER) -> list[str]:
+    """Relative paths of folders under the model folders that contain a file named ``marker``."""
+    found: set[str] = set()
+    for root in model_dirs(folder):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            if marker in files and dirpath != root:
+                found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def resolve_path(name: str, folder: str = MODEL_FOLDER) -> str:
+    """Absolute path of ``name`` inside a model folder; absolute paths pass through if they exist."""
+    if os.path.isabs(name) and os.path.exists(name):
+        return name
+    for root in model_dirs(folder):
+        full = os.path.realpath(os.path.join(root, name))
+        if os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
+            raise ValueError(f"{name!r} points outside the model folder {root}")
+        if os.path.exists(full):
+            return full
+    raise FileNotFoundError(
+        f"{name!r} was not found in {model_dirs(folder)}: put the file there (see README 'Weights')"
+    )
+
+
+def output_dir() -> str:
+    """ComfyUI's output folder (or $SONIC_OUTPUT_DIR / ./output without ComfyUI)."""
+    if COMFY:
+        return _fp.get_output_directory()
+    return os.environ.get(OUTPUT_ENV, os.path.join(os.getcwd(), "output"))

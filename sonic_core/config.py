@@ -1,0 +1,121 @@
+"""Every number of the Sonic method, named once with its unit.
+
+Sources: the official defaults (``config/inference/sonic.yaml`` and ``Sonic.process``) as
+described in ../shared/SPEC.md. Module-level constants are facts of the method that never
+change; the dataclasses hold user-facing defaults that nodes and the CLI expose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ----------------------------------------------------------------------------------------------
+# Audio (SPEC §3, §4)
+# ----------------------------------------------------------------------------------------------
+SAMPLE_RATE = 16000  # Hz, whisper input rate
+RESAMPLE_QUALITY = "HQ"  # soxr quality of librosa's default resampler (res_type "soxr_hq")
+CHUNK_SECONDS = 30  # s, one whisper feature-extractor chunk
+N_SAMPLES_CHUNK = CHUNK_SECONDS * SAMPLE_RATE  # 480000 samples per 30 s chunk
+N_MELS = 80  # log-mel bins (whisper-tiny)
+N_FFT = 400  # samples, STFT window of the whisper feature extractor
+HOP_LENGTH = 160  # samples between mel frames (10 ms)
+N_MEL_FRAMES = N_SAMPLES_CHUNK // HOP_LENGTH  # 3000 mel frames in a 30 s chunk
+N_WHISPER_POSITIONS = N_MEL_FRAMES // 2  # 1500 encoder positions per 30 s (conv2 stride 2)
+WHISPER_POSITIONS_PER_SECOND = N_WHISPER_POSITIONS // CHUNK_SECONDS  # 50 feature frames / s
+SAMPLES_PER_25FPS_FRAME = 640  # samples, 40 ms = one 25 fps frame at 16 kHz
+POSITIONS_PER_25FPS_FRAME = 2  # whisper positions per 25 fps frame
+FRAME_STEP = 2  # 25 fps frames per generated frame (12.5 fps generated)
+FRAME_CAP = 10000  # official cap on 25 fps frames (``frame_num``)
+MIN_AUDIO_SECONDS = FRAME_STEP * SAMPLES_PER_25FPS_FRAME / SAMPLE_RATE  # 0.08 s = one video frame
+
+# token window (audio2token input): 10 positions centred on the frame, padding 4 before / 6 after
+TOKEN_WINDOW = 10  # whisper positions per token window (0.2 s)
+TOKEN_PAD_BEFORE = 4  # zero positions prepended
+TOKEN_PAD_AFTER = 6  # zero positions appended
+# bucket window (audio2bucket input): 50 positions (1 s), padding 24 before / 26 after
+BUCKET_WINDOW = 50  # whisper positions per bucket window (1 s)
+BUCKET_PAD_BEFORE = 24  # zero positions prepended
+BUCKET_PAD_AFTER = 26  # zero positions appended
+WINDOW_STRIDE = POSITIONS_PER_25FPS_FRAME * FRAME_STEP  # 4 positions between generated frames
+
+# ----------------------------------------------------------------------------------------------
+# Models (SPEC §1)
+# ----------------------------------------------------------------------------------------------
+AUDIO_TOKENS = 32  # K, audio context tokens per frame
+CROSS_ATTENTION_DIM = 1024  # D, UNet cross-attention width
+WHISPER_DIM = 384  # d, whisper-tiny width
+WHISPER_LAYERS = 4  # L, whisper-tiny encoder layers (hidden states = L + 1)
+AUDIO_PROJ_HIDDEN = 1024  # audio2token / audio2bucket intermediate width
+MOTION_CHANNELS = 2  # audio2bucket outputs: head translation, expression
+CLIP_EMBED_DIM = 1024  # ViT-H/14 projection width
+LAYER_NORM_EPS = 1e-5  # audio2token output LayerNorm
+VAE_SCALING_FACTOR = 0.18215  # SVD-xt VAE latent scale (hard-coded in the official encode path)
+VAE_SCALE = 8  # pixels per latent pixel
+LATENT_CHANNELS = 4  # VAE latent channels (UNet input = 2x: noisy latents ++ image latents)
+
+# ----------------------------------------------------------------------------------------------
+# Motion buckets (SPEC §4.5, §6)
+# ----------------------------------------------------------------------------------------------
+BUCKET_SCALE = 16.0  # raw audio2bucket output -> bucket: raw * 16 + 16
+BUCKET_OFFSET = 16.0
+BUCKET_RANGE = (0.0, 128.0)  # nominal bucket range (documentation; values are not clamped)
+
+# ----------------------------------------------------------------------------------------------
+# Image (SPEC §2)
+# ----------------------------------------------------------------------------------------------
+SIZE_MULTIPLE = 64  # px, working width and height are multiples of this
+MASK_AREA = 1.1  # face mask = detected box scaled by this about its centre
+CROP_EXPAND_RATIO = 0.5  # square crop helper expand ratio (demo.py / gradio app)
+CLIP_SIZE = 224  # px, CLIP input side
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_IMAGE_SIDE = 64  # px, smaller images are refused
+
+# ----------------------------------------------------------------------------------------------
+# Face detector (YOLOv5-face, issue 4)
+# ----------------------------------------------------------------------------------------------
+DETECTOR_SHORT_SIDE = 416  # px, detector input short side
+DETECTOR_STRIDE_MULTIPLE = 32  # px, detector input sides are multiples of this
+DETECTOR_CONFIDENCE = 0.5
+DETECTOR_NMS_IOU = 0.45
+
+# ----------------------------------------------------------------------------------------------
+# Scheduler (SPEC §8): SVD-xt EulerDiscreteScheduler, EDM / v-prediction, Karras sigmas
+# ----------------------------------------------------------------------------------------------
+SIGMA_MAX = 700.0
+SIGMA_MIN = 0.002
+KARRAS_RHO = 7.0
+
+# ----------------------------------------------------------------------------------------------
+# Video (SPEC §12)
+# ----------------------------------------------------------------------------------------------
+GENERATED_FPS = 12.5  # frames/s the model generates (2 whisper-frames-pairs per frame)
+RIFE_MULTIPLIER = 2  # frame interpolation factor to reach 25 fps
+OUTPUT_FPS = GENERATED_FPS * RIFE_MULTIPLIER  # 25 fps after interpolation
+RIFE_SCALES = (4, 2, 1)  # IFNet pyramid scales at scale 1
+RIFE_CHANNELS = 90  # IFBlock feature width (c in the official HDv3 IFNet)
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """User-facing defaults of the sampler (SPEC §0)."""
+
+    steps: int = 25
+    seed: int = 72589
+    min_resolution: int = 512  # px, short side before rounding to SIZE_MULTIPLE
+    frames_per_window: int = 25  # W, frames denoised together
+    overlap: int = 0  # frames shared by consecutive windows
+    shift_offset: int = 7  # frames every window start moves after each step
+    min_appearance_guidance: float = 2.0
+    max_appearance_guidance: float = 2.0
+    min_audio_guidance: float = 7.5
+    max_audio_guidance: float = 7.5
+    i2i_strength: float = 1.0
+    noise_aug_strength: float = 0.0
+    fps_conditioning: float = GENERATED_FPS
+    audio_scale: float = 1.0  # official ip_audio_scale
+    decode_chunk_size: int = 8  # frames per temporal-VAE decode call
+    motion_bucket_scale: float = 1.0  # official dynamic_scale
+
+
+SAMPLER_DEFAULTS = SamplerDefaults()
