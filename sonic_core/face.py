@@ -1,0 +1,337 @@
+"""Face box -> square crop and face mask; reference-image preparation for the sampler.
+
+SPEC §2. Boxes are floats in image pixels, ``(x, y, w, h)`` with ``(x, y)`` the top-left corner,
+as the official detector returns them. Images are ComfyUI-style ``[H, W, C]`` float tensors in
+``[0, 1]`` unless a name says ``u8``.
+
+Project decisions (where the official code has a quirk or no answer):
+* Several faces: the truly largest box wins (the official loop compares with box 0 only);
+  equal areas keep the higher-scoring one (detector order).
+* A MASK input marks the face by its bounding box (pixels > 0.5) and takes precedence over the
+  detector.
+* Cropping follows ``process_bbox`` exactly. Like the official demo (which crops, saves the
+  crop and detects again on it), the face box of the output is detected again on the crop; if
+  that finds nothing (or the box came from a mask) the source box is shifted into the crop.
+* No face: ``on_no_face="error"`` raises with advice; ``"whole_image"`` keeps the image uncropped
+  and marks all of it as the face.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import config
+
+log = logging.getLogger(__name__)
+
+ON_NO_FACE = ("error", "whole_image")
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """A face box in the pixels of one image (``image_size = (width, height)``).
+
+    ``source`` is ``"detector"``, ``"mask"`` or ``"whole_image"``; ``score`` is the detector
+    confidence (None otherwise); ``crop_xyxy`` is the crop taken from the input image, if any.
+    """
+
+    x: float
+    y: float
+    w: float
+    h: float
+    image_size: tuple[int, int]
+    source: str = "detector"
+    score: float | None = None
+    crop_xyxy: tuple[int, int, int, int] | None = None
+
+    @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        return (self.x, self.y, self.x + self.w, self.y + self.h)
+
+    @property
+    def area(self) -> float:
+        return self.w * self.h
+
+
+@dataclass(frozen=True)
+class FaceMaskResult:
+    """What SonicFaceMaskDetect returns: ``image [H, W, 3]``, ``mask [H, W]`` (0/1), ``box``."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    box: FaceBox
+
+
+# ----------------------------------------------------------------------------------------------
+# Image validation
+# ----------------------------------------------------------------------------------------------
+def to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """One ComfyUI image ``[B, H, W, C]`` / ``[H, W, C]`` / ``[H, W]`` -> RGB ``[H, W, 3]`` float.
+
+    A batch uses its first image (with a warning); RGBA drops alpha; grayscale is repeated to
+    three channels. Images with a side under ``MIN_IMAGE_SIDE`` are refused.
+    """
+    if image.ndim == 4:
+        if image.shape[0] == 0:
+            raise ValueError("the image batch is empty: connect an image")
+        if image.shape[0] > 1:
+            log.warning("image batch of %d: only the first image is used", image.shape[0])
+        image = image[0]
+    if image.ndim == 2:
+        image = image[:, :, None]  # [H, W, 1]
+    if image.ndim != 3:
+        raise ValueError(f"expected an image [B, H, W, C], got shape {tuple(image.shape)}")
+    c = image.shape[2]
+    if c == 4:
+        image = image[:, :, :3]  # RGBA -> RGB, alpha dropped
+    elif c == 1:
+        image = image.expand(-1, -1, 3)  # [H, W, 3] grayscale repeated
+    elif c != 3:
+        raise ValueError(f"image has {c} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")
+    h, w = image.shape[:2]
+    if min(h, w) < config.MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"image is {w}x{h} px; both sides must be at least {config.MIN_IMAGE_SIDE} px: "
+            "use a larger portrait"
+        )
+    return image.to(torch.float32)
+
+
+def to_u8(image: torch.Tensor) -> torch.Tensor:
+    """Float ``[..]`` in ``[0, 1]`` -> uint8 by ``round(x * 255)`` (exact for ``u8 / 255`` input)."""
+    return (image.to(torch.float32) * config.U8_MAX).round().clamp(0, config.U8_MAX).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Boxes, crop and mask
+# ----------------------------------------------------------------------------------------------
+def process_bbox(box_xyxy, expand_ratio: float, height: int, width: int) -> list[int]:
+    """Square crop ``[x1, y1, x2, y2]`` (ints) around a face box, as the official helper (SPEC §2.6).
+
+    The box is expanded by ``expand_ratio`` times its size on every side and clipped to the
+    image; a square of the expanded box's short side is centred on it, then shifted along the
+    long side towards the face centre (at most to the expanded box's edge). Corners are rounded
+    half-to-even, so the result can be one pixel off square.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    bw, bh = x2 - x1, y2 - y1
+    ex1 = max(x1 - expand_ratio * bw, 0)
+    ey1 = max(y1 - expand_ratio * bh, 0)
+    ex2 = min(x2 + expand_ratio * bw, width)
+    ey2 = min(y2 + expand_ratio * bh, height)
+    eh, ew = ey2 - ey1, ex2 - ex1
+    cy, cx = (ey1 + ey2) / 2, (ex1 + ex2) / 2
+    half = min(eh, ew) / 2
+    face_cy, face_cx = (y1 + y2) / 2, (x1 + x2) / 2
+    slack = abs((eh - ew) / 2)  # how far the square may move along the long side
+    if ew < eh:
+        shift = min(slack, abs(face_cy - cy))
+        cy = cy + (shift if face_cy > cy else -shift)
+    else:
+        shift = min(slack, abs(face_cx - cx))
+        cx = cx + (shift if face_cx > cx else -shift)
+    sx1, sy1, sx2, sy2 = cx - half, cy - half, cx + half, cy + half
+    side = min(sx2 - sx1, sy2 - sy1)
+    mx, my = (sx1 + sx2) / 2, (sy1 + sy2) / 2
+    return [round(mx - side / 2), round(my - side / 2), round(mx + side / 2), round(my + side / 2)]
+
+
+def mask_rect(box: FaceBox | tuple, width: int, height: int,
+              area: float = config.MASK_AREA) -> tuple[int, int, int, int]:
+    """Pixel rectangle ``(X1, Y1, X2, Y2)`` (end exclusive) of the face mask, SPEC §2.2.
+
+    The box is scaled by ``area`` about its floored centre; half-sizes are floored; the result
+    is clipped to the image and truncated to ints.
+    """
+    x, y, bw, bh = (box.x, box.y, box.w, box.h) if isinstance(box, FaceBox) else box
+    x2, y2 = x + bw, y + bh
+    mw, mh = (x2 - x) * area, (y2 - y) * area
+    cx, cy = (x2 + x) // 2, (y2 + y) // 2
+    rx1 = max(cx - mw // 2, 0)
+    ry1 = max(cy - mh // 2, 0)
+    rx2 = min(cx + mw // 2, width)
+    ry2 = min(cy + mh // 2, height)
+    return int(rx1), int(ry1), max(int(rx2), int(rx1)), max(int(ry2), int(ry1))
+
+
+def face_mask(box: FaceBox | tuple, width: int, height: int, area: float = config.MASK_AREA) -> torch.Tensor:
+    """Face mask ``[height, width]`` float32: 1 inside the box scaled by ``area``, 0 elsewhere."""
+    x1, y1, x2, y2 = mask_rect(box, width, height, area)
+    mask = torch.zeros(height, width, dtype=torch.float32)
+    mask[y1:y2, x1:x2] = 1.0
+    return mask
+
+
+def box_from_mask(mask: torch.Tensor, threshold: float = config.MASK_BOX_THRESHOLD) -> FaceBox | None:
+    """Bounding box of the pixels of a ``[H, W]`` mask above ``threshold`` (None if there are none)."""
+    on = mask > threshold  # [H, W]
+    if not bool(on.any()):
+        return None
+    rows = torch.nonzero(on.any(dim=1)).flatten()
+    cols = torch.nonzero(on.any(dim=0)).flatten()
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    h, w = mask.shape
+    return FaceBox(x=float(x0), y=float(y0), w=float(x1 - x0), h=float(y1 - y0),
+                   image_size=(w, h), source="mask")
+
+
+def largest_face(boxes):
+    """The box with the largest area (first one on ties, i.e. the higher-scoring); None if empty."""
+    best = None
+    for b in boxes:
+        if best is None or b.w * b.h > best.w * best.h:
+            best = b
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Detector wrapper
+# ----------------------------------------------------------------------------------------------
+def load_detector(path: str, device: torch.device | str):
+    """The YOLOv5-face TorchScript file at ``path`` on ``device``."""
+    from .models.face_detector import YoloFaceDetector
+
+    return YoloFaceDetector.from_file(path, device)
+
+
+def detect_largest_face(detector, image: torch.Tensor, confidence: float = config.DETECTOR_CONFIDENCE,
+                        iou: float = config.DETECTOR_NMS_IOU) -> FaceBox | None:
+    """Largest face in an RGB float ``[H, W, 3]`` image, or None."""
+    h, w = image.shape[:2]
+    dets = detector.detect(to_u8(image), confidence, iou)
+    best = largest_face(dets)
+    if best is None:
+        return None
+    log.info("face detector: %d face(s); chosen %.1f,%.1f %.1fx%.1f (score %.3f)",
+             len(dets), best.x, best.y, best.w, best.h, best.score)
+    return FaceBox(x=best.x, y=best.y, w=best.w, h=best.h, image_size=(w, h), source="detector",
+                   score=best.score)
+
+
+def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | None = None,
+                     crop: bool = True, expand_ratio: float = config.CROP_EXPAND_RATIO,
+                     mask_area: float = config.MASK_AREA, on_no_face: str = "error",
+                     confidence: float = config.DETECTOR_CONFIDENCE) -> FaceMaskResult:
+    """Find the face, optionally crop a square around it, and build the face mask.
+
+    image: ComfyUI image (see ``to_rgb``). detector: a ``YoloFaceDetector`` or None. mask: an
+    optional ``[H, W]`` / ``[B, H, W]`` MASK whose bounding box marks the face (wins over the
+    detector). Returns the (cropped) image ``[h, w, 3]``, its mask ``[h, w]`` and the face box in
+    its pixels.
+    """
+    if on_no_face not in ON_NO_FACE:
+        raise ValueError(f"on_no_face={on_no_face!r}; choose one of {ON_NO_FACE}")
+    if expand_ratio < 0:
+        raise ValueError(f"expand_ratio={expand_ratio} must be >= 0")
+    if mask_area <= 0:
+        raise ValueError(f"mask_area={mask_area} must be > 0")
+    image = to_rgb(image)
+    h, w = image.shape[:2]
+
+    box = None
+    if mask is not None:
+        m = mask[0] if mask.ndim == 3 else mask  # [H, W]
+        if tuple(m.shape) != (h, w):
+            raise ValueError(f"face mask is {m.shape[-1]}x{m.shape[-2]} but the image is {w}x{h}: "
+                             "draw the mask on this image")
+        box = box_from_mask(m.to(torch.float32))
+    if box is None and detector is not None:
+        box = detect_largest_face(detector, image, confidence)
+    if box is None:
+        if on_no_face == "error":
+            tried = " and ".join(
+                (["the mask is empty"] if mask is not None else [])
+                + (["no face detected"] if detector is not None else [])
+            ) or "no detector and no mask given"
+            raise ValueError(
+                f"no face found in the {w}x{h} image ({tried}): lower the confidence threshold, "
+                "crop the image tighter around the face, choose a detector file, or connect a "
+                "mask that covers the face (or set on_no_face to whole_image)"
+            )
+        log.warning("no face found: the whole %dx%d image is used as the face", w, h)
+        box = FaceBox(x=0.0, y=0.0, w=float(w), h=float(h), image_size=(w, h), source="whole_image")
+        return FaceMaskResult(image=image, mask=torch.ones(h, w), box=box)
+
+    if crop:
+        x1, y1, x2, y2 = process_bbox(box.xyxy, expand_ratio, h, w)
+        if min(x2 - x1, y2 - y1) < config.MIN_IMAGE_SIDE:
+            raise ValueError(
+                f"the face crop {x2 - x1}x{y2 - y1} px is under {config.MIN_IMAGE_SIDE} px: raise "
+                "expand_ratio, turn crop off, or use a larger image"
+            )
+        image = image[y1:y2, x1:x2]  # [h', w', 3]
+        ch, cw = image.shape[:2]
+        found = detect_largest_face(detector, image, confidence) if box.source == "detector" else None
+        if found is None:
+            found = replace(box, x=box.x - x1, y=box.y - y1, image_size=(cw, ch))
+        box = replace(found, crop_xyxy=(x1, y1, x2, y2))
+        h, w = ch, cw
+    return FaceMaskResult(image=image, mask=face_mask(box, w, h, mask_area), box=box)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference image for the sampler (SPEC §2.3, §2.4)
+# ----------------------------------------------------------------------------------------------
+def working_size(width: int, height: int, min_resolution: int) -> tuple[int, int]:
+    """Model size ``(w, h)``: short side scaled to ``min_resolution``, sides rounded to x64.
+
+    Python ``round`` (half-to-even) of ``side * scale / 64``, as the official code.
+    """
+    scale = min_resolution / min(width, height)
+    m = config.SIZE_MULTIPLE
+    new_w, new_h = round(width * scale / m) * m, round(height * scale / m) * m
+    if new_w <= 0 or new_h <= 0:
+        raise ValueError(f"min_resolution={min_resolution} gives an empty {new_w}x{new_h} image for a "
+                         f"{width}x{height} input: use at least {m}")
+    return new_w, new_h
+
+
+def resize_lanczos(image_u8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """PIL LANCZOS resize of a uint8 ``[H, W, C]`` array to ``size = (w, h)`` (no-op if equal)."""
+    h, w = image_u8.shape[:2]
+    if (w, h) == tuple(size):
+        return image_u8
+    return np.array(Image.fromarray(image_u8).resize(tuple(size), Image.LANCZOS))  # writable copy
+
+
+def prepare_reference(image: torch.Tensor, mask: torch.Tensor,
+                      min_resolution: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Reference image and face mask at the working size (SPEC §2.3-2.4).
+
+    image ``[H0, W0, 3]`` float in [0, 1]; mask ``[H0, W0]`` float in [0, 1]. Returns the resized
+    RGB uint8 ``[H, W, 3]`` and the resized mask ``[H, W]`` float32 (``u8 / 255`` of channel 0 of
+    the LANCZOS-resized 3-channel uint8 mask image, as the official pipeline sees it).
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"reference image must be [H, W, 3], got {tuple(image.shape)}")
+    if tuple(mask.shape) != tuple(image.shape[:2]):
+        raise ValueError(f"face mask {tuple(mask.shape)} does not match the image {tuple(image.shape[:2])}")
+    h0, w0 = image.shape[:2]
+    size = working_size(w0, h0, min_resolution)
+    img_u8 = to_u8(image.cpu()).numpy()  # [H0, W0, 3]
+    mask_u8 = to_u8(mask.cpu())[:, :, None].expand(-1, -1, 3).contiguous().numpy()  # [H0, W0, 3]
+    img_r = resize_lanczos(img_u8, size)  # [H, W, 3]
+    mask_r = resize_lanczos(mask_u8, size)  # [H, W, 3]
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask_r[:, :, 0])).to(torch.float32) / config.U8_MAX
+    return np.ascontiguousarray(img_r), mask_t
+
+
+def clip_pixels(image_u8: np.ndarray) -> torch.Tensor:
+    """CLIP input ``[3, 224, 224]`` float32: LANCZOS to 224x224, then ``(u8/255 - mean) / std``.
+
+    Arithmetic as the default ``CLIPImageProcessor``: rescale in float64 then cast to float32,
+    normalise in float32 (its bicubic resize and centre crop are no-ops at 224x224).
+    """
+    size = (config.CLIP_SIZE, config.CLIP_SIZE)
+    small = resize_lanczos(np.ascontiguousarray(image_u8), size)  # [224, 224, 3]
+    x = (small.astype(np.float64) * (1.0 / config.U8_MAX)).astype(np.float32)
+    mean = np.asarray(config.CLIP_MEAN, dtype=np.float32)
+    std = np.asarray(config.CLIP_STD, dtype=np.float32)
+    x = (x - mean) / std  # [224, 224, 3]
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # [3, 224, 224]
