@@ -1,3 +1,153 @@
-"""Placeholder until this family lands."""
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+"""SonicFrameInterpolate (RIFE 2x / 4x) and SonicVideoCombine (frames + audio -> a playable file)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from . import runtime
+from .runtime import core
+
+_config = core("config")
+_video = core("video")
+_RIFE_DEFAULT = "RIFE/flownet.pkl"  # where the official checkpoint goes under models/sonic
+_rife_cache: dict = {}  # {(path, mtime): ManagedModel}: one RIFE kept between runs
+
+
+def _rife_files() -> list[str]:
+    rife = core("models.rife")
+    files = [f for f in runtime.list_files(rife.RIFE_SUFFIXES)
+             if "rife" in f.lower() or "flownet" in f.lower()]
+    return files or [_RIFE_DEFAULT]
+
+
+def _load_rife(name: str):
+    """The RIFE model for ``name``, loaded once and kept (reloaded if the file changes)."""
+    path = runtime.resolve_path(name)
+    key = (path, os.path.getmtime(path))
+    if key not in _rife_cache:
+        _rife_cache.clear()
+        module = core("models.rife").load_rife(path, runtime.offload_device())
+        _rife_cache[key] = runtime.ManagedModel(module)
+    return _rife_cache[key]
+
+
+def _check_images(images, what: str):
+    if not hasattr(images, "ndim") or images.ndim != 4 or images.shape[-1] not in (3, 4):
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"{what}: expected an IMAGE batch [N, H, W, 3], got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{what}: the IMAGE batch is empty; connect the sampler's decoded frames")
+    return images
+
+
+class SonicFrameInterpolate:
+    DESCRIPTION = ("Doubles the frame rate with RIFE (HDv3, Sonic's RIFE/flownet.pkl): a new frame between "
+                   "every pair, N frames -> 2N-1 as the official pipeline does (12.5 fps -> 25 fps). "
+                   "Multiplier 4 applies it twice (4N-3 frames).")
+    CATEGORY = "Sonic"
+    FUNCTION = "interpolate"
+    RETURN_TYPES = ("IMAGE", "FLOAT")
+    RETURN_NAMES = ("images", "frame_rate")
+    OUTPUT_TOOLTIPS = ("The frames with the interpolated ones in between (2N-1 or 4N-3 frames).",
+                       "The new frame rate: the input frame rate times the multiplier.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "Video frames in order (e.g. the decoded Sonic frames)."}),
+                "rife_model": (_rife_files(), {"tooltip": "RIFE weights under models/sonic (the official "
+                                                          "RIFE/flownet.pkl, or a .safetensors copy)."}),
+                "multiplier": ("INT", {"default": _config.RIFE_MULTIPLIER, "min": 2, "max": 4, "step": 2,
+                                       "tooltip": "2: one new frame per pair; 4: the 2x pass twice."}),
+                "frame_rate": ("FLOAT", {"default": _config.GENERATED_FPS, "min": 0.01, "max": 1000.0,
+                                         "step": 0.01, "tooltip": "Frame rate of the input frames (Sonic "
+                                                                  "generates 12.5 fps); the output is "
+                                                                  "this times the multiplier."}),
+                "batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 1, "max": 256,
+                                       "tooltip": "Frame pairs computed together; lower it if memory "
+                                                  "runs out."}),
+            }
+        }
+
+    def interpolate(self, images, rife_model, multiplier=_config.RIFE_MULTIPLIER,
+                    frame_rate=_config.GENERATED_FPS, batch_size=_config.RIFE_BATCH):
+        images = _check_images(images, "Frame Interpolate")
+        multiplier = int(multiplier)
+        interp = core("interpolate")
+        if multiplier not in interp.MULTIPLIERS:
+            raise ValueError(f"multiplier {multiplier} is not supported: use one of {interp.MULTIPLIERS}")
+        managed = _load_rife(rife_model)
+        progress = runtime.Progress(1, "Frame Interpolate (RIFE)")
+        frames = interp.interpolate(managed.load(), images[..., :3].to(runtime.intermediate_device()),
+                                    multiplier, int(batch_size), callback=progress.callback())
+        return (frames, float(frame_rate) * multiplier)
+
+
+class SonicVideoCombine:
+    DESCRIPTION = ("Saves frames (and audio) as a video in the output folder with PyAV: h264/h265 mp4 with "
+                   "AAC audio, vp9 webm with Opus audio, or gif. The audio is trimmed or padded to the "
+                   "video's length; the workflow is stored in the file. Shows the video in the UI.")
+    CATEGORY = "Sonic"
+    FUNCTION = "combine"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("filename",)
+    OUTPUT_TOOLTIPS = ("Full path of the saved video file.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "Video frames in order."}),
+                "frame_rate": ("FLOAT", {"default": _config.OUTPUT_FPS, "min": 0.01, "max": _video.MAX_FPS,
+                                         "step": 0.01, "tooltip": "Frames per second of the file (25 after "
+                                                                  "RIFE 2x of Sonic's 12.5 fps)."}),
+                "filename_prefix": ("STRING", {"default": "Sonic/sonic",
+                                               "tooltip": "Name inside the output folder; 'Sonic/clip' -> "
+                                                          "output/Sonic/clip_00001_.mp4. Cannot leave the "
+                                                          "output folder."}),
+                "format": (list(_video.FORMATS), {"default": "h264-mp4",
+                                                  "tooltip": "h264-mp4 plays everywhere; h265 is smaller; "
+                                                             "vp9-webm for the web; gif has no audio."}),
+                "crf": ("INT", {"default": _config.VIDEO_CRF, "min": 0, "max": _config.VIDEO_CRF_MAX,
+                                "tooltip": "Quality: lower is better and larger (18 is visually lossless "
+                                           "for h264; h264/h265 accept 0-51, vp9 0-63). Ignored for gif."}),
+                "pix_fmt": (list(_video.PIX_FMTS), {"default": "yuv420p",
+                                                    "tooltip": "yuv420p plays everywhere (odd sizes are "
+                                                               "padded by one pixel); yuv444p keeps full "
+                                                               "colour; yuv420p10le is 10-bit (not vp9)."}),
+            },
+            "optional": {
+                "audio": ("AUDIO", {"tooltip": "Sound to mux (AAC in mp4, Opus in webm); trimmed or padded "
+                                               "with silence to the video's length."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    def combine(self, images, frame_rate, filename_prefix, format="h264-mp4", crf=_config.VIDEO_CRF,
+                pix_fmt="yuv420p", audio=None, prompt=None, extra_pnginfo=None):
+        images = _check_images(images, "Video Combine")
+        sound = None
+        if audio is not None:
+            if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+                raise ValueError("audio: expected ComfyUI AUDIO {'waveform': [B, C, T], 'sample_rate': Hz}; "
+                                 "connect a Load Audio node")
+            sound = (audio["waveform"][0], int(audio["sample_rate"]))
+        metadata = {}
+        if runtime.metadata_enabled():
+            metadata = {k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()}
+            if prompt is not None:
+                metadata["prompt"] = json.dumps(prompt)
+        progress = runtime.Progress(images.shape[0], "Video Combine")
+        path, subfolder, name = _video.save_video(
+            images, runtime.output_dir(), filename_prefix, float(frame_rate), audio=sound, format=format,
+            crf=int(crf), pix_fmt=pix_fmt, metadata=metadata, callback=progress.callback())
+        preview = {"filename": name, "subfolder": subfolder, "type": "output"}
+        return {"ui": {"images": [preview], "animated": (True,)}, "result": (path,)}
+
+
+NODE_CLASS_MAPPINGS = {"SonicFrameInterpolate": SonicFrameInterpolate, "SonicVideoCombine": SonicVideoCombine}
+NODE_DISPLAY_NAME_MAPPINGS = {"SonicFrameInterpolate": "Frame Interpolate (RIFE)",
+                              "SonicVideoCombine": "Video Combine"}

@@ -1,0 +1,426 @@
+"""Frames (+ audio) -> mp4 / webm / gif with PyAV: streaming, atomic, inside the output folder.
+
+* Frames are converted and encoded one at a time (a tensor or any iterable of ``[H,W,3]``
+  frames in 0..1), so memory does not grow with the video's length. Audio is encoded alongside,
+  interleaved with the video, and trimmed or padded with silence to the video's duration.
+* The file is written under a hidden temporary name in the target folder and renamed when
+  complete; an error or a cancel (the callback raising) removes it, so no partial file stays.
+  The rename never replaces an existing file.
+* Colours: RGB is converted with the BT.709 matrix to limited range and tagged as BT.709.
+  Frame values are rounded to 8 bit (16 bit for 10-bit pixel formats).
+* Odd sizes: 4:2:0 pixel formats need even sizes, so an odd width or height is padded by
+  repeating the last column or row once; 4:4:4 and gif keep the exact size.
+* GIF: every frame gets its own 256-colour palette (median cut, no dithering); no audio track and
+  no metadata; frame delays are whole centiseconds, so rates that do not divide 100 (e.g. 24 fps)
+  play slightly off.
+* AAC: sources below 44.1 kHz are resampled to 48 kHz, so the encoder's last 1024-sample frame
+  (its padding) stays shorter than one video frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from .config import (
+    AAC_FALLBACK_RATE,
+    AAC_MIN_RATE,
+    AUDIO_BITRATE,
+    FPS_DENOMINATOR,
+    OPUS_SAMPLE_RATE,
+    OUTPUT_COUNTER_DIGITS,
+    VIDEO_CRF,
+)
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, int], None] | None
+Audio = tuple[torch.Tensor, int] | None  # (waveform [C,T] float, sample rate Hz)
+
+BT709 = 1  # AVCOL_SPC / AVCOL_PRI / AVCOL_TRC value of ITU-R BT.709
+RANGE_LIMITED = 1  # AVCOL_RANGE_MPEG (16..235)
+MAX_FPS = 1000.0  # frames/s accepted
+GIF_COLOURS = 256  # palette entries per GIF frame
+AUDIO_FRAME_SAMPLES = 1024  # samples per audio frame handed to an encoder without a fixed frame size
+PIX_FMTS = ("yuv420p", "yuv444p", "yuv420p10le")
+
+
+@dataclass(frozen=True)
+class VideoFormat:
+    """One choice of the ``format`` widget."""
+
+    container: str  # libavformat muxer
+    ext: str  # file extension
+    codec: str  # video encoder
+    audio_codec: str | None  # None: no audio track
+    crf_max: int  # largest crf the encoder accepts
+    codec_tag: str | None = None
+    options: tuple[tuple[str, str], ...] = ()
+
+
+FORMATS = {
+    "h264-mp4": VideoFormat("mp4", "mp4", "libx264", "aac", 51),
+    "h265-mp4": VideoFormat("mp4", "mp4", "libx265", "aac", 51, codec_tag="hvc1",
+                            options=(("x265-params", "log-level=error"),)),
+    "vp9-webm": VideoFormat("webm", "webm", "libvpx-vp9", "libopus", 63, options=(("row-mt", "1"),)),
+    "gif": VideoFormat("gif", "gif", "gif", None, 0),
+}
+EXTENSIONS = tuple(sorted({f.ext for f in FORMATS.values()}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output paths
+# ----------------------------------------------------------------------------------------------
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def split_prefix(prefix: str) -> tuple[str, str]:
+    """``"Sonic/clip"`` -> ``("Sonic", "clip")``; refuses prefixes that could leave the folder.
+
+    Both ``/`` and ``\\`` separate folders. Absolute paths, drive letters and ``..`` are errors.
+    """
+    raw = str(prefix).strip()
+    parts = [p for p in re.split(r"[\\/]+", raw) if p not in ("", ".")]
+    if not raw or not parts:
+        raise ValueError(f"filename_prefix {prefix!r} is empty: give a name such as 'Sonic/clip'")
+    if raw.startswith(("/", "\\")) or _DRIVE.match(raw) or os.path.isabs(raw):
+        raise ValueError(f"filename_prefix {prefix!r} is an absolute path: give a path relative to "
+                         "the output folder, such as 'Sonic/clip'")
+    if any(p == ".." for p in parts):
+        raise ValueError(f"filename_prefix {prefix!r} contains '..': it must stay inside the output folder")
+    if any("\0" in p or ":" in p for p in parts):
+        raise ValueError(f"filename_prefix {prefix!r} contains ':' or a NUL character; remove it")
+    return "/".join(parts[:-1]), parts[-1]
+
+
+def _inside(root: str, path: str) -> bool:
+    root = os.path.realpath(root)
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
+def output_folder(output_dir: str, prefix: str) -> tuple[str, str, str]:
+    """(absolute folder, subfolder, file stem) for ``prefix``; creates the subfolder."""
+    subfolder, stem = split_prefix(prefix)
+    folder = os.path.join(output_dir, *subfolder.split("/")) if subfolder else output_dir
+    if not _inside(output_dir, folder):  # a symlinked subfolder pointing elsewhere
+        raise ValueError(f"filename_prefix {prefix!r} resolves outside the output folder {output_dir}")
+    os.makedirs(folder, exist_ok=True)
+    return folder, subfolder, stem
+
+
+def next_counter(folder: str, stem: str) -> int:
+    """ComfyUI's counter: one more than the largest ``<stem>_<digits>_`` file in ``folder``."""
+    pattern = re.compile(re.escape(os.path.normcase(stem)) + r"_(\d+)_")
+    best = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        m = pattern.match(os.path.normcase(name))
+        if m:
+            best = max(best, int(m.group(1)))
+    return best + 1
+
+
+def counter_name(stem: str, counter: int, ext: str) -> str:
+    return f"{stem}_{counter:0{OUTPUT_COUNTER_DIGITS}d}_.{ext}"
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Rename ``tmp`` to ``final`` without ever replacing an existing file (FileExistsError)."""
+    try:
+        os.link(tmp, final)  # atomic, fails if final exists
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this filesystem
+        if os.name == "nt":
+            os.rename(tmp, final)  # refuses an existing target on Windows
+            return
+        if os.path.exists(final):
+            raise FileExistsError(final)
+        os.rename(tmp, final)
+        return
+    os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frames and audio
+# ----------------------------------------------------------------------------------------------
+def _check_args(fps: float, format: str, crf: int, pix_fmt: str) -> VideoFormat:
+    if format not in FORMATS:
+        raise ValueError(f"format {format!r} is not one of {list(FORMATS)}")
+    spec = FORMATS[format]
+    if not (0 < fps <= MAX_FPS):
+        raise ValueError(f"frame rate {fps} must be in (0, {MAX_FPS}]")
+    if spec.codec != "gif":
+        if pix_fmt not in PIX_FMTS:
+            raise ValueError(f"pix_fmt {pix_fmt!r} is not one of {PIX_FMTS}")
+        import av
+
+        supported = {f.name for f in av.codec.Codec(spec.codec, "w").video_formats or ()}
+        if pix_fmt not in supported:
+            raise ValueError(f"pix_fmt {pix_fmt!r} is not supported by {spec.codec} ({format}); "
+                             f"use one of {sorted(set(PIX_FMTS) & supported)}")
+        if not (0 <= crf <= spec.crf_max):
+            raise ValueError(f"crf {crf} is out of range for {format}: use 0..{spec.crf_max}")
+    return spec
+
+
+def _gif_frame(arr: np.ndarray):
+    """An HxWx3 uint8 frame as a pal8 VideoFrame with its own 256-colour palette."""
+    import av
+    from PIL import Image
+
+    img = Image.fromarray(arr).quantize(GIF_COLOURS, method=Image.Quantize.MEDIANCUT,
+                                        dither=Image.Dither.NONE)
+    rgb = np.asarray(img.getpalette()[:3 * GIF_COLOURS], dtype=np.uint8).reshape(-1, 3)  # [n,3]
+    palette = np.zeros((GIF_COLOURS, 4), dtype=np.uint8)  # [256,4] bytes A,R,G,B as PyAV expects
+    palette[:, 0] = 255
+    palette[: len(rgb), 1:] = rgb
+    return av.VideoFrame.from_ndarray((np.asarray(img), palette), format="pal8")
+
+
+def _even_pad(pix_fmt: str) -> bool:
+    return "420" in pix_fmt
+
+
+def _frames(frames: torch.Tensor | Iterable, deep: bool) -> Iterator[np.ndarray]:
+    """Each frame as HxWx3 uint8 (uint16 when ``deep``), rounded, one at a time."""
+    scale = 65535.0 if deep else 255.0
+    dtype = np.uint16 if deep else np.uint8
+    for f in frames:
+        t = torch.as_tensor(f)
+        if t.ndim != 3 or t.shape[-1] < 3:
+            raise ValueError(f"each frame must be [H, W, 3] (IMAGE batches are [N, H, W, 3]), "
+                             f"got {tuple(t.shape)}")
+        t = (t[..., :3].detach().to("cpu", torch.float32).clamp(0, 1) * scale).round()
+        yield np.ascontiguousarray(t.numpy().astype(dtype))
+
+
+def _pad_even(a: np.ndarray) -> np.ndarray:
+    """Repeat the last row / column once where the height / width is odd."""
+    ph, pw = a.shape[0] % 2, a.shape[1] % 2
+    if ph or pw:
+        a = np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="edge")  # [H+ph, W+pw, 3]
+    return a
+
+
+def _audio_array(audio: tuple[torch.Tensor, int]) -> tuple[np.ndarray, int]:
+    """(waveform [C,T] float32 numpy with C in {1,2}, sample rate)."""
+    wave, sr = audio
+    wave = torch.as_tensor(wave).detach().to("cpu", torch.float32)
+    if wave.ndim == 3:  # ComfyUI AUDIO [B,C,T]: first item
+        wave = wave[0]
+    if wave.ndim == 1:
+        wave = wave[None]  # [1,T]
+    if wave.ndim != 2 or wave.shape[1] == 0:
+        raise ValueError(f"audio waveform must be [C, T] with T > 0, got {tuple(wave.shape)}")
+    if int(sr) <= 0:
+        raise ValueError(f"audio sample rate {sr} must be positive")
+    if wave.shape[0] > 2:
+        log.warning("audio has %d channels; mixing down to mono", wave.shape[0])
+        wave = wave.mean(0, keepdim=True)  # [1,T]
+    return np.ascontiguousarray(wave.clamp(-1, 1).numpy()), int(sr)
+
+
+class _AudioTrack:
+    """Encodes the source waveform in step with the video, trimmed/padded to its length."""
+
+    def __init__(self, container, codec: str, wave: np.ndarray, sr: int, fps: Fraction):
+        import av
+
+        self.av = av
+        self.wave, self.sr, self.fps = wave, sr, fps
+        self.layout = "mono" if wave.shape[0] == 1 else "stereo"
+        if codec == "libopus":
+            rate = OPUS_SAMPLE_RATE
+        else:
+            rates = av.codec.Codec(codec, "w").audio_rates or ()
+            rate = sr if (sr >= AAC_MIN_RATE and (not rates or sr in rates)) else AAC_FALLBACK_RATE
+        self.stream = container.add_stream(codec, rate=rate, layout=self.layout)
+        self.stream.bit_rate = AUDIO_BITRATE
+        fmt = self.stream.codec_context.format.name
+        size = self.stream.codec_context.frame_size or AUDIO_FRAME_SAMPLES
+        self.resampler = av.AudioResampler(format=fmt, layout=self.layout, rate=rate, frame_size=size)
+        self.sent = 0  # source samples handed to the encoder
+
+    def _send(self, chunk: np.ndarray | None, container) -> None:
+        if chunk is None:
+            frames = self.resampler.resample(None)
+        else:
+            packed = np.ascontiguousarray(chunk.T).reshape(1, -1)  # [C,n] -> [1, n*C] interleaved
+            frame = self.av.AudioFrame.from_ndarray(packed, format="flt", layout=self.layout)
+            frame.sample_rate = self.sr
+            frame.pts = self.sent
+            frame.time_base = Fraction(1, self.sr)
+            frames = self.resampler.resample(frame)
+        for f in frames:
+            for packet in self.stream.encode(f):
+                container.mux(packet)
+        if chunk is None:
+            for packet in self.stream.encode(None):
+                container.mux(packet)
+
+    def advance(self, video_frames: int, container) -> None:
+        """Send the source samples that cover the first ``video_frames`` frames (zeros past its end)."""
+        end = round(video_frames * self.sr / self.fps)
+        if end <= self.sent:
+            return
+        chunk = self.wave[:, self.sent:end]  # [C, <=end-sent]
+        if chunk.shape[1] < end - self.sent:
+            chunk = np.pad(chunk, ((0, 0), (0, end - self.sent - chunk.shape[1])))  # silence
+        self._send(chunk, container)
+        self.sent = end
+
+    def finish(self, container) -> None:
+        self._send(None, container)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------
+def _add_video_stream(container, spec: VideoFormat, rate: Fraction, width: int, height: int,
+                      crf: int, pix_fmt: str):
+    stream = container.add_stream(spec.codec, rate=rate)
+    stream.width, stream.height = width, height
+    if spec.codec == "gif":
+        stream.pix_fmt = "pal8"
+        return stream
+    stream.pix_fmt = pix_fmt
+    cc = stream.codec_context
+    cc.colorspace = cc.color_primaries = cc.color_trc = BT709
+    cc.color_range = RANGE_LIMITED
+    stream.bit_rate = 0  # constant quality (crf) for vp9
+    stream.options = {"crf": str(crf), **dict(spec.options)}
+    if spec.codec_tag:
+        cc.codec_tag = spec.codec_tag
+    return stream
+
+
+def _encode(frames, path: str, spec: VideoFormat, fps: float, audio: Audio, crf: int, pix_fmt: str,
+            metadata: dict[str, str] | None, callback: Callback, total: int) -> int:
+    import av
+    from av.video.reformatter import ColorRange, Colorspace
+
+    rate = Fraction(round(fps * FPS_DENOMINATOR), FPS_DENOMINATOR)
+    deep = spec.codec != "gif" and pix_fmt.endswith("10le")
+    options = {"movflags": "use_metadata_tags"} if spec.container == "mp4" else {}
+    wave = _audio_array(audio) if audio is not None and spec.audio_codec else None
+    if audio is not None and not spec.audio_codec:
+        log.warning("%s has no audio track; the audio is left out", spec.container)
+    container = av.open(path, mode="w", format=spec.container, options=options)
+    with container:
+        if metadata and spec.container != "gif":
+            for key, value in metadata.items():
+                container.metadata[key] = value
+        stream = track = size = None
+        count = 0
+        pad = spec.codec != "gif" and _even_pad(pix_fmt)
+        for arr in _frames(frames, deep):
+            if pad:
+                arr = _pad_even(arr)
+            if stream is None:  # the first frame fixes the size; streams exist before the first mux
+                size = arr.shape[:2]
+                stream = _add_video_stream(container, spec, rate, arr.shape[1], arr.shape[0], crf, pix_fmt)
+                if wave is not None:
+                    track = _AudioTrack(container, spec.audio_codec, wave[0], wave[1], rate)
+            if arr.shape[:2] != size:
+                raise ValueError(f"frame {count} is {arr.shape[1]}x{arr.shape[0]} but the first frame is "
+                                 f"{size[1]}x{size[0]}: all frames of a video must have one size")
+            if spec.codec == "gif":
+                frame = _gif_frame(arr)
+            else:
+                frame = av.VideoFrame.from_ndarray(arr, format="rgb48le" if deep else "rgb24")
+                frame = frame.reformat(format=pix_fmt, src_colorspace=Colorspace.ITU709,
+                                       dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
+            frame.pts = count
+            for packet in stream.encode(frame):
+                container.mux(packet)
+            count += 1
+            if track is not None:
+                track.advance(count, container)
+            if callback is not None:
+                callback(count, max(total, count))
+        if stream is None:
+            raise ValueError("no frames to encode: the IMAGE batch is empty")
+        for packet in stream.encode(None):
+            container.mux(packet)
+        if track is not None:
+            track.finish(container)
+    return count
+
+
+def _temp_path(folder: str, stem: str, ext: str) -> str:
+    return os.path.join(folder, f".{stem}.{uuid.uuid4().hex[:12]}.partial.{ext}")
+
+
+def _encode_to_temp(frames, folder: str, stem: str, fps: float, audio: Audio, format: str, crf: int,
+                    pix_fmt: str, metadata, callback: Callback) -> tuple[str, int]:
+    spec = _check_args(fps, format, crf, pix_fmt)
+    total = len(frames) if hasattr(frames, "__len__") else 0
+    tmp = _temp_path(folder, stem, spec.ext)
+    try:
+        count = _encode(frames, tmp, spec, fps, audio, crf, pix_fmt, metadata, callback, total)
+    except BaseException:  # errors and cancels (including KeyboardInterrupt) leave no file
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp, count
+
+
+def write_video(frames: torch.Tensor | Iterable, path: str, fps: float, audio: Audio = None,
+                format: str = "h264-mp4", crf: int = VIDEO_CRF, pix_fmt: str = "yuv420p",
+                metadata: dict[str, str] | None = None, callback: Callback = None) -> str:
+    """Encode ``frames`` (``[N,H,W,3]`` tensor in 0..1, or an iterable of ``[H,W,3]``) to ``path``.
+
+    ``audio`` = (waveform [C,T] float, sample rate) is muxed (AAC in mp4, Opus in webm) and
+    trimmed or padded to N / fps seconds. ``metadata`` values are stored as container tags.
+    ``callback(done, total)`` runs after every frame and may raise to cancel. ``path`` must not
+    exist; it appears only once the file is complete. Returns ``path``.
+    """
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; choose another name (nothing is overwritten)")
+    stem = os.path.basename(path)
+    tmp, count = _encode_to_temp(frames, folder, stem, fps, audio, format, crf, pix_fmt, metadata, callback)
+    try:
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("video: %d frames at %g fps -> %s", count, fps, path)
+    return path
+
+
+def save_video(frames: torch.Tensor | Iterable, output_dir: str, filename_prefix: str, fps: float,
+               audio: Audio = None, format: str = "h264-mp4", crf: int = VIDEO_CRF,
+               pix_fmt: str = "yuv420p", metadata: dict[str, str] | None = None,
+               callback: Callback = None) -> tuple[str, str, str]:
+    """``write_video`` under ``output_dir`` with ComfyUI's counter: ``<prefix>_00001_.<ext>``.
+
+    The prefix may name subfolders ("Sonic/clip"); it cannot leave ``output_dir``. The counter
+    is taken when the file is complete and the name is claimed atomically, so concurrent or
+    repeated runs never overwrite each other. Returns (path, subfolder, filename).
+    """
+    spec = _check_args(fps, format, crf, pix_fmt)
+    folder, subfolder, stem = output_folder(output_dir, filename_prefix)
+    tmp, count = _encode_to_temp(frames, folder, stem, fps, audio, format, crf, pix_fmt, metadata, callback)
+    try:
+        while True:
+            name = counter_name(stem, next_counter(folder, stem), spec.ext)
+            path = os.path.join(folder, name)
+            try:
+                _publish(tmp, path)
+                break
+            except FileExistsError:
+                continue  # another run took this number meanwhile
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("video: %d frames at %g fps -> %s", count, fps, path)
+    return path, subfolder, name
