@@ -149,6 +149,48 @@ def resolve_dtype(choice: str, device: torch.device | None = None, params: int =
     return torch.float32
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on an accelerator (ComfyUI's figure includes its own freeable cache); None on CPU."""
+    if device.type == "cpu":
+        return None
+    if COMFY:
+        return int(_mm.get_free_memory(device))
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return None
+
+
+def latent_previewer() -> Callable[[torch.Tensor], Any] | None:
+    """``f(latents [B,4,h,w] scaled SD-style) -> preview`` for ``Progress.update``, or None.
+
+    Uses ComfyUI's previewer for the SD1.x/SVD latent format (the method chosen in its settings);
+    None without ComfyUI or when previews are off.
+    """
+    if not COMFY:
+        return None
+    try:
+        import comfy.latent_formats as _lf  # type: ignore
+        import latent_preview as _lp  # type: ignore
+
+        previewer = _lp.get_previewer(load_device(), _lf.SD15())
+    except Exception as e:  # previews are a convenience: never fail a run for them
+        log.debug("no latent preview: %s", e)
+        return None
+    if previewer is None:
+        return None
+    return lambda latents: previewer.decode_latent_to_preview_image("JPEG", latents[:1])
+
+
+class _Holder(torch.nn.Module):
+    """What the ModelPatcher manages: ComfyUI assigns ``model.device``, a read-only property on
+    diffusers / transformers models, so those sit one level down as ``inner``."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+
 class ManagedModel:
     """An nn.Module under ComfyUI's model management (ModelPatcher), or plain torch without it.
 
@@ -162,7 +204,8 @@ class ManagedModel:
         self.offload_device = offload_dev or offload_device()
         module.to(self.offload_device)
         self.module = module
-        self.patcher = _mp.ModelPatcher(module, self.load_device, self.offload_device) if COMFY else None
+        self.patcher = (_mp.ModelPatcher(_Holder(module), self.load_device, self.offload_device)
+                        if COMFY else None)
 
     def load(self) -> torch.nn.Module:
         if self.patcher is not None:
@@ -241,3 +284,12 @@ def output_dir() -> str:
     if COMFY:
         return _fp.get_output_directory()
     return os.environ.get(OUTPUT_ENV, os.path.join(os.getcwd(), "output"))
+
+
+def metadata_enabled() -> bool:
+    """False when ComfyUI runs with --disable-metadata (saved files then carry no workflow)."""
+    if not COMFY:
+        return True
+    from comfy.cli_args import args  # type: ignore
+
+    return not getattr(args, "disable_metadata", False)

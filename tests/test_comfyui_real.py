@@ -1,0 +1,512 @@
+"""A real ComfyUI server loads the pack, serves our node specs, renders a tiny Sonic video and
+stops the sampler on Cancel; ComfyUI's own VAE Encode / VAE Decode nodes run on SonicSVDLoader's VAE.
+
+Skipped unless ``COMFYUI_PATH`` names a ComfyUI source tree (the folder holding main.py).
+``COMFYUI_PYTHON`` is the interpreter that has ComfyUI's requirements and ours (default: this one);
+``COMFYUI_STUBS``, when set, goes in front of the server's LD_LIBRARY_PATH (the CUDA stub libraries
+that let PyPI's torchvision/torchaudio import next to a CPU torch, see ../shared/tools/README.md).
+
+The server runs with ``--cpu`` on 127.0.0.1 and a free port, with its own base (custom_nodes,
+input, user), output and model folders under a temporary directory and an in-memory database, so
+the ComfyUI tree is left untouched. The pack is linked in as ``custom_nodes/ComfyUI-Sonic``. The
+render runs workflows/api/sonic_basic.json when it exists (SonicSVDLoader in place of the SVD
+checkpoint loader), otherwise the same graph built here from the node specs, on the golden case's
+tiny random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests._golden import REPO, Golden, golden_base
+from tests._workflows import combo_choices, input_options, input_type, is_widget, ordered_inputs
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "main.py").is_file():
+    pytest.skip("COMFYUI_PATH does not name a ComfyUI source tree (a folder with main.py); set it (and "
+                "COMFYUI_PYTHON, COMFYUI_STUBS) to run the pack in a real ComfyUI", allow_module_level=True)
+
+HOST = "127.0.0.1"
+PACK_LINK = "ComfyUI-Sonic"
+STARTUP_TIMEOUT_S = 300.0  # ComfyUI import + our pack on a busy 2-core CPU
+RUN_TIMEOUT_S = 600.0  # the tiny workflow end to end
+POLL_S = 0.5
+LOG_TAIL_CHARS = 6000
+IMAGE_NAME = "sonic_test_face.png"
+AUDIO_NAME = "sonic_test_speech.wav"
+RIFE_NAME = "RIFE/flownet.pkl"
+VIDEO_PREFIX = "sonic_real_comfyui"
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
+PCM16_SCALE = 32768.0  # int16 full scale
+BASIC_API = REPO / "workflows" / "api" / "sonic_basic.json"
+CHECKPOINT_LOADER = "ImageOnlyCheckpointLoader"  # what sonic_basic.json loads svd_xt with
+# The basic graph in execution order; each input is fed by the latest earlier output of its type.
+CHAIN = ("LoadImage", "LoadAudio", "SonicLoader", "SonicSVDLoader", "SonicFaceMaskDetect",
+         "SonicWhisperAudioEncode", "SonicMotionBucketPredict", "SonicSampler", "VAEDecode",
+         "SonicFrameInterpolate", "SonicVideoCombine")
+LINKED_OPTIONAL = {"MASK", "AUDIO"}  # optional inputs the basic graph connects: drawn face mask, soundtrack
+AUDIO_DURATION_TOL_S = 0.15  # encoder priming/padding of the muxed audio
+SAMPLER_STARTED = "Sonic sampler:"  # the first log line of SonicSampler's run
+INTERRUPT_TIMEOUT_S = 60.0  # from /interrupt to the end of the run: one window's UNet call, busy CPU
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP on 127.0.0.1 only (never through a proxy)
+# ----------------------------------------------------------------------------------------------
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _request(url: str, body: dict | None = None, timeout: float = 30.0):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with _OPENER.open(req, timeout=timeout) as resp:
+        return json.loads(resp.read().decode() or "null")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files the server reads: tiny models, one image, one audio clip
+# ----------------------------------------------------------------------------------------------
+def _write_svd_folder(g: Golden, root: Path) -> Path:
+    """Diffusers-format SVD folder (vae/, image_encoder/) holding the golden tiny models."""
+    from sonic_core.weights import save_safetensors
+
+    files = {"vae": "diffusion_pytorch_model.safetensors", "image_encoder": "model.safetensors"}
+    for sub, weights in files.items():
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text(json.dumps(g.models[sub]))
+        save_safetensors(g.weights(sub), root / sub / weights)
+    return root
+
+
+def _write_inputs(g: Golden, input_dir: Path) -> None:
+    """The golden portrait as RGBA PNG whose transparent pixels cover the face box (LoadImage turns
+    them into its MASK), and the golden waveform as 16-bit mono WAV."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = g.t("input.image_rgb_u8").numpy()  # (H, W, 3) uint8
+    alpha = np.full(rgb.shape[:2], 255, dtype=np.uint8)  # (H, W)
+    x, y, w, h = (float(v) for v in g.meta["inputs"]["faces_xywh"][0])
+    alpha[int(round(y)):int(round(y + h)), int(round(x)):int(round(x + w))] = 0
+    Image.fromarray(np.dstack([rgb, alpha])).save(input_dir / IMAGE_NAME)  # (H, W, 4) -> RGBA
+
+    pcm = (g.t("input.waveform").double() * PCM16_SCALE).round().clamp(-PCM16_SCALE, PCM16_SCALE - 1)
+    with wave.open(str(input_dir / AUDIO_NAME), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(int(g.meta["inputs"]["sample_rate"]))
+        f.writeframes(pcm.short().numpy().tobytes())
+
+
+def _write_models(g: Golden, model_dir: Path) -> dict[str, str]:
+    import torch
+
+    from sonic_core.config import RIFE_STATE_PREFIX
+    from tests._model_files import write_golden_models
+
+    files = write_golden_models(g, model_dir)
+    (model_dir / RIFE_NAME).parent.mkdir(parents=True)
+    torch.save({RIFE_STATE_PREFIX + k: v for k, v in g.weights("rife").items()}, model_dir / RIFE_NAME)
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# The server
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    model_dir: Path
+    output_dir: Path
+    svd_dir: Path | None
+    golden: Golden | None
+    loader_files: dict[str, str]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def log_tail(self) -> str:
+        return self.log_text()[-LOG_TAIL_CHARS:]
+
+
+def _cli_flags() -> str:
+    return (Path(COMFYUI_PATH) / "comfy" / "cli_args.py").read_text()
+
+
+def _link_pack(custom_nodes: Path) -> Path | None:
+    """Link the repository in as custom_nodes/ComfyUI-Sonic; the link to remove afterwards, if any."""
+    link = custom_nodes / PACK_LINK
+    if link.is_symlink() and link.resolve() == REPO.resolve():
+        return None  # already there (a developer's own checkout): use it, leave it
+    if link.exists() or link.is_symlink():
+        pytest.fail(f"{link} exists and is not a link to {REPO}; move it away to run this test")
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(REPO.resolve(), target_is_directory=True)
+    return link
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n"
+                        f"{log.read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
+        try:
+            _request(f"{url}/system_stats", timeout=5.0)
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            time.sleep(POLL_S)
+    pytest.fail(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S:.0f} s:\n"
+                f"{log.read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("comfyui")
+    base, output, model_root = tmp / "base", tmp / "output", tmp / "models"
+    model_dir = model_root / "sonic"
+    for d in (base / "input", base / "user", output, model_dir):
+        d.mkdir(parents=True)
+
+    base_golden = golden_base()
+    present = all(base_golden.with_suffix(s).is_file() for s in (".json", ".safetensors"))
+    g = Golden(base_golden) if present else None
+    svd_dir, files = None, {}
+    if g is not None:
+        files = _write_models(g, model_dir)
+        svd_dir = _write_svd_folder(g, tmp / "svd")
+        _write_inputs(g, base / "input")
+    extra = tmp / "extra_model_paths.yaml"
+    yaml_root = json.dumps(str(model_root))  # a JSON string is a valid YAML scalar
+    extra.write_text(f"sonic_test:\n  base_path: {yaml_root}\n  sonic: sonic\n")
+
+    flags = _cli_flags()
+    port = _free_port()
+    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", HOST,
+           "--port", str(port), "--output-directory", str(output), "--input-directory", str(base / "input"),
+           "--extra-model-paths-config", str(extra), "--disable-auto-launch"]
+    if "--database-url" in flags:
+        cmd += ["--database-url", "sqlite:///:memory:"]
+    if "--base-directory" in flags:
+        cmd += ["--base-directory", str(base)]
+        link = _link_pack(base / "custom_nodes")
+    else:  # older ComfyUI: link into its own custom_nodes, removed afterwards
+        link = _link_pack(Path(COMFYUI_PATH) / "custom_nodes")
+        if "--user-directory" in flags:
+            cmd += ["--user-directory", str(base / "user")]
+    if "--temp-directory" in flags:
+        cmd += ["--temp-directory", str(tmp / "temp")]
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if os.environ.get("COMFYUI_STUBS"):
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (os.environ["COMFYUI_STUBS"], os.environ.get("LD_LIBRARY_PATH", "")) if p)
+    log = tmp / "comfyui.log"
+    try:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            url = f"http://{HOST}:{port}"
+            _wait_ready(url, proc, log)
+            yield Server(url, proc, log, model_dir, output, svd_dir, g, files)
+        finally:
+            _stop(proc)
+    finally:
+        if link is not None:
+            link.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# Startup and /object_info
+# ----------------------------------------------------------------------------------------------
+def test_comfyui_imports_the_pack(comfy):
+    text = comfy.log_text()
+    failed = [line for line in text.splitlines()
+              if PACK_LINK in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
+    assert not failed, f"ComfyUI could not import the pack: {failed}\n{comfy.log_tail()}"
+    assert re.search(rf"^\s*[0-9.]+ seconds: .*{re.escape(PACK_LINK)}\s*$", text, re.M), \
+        f"{PACK_LINK} is not in ComfyUI's import times:\n{comfy.log_tail()}"
+
+
+def _as_json(obj):
+    return json.loads(json.dumps(obj))
+
+
+def test_object_info_matches_our_nodes(comfy, monkeypatch):
+    from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    monkeypatch.setenv("SONIC_MODELS_DIR", str(comfy.model_dir))  # the same files as the server's folder
+    info = _request(f"{comfy.url}/object_info", timeout=120.0)
+    missing = sorted(set(NODE_CLASS_MAPPINGS) - set(info))
+    assert not missing, \
+        f"ComfyUI does not list {missing} (errors while building their specs?):\n{comfy.log_tail()}"
+    assert sorted(k for k in info if k.startswith("Sonic")) == sorted(NODE_CLASS_MAPPINGS)
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        served, inputs = info[node_id], _as_json(cls.INPUT_TYPES())
+        assert served["input"] == inputs, f"{node_id}: served inputs differ from INPUT_TYPES"
+        assert served["input_order"] == {k: list(v) for k, v in inputs.items()}, node_id
+        assert served["output"] == list(cls.RETURN_TYPES), node_id
+        assert served["output_name"] == list(cls.RETURN_NAMES), node_id
+        assert served["output_tooltips"] == list(cls.OUTPUT_TOOLTIPS), node_id
+        assert served["category"] == cls.CATEGORY == "Sonic", node_id
+        assert served["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_id], node_id
+        assert served["description"] == cls.DESCRIPTION, node_id
+        assert served["output_node"] == bool(getattr(cls, "OUTPUT_NODE", False)), node_id
+
+
+# ----------------------------------------------------------------------------------------------
+# The basic workflow, rendered
+# ----------------------------------------------------------------------------------------------
+def _widget_values(s: Server) -> dict[str, dict]:
+    """Inputs set for the test, by node class; a name a node lacks is ignored. ``"*files"`` picks,
+    for every combo offering one of these choices, that choice."""
+    g = s.golden
+    kw, args = g.pipeline_kwargs, g.meta["process_args"]
+    return {
+        "LoadImage": {"image": IMAGE_NAME},
+        "LoadAudio": {"audio": AUDIO_NAME},
+        "SonicLoader": {**s.loader_files, "dtype": "fp32"},
+        "SonicSVDLoader": {"svd_folder": str(s.svd_dir), "dtype": "fp32",
+                           "decode_chunk_size": kw["decode_chunk_size"]},
+        "SonicFaceMaskDetect": {"detector": "none", "on_no_face": "error", "crop": False},  # golden: no crop
+        "SonicMotionBucketPredict": {"min_resolution": args["min_resolution"]},
+        "SonicSampler": {"seed": g.meta["inputs"]["seed"], "steps": kw["num_inference_steps"],
+                         "min_resolution": args["min_resolution"], "overlap": kw["overlap"],
+                         "frames_per_window": kw["frames_per_batch"], "shift_offset": kw["shift_offset"],
+                         "min_appearance_guidance": kw["min_guidance_scale1"],
+                         "max_appearance_guidance": kw["max_guidance_scale1"],
+                         "min_audio_guidance": kw["min_guidance_scale2"],
+                         "max_audio_guidance": kw["max_guidance_scale2"],
+                         "noise_aug": kw["noise_aug_strength"], "i2i_strength": kw["i2i_noise_strength"],
+                         "fps_conditioning": kw["fps"]},
+        "SonicFrameInterpolate": {"*files": [RIFE_NAME], "multiplier": 2},
+        "SonicVideoCombine": {"filename_prefix": f"basic/{VIDEO_PREFIX}"},
+    }
+
+
+def _set_widgets(node: dict, spec: dict, values: dict) -> None:
+    entries = {name: entry for name, entry, _req in ordered_inputs(spec)}
+    for name, entry in entries.items():
+        if name in values:
+            node["inputs"][name] = values[name]
+        elif input_type(entry) == "COMBO":
+            picked = [c for c in values.get("*files", []) if c in combo_choices(entry)]
+            if picked:
+                node["inputs"][name] = picked[0]
+
+
+def _chain_prompt(specs: dict, values: dict, chain: tuple[str, ...]) -> dict:
+    """A graph from the node specs: each input linked to the latest earlier output of its type,
+    widgets at their defaults unless ``values`` sets them."""
+    prompt, latest = {}, {}
+    for number, cls in enumerate(chain, 1):
+        node_id, spec, node = str(number), specs[cls], {"class_type": cls, "inputs": {}}
+        for name, entry, required in ordered_inputs(spec):
+            t, opts = input_type(entry), input_options(entry)
+            if is_widget(entry):
+                if "default" in opts:
+                    node["inputs"][name] = opts["default"]
+                elif t == "COMBO" and combo_choices(entry):
+                    node["inputs"][name] = combo_choices(entry)[0]
+            elif t in latest and (required or t in LINKED_OPTIONAL):
+                node["inputs"][name] = latest[t]
+            elif required:
+                pytest.fail(f"{cls}.{name} needs a {t} that no earlier node of {chain} gives")
+        _set_widgets(node, spec, values.get(cls, {}))
+        prompt[node_id] = node
+        latest.update({t: [node_id, i] for i, t in enumerate(spec["output"])})
+    return prompt
+
+
+def _file_prompt(path: Path, specs: dict, values: dict) -> dict:
+    """The shipped API workflow with SonicSVDLoader in place of the SVD checkpoint loader, the face
+    taken from the image's mask and the test's files and small settings."""
+    prompt = json.loads(path.read_text())
+    swapped = {nid for nid, n in prompt.items() if n["class_type"] == CHECKPOINT_LOADER}
+    old_out, new_out = specs.get(CHECKPOINT_LOADER, {}).get("output", []), specs["SonicSVDLoader"]["output"]
+    for nid in swapped:
+        prompt[nid] = {"class_type": "SonicSVDLoader", "inputs": {}}
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in swapped:
+                t = old_out[value[1]]
+                assert t in new_out, f"{node['class_type']}.{name} uses the checkpoint's {t}"
+                node["inputs"][name] = [value[0], new_out.index(t)]
+        if node["class_type"] == "SonicFaceMaskDetect" and "mask" not in node["inputs"]:
+            src = node["inputs"]["image"]
+            assert prompt[src[0]]["class_type"] == "LoadImage", "the face node's image is not a LoadImage"
+            node["inputs"]["mask"] = [src[0], specs["LoadImage"]["output"].index("MASK")]
+        if node["class_type"] in specs:
+            _set_widgets(node, specs[node["class_type"]], values.get(node["class_type"], {}))
+    return prompt
+
+
+def _queue(s: Server, prompt: dict) -> str:
+    try:
+        return _request(f"{s.url}/prompt", {"prompt": prompt, "client_id": "sonic-test"})["prompt_id"]
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"ComfyUI refused the prompt: {e.read().decode(errors='replace')}\n"
+                    f"{json.dumps(prompt, indent=1)}")
+
+
+def _finished(s: Server, prompt_id: str, timeout_s: float) -> dict:
+    """The history entry of ``prompt_id`` once it has succeeded, failed or been interrupted."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entry = _request(f"{s.url}/history/{prompt_id}").get(prompt_id)
+        status = (entry or {}).get("status", {})
+        if status.get("completed") or status.get("status_str") == "error":
+            return entry
+        if s.proc.poll() is not None:
+            pytest.fail(f"ComfyUI died while running the workflow:\n{s.log_tail()}")
+        time.sleep(POLL_S)
+    _request(f"{s.url}/interrupt", {"prompt_id": prompt_id})
+    pytest.fail(f"the workflow did not finish within {timeout_s:.0f} s:\n{s.log_tail()}")
+
+
+def _run(s: Server, prompt: dict) -> dict:
+    entry = _finished(s, _queue(s, prompt), RUN_TIMEOUT_S)
+    if entry["status"].get("status_str") == "error":
+        errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+        pytest.fail("the workflow failed:\n" + "\n".join(
+            f"{e.get('node_type')} (node {e.get('node_id')}): {e.get('exception_type')}: "
+            f"{e.get('exception_message')}\n{''.join(e.get('traceback', []))}" for e in errors))
+    return entry
+
+
+def _decode(path: Path) -> tuple[int, float]:
+    """(video frames, audio seconds) of a video file, both decoded in full."""
+    import av
+
+    with av.open(str(path)) as container:
+        assert container.streams.video, f"{path.name} has no video stream"
+        assert container.streams.audio, f"{path.name} has no audio stream"
+        frames = sum(1 for _ in container.decode(video=0))
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(f.samples for f in container.decode(audio=0))
+        return frames, samples / stream.rate
+
+
+def _saved_video(s: Server, entry: dict, subfolder: str) -> Path:
+    """The one file the run left in output/<subfolder>, named in the UI output the way ComfyUI's own
+    video savers do ({"images": [{"filename", "subfolder", "type": "output"}], "animated": [true]})."""
+    files = sorted(p for p in (s.output_dir / subfolder).rglob("*") if p.is_file())
+    assert len(files) == 1, \
+        f"expected one file in output/{subfolder}, found {files}; outputs {entry['outputs']}"
+    video = files[0]
+    assert video.suffix.lower() in VIDEO_SUFFIXES, video.name
+    ui = [out for out in entry["outputs"].values() if "images" in out]
+    shown = [item for out in ui for item in out["images"]]
+    assert {"filename": video.name, "subfolder": subfolder, "type": "output"} in shown, \
+        f"the UI output does not show {subfolder}/{video.name}: {entry['outputs']}"
+    assert any(u.get("animated") == [True] for u in ui), f"the UI output is not marked animated: {ui}"
+    return video
+
+
+def _check_video(video: Path, g: Golden, frames_expected: int) -> None:
+    frames, audio_s = _decode(video)
+    assert frames == frames_expected, f"{video.name}: {frames} frames, expected {frames_expected}"
+    audio_in = g.t("input.waveform").shape[0] / g.meta["inputs"]["sample_rate"]
+    assert abs(audio_s - audio_in) <= AUDIO_DURATION_TOL_S, \
+        f"{video.name}: {audio_s:.3f} s of audio, input {audio_in:.3f} s"
+
+
+def _specs_with(s: Server, classes) -> dict:
+    if s.golden is None:
+        pytest.skip(f"golden case {golden_base()} is absent: its tiny models drive the render")
+    specs = _request(f"{s.url}/object_info", timeout=120.0)
+    absent = [c for c in classes if c not in specs]
+    if absent:
+        pytest.skip(f"nodes not implemented yet: {absent}")
+    return specs
+
+
+def test_core_vae_nodes_and_video_nodes(comfy):
+    """ComfyUI's own VAE Encode / VAE Decode on the VAE of SonicSVDLoader, then RIFE and Video Combine
+    with the soundtrack: N identical frames -> 2N-1 frames with audio."""
+    chain = ("LoadImage", "LoadAudio", "SonicSVDLoader", "ImageScale", "RepeatImageBatch", "VAEEncode",
+             "VAEDecode", "SonicFrameInterpolate", "SonicVideoCombine")
+    specs = _specs_with(comfy, chain)
+    g = comfy.golden
+    _b, _c, frames, side, _w = g.t("out.video").shape  # (B, C, F, H, W): the golden render's size
+    values = _widget_values(comfy)
+    values.update({"ImageScale": {"width": side, "height": side, "crop": "center"},
+                   "RepeatImageBatch": {"amount": frames},
+                   "SonicFrameInterpolate": {"*files": [RIFE_NAME], "multiplier": 2},
+                   "SonicVideoCombine": {"filename_prefix": f"media/{VIDEO_PREFIX}"}})
+    entry = _run(comfy, _chain_prompt(specs, values, chain))
+    _check_video(_saved_video(comfy, entry, "media"), g, 2 * frames - 1)
+
+
+def test_basic_workflow_renders_a_video(comfy):
+    specs = _specs_with(comfy, CHAIN)
+    values = _widget_values(comfy)
+    if BASIC_API.is_file():
+        prompt = _file_prompt(BASIC_API, specs, values)
+    else:
+        prompt = _chain_prompt(specs, values, CHAIN)
+    entry = _run(comfy, prompt)
+    video = _saved_video(comfy, entry, "basic")
+    interpolated = any(n["class_type"] == "SonicFrameInterpolate" for n in prompt.values())
+    frames = comfy.golden.t("out.video_rife" if interpolated else "out.video").shape[2]  # (B, C, F, H, W)
+    _check_video(video, comfy.golden, frames)
+
+
+def test_interrupt_stops_the_sampler(comfy):
+    """Cancel in the UI (POST /interrupt) stops the sampler within a window, and nothing is saved."""
+    specs = _specs_with(comfy, CHAIN)
+    values = _widget_values(comfy)
+    steps = specs["SonicSampler"]["input"]["required"]["steps"]
+    values["SonicSampler"]["steps"] = input_options(steps)["max"]  # far longer than the test waits
+    values["SonicVideoCombine"] = {"filename_prefix": f"cancel/{VIDEO_PREFIX}"}
+    started = comfy.log_text().count(SAMPLER_STARTED)
+    prompt_id = _queue(comfy, _chain_prompt(specs, values, CHAIN))
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while comfy.log_text().count(SAMPLER_STARTED) == started:
+        status = (_request(f"{comfy.url}/history/{prompt_id}").get(prompt_id) or {}).get("status", {})
+        assert not status, f"the run ended before the sampler started: {status}"
+        assert time.monotonic() < deadline, f"the sampler did not start:\n{comfy.log_tail()}"
+        time.sleep(POLL_S)
+    time.sleep(POLL_S)  # inside the denoising loop
+    _request(f"{comfy.url}/interrupt", {"prompt_id": prompt_id})
+    status = _finished(comfy, prompt_id, INTERRUPT_TIMEOUT_S)["status"]
+    kinds = [m[0] for m in status.get("messages", [])]
+    assert status.get("status_str") == "error" and "execution_interrupted" in kinds, status
+    saved = [p for p in (comfy.output_dir / "cancel").rglob("*") if p.is_file()]
+    assert not saved, f"an interrupted run saved {saved}"
