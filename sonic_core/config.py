@@ -37,6 +37,7 @@ BUCKET_WINDOW = 50  # whisper positions per bucket window (1 s)
 BUCKET_PAD_BEFORE = 24  # zero positions prepended
 BUCKET_PAD_AFTER = 26  # zero positions appended
 WINDOW_STRIDE = POSITIONS_PER_25FPS_FRAME * FRAME_STEP  # 4 positions between generated frames
+TOKEN_BATCH_FRAMES = 128  # generated frames per audio2token call (bounds memory for long audio)
 
 # ----------------------------------------------------------------------------------------------
 # Models (SPEC §1)
@@ -45,10 +46,16 @@ AUDIO_TOKENS = 32  # K, audio context tokens per frame
 CROSS_ATTENTION_DIM = 1024  # D, UNet cross-attention width
 WHISPER_DIM = 384  # d, whisper-tiny width
 WHISPER_LAYERS = 4  # L, whisper-tiny encoder layers (hidden states = L + 1)
+WHISPER_HEADS = 6  # whisper-tiny encoder attention heads (head dim 64)
+WHISPER_FFN_DIM = 1536  # whisper-tiny encoder feed-forward width
 AUDIO_PROJ_HIDDEN = 1024  # audio2token / audio2bucket intermediate width
+AUDIO2TOKEN_BLOCKS = WHISPER_LAYERS + 1  # whisper hidden states per position fed to audio2token (5)
+AUDIO2BUCKET_BLOCKS = 1  # hidden states per position fed to audio2bucket (last one only)
+AUDIO2BUCKET_OUTPUT_DIM = 1  # audio2bucket values per motion channel
 MOTION_CHANNELS = 2  # audio2bucket outputs: head translation, expression
 CLIP_EMBED_DIM = 1024  # ViT-H/14 projection width
 LAYER_NORM_EPS = 1e-5  # audio2token output LayerNorm
+KEYS_LISTED = 10  # state-dict keys named per kind (missing/unexpected/shape) in a load error
 VAE_SCALING_FACTOR = 0.18215  # SVD-xt VAE latent scale (hard-coded in the official encode path)
 VAE_SCALE = 8  # pixels per latent pixel
 LATENT_CHANNELS = 4  # VAE latent channels (UNet input = 2x: noisy latents ++ image latents)
@@ -59,6 +66,7 @@ LATENT_CHANNELS = 4  # VAE latent channels (UNet input = 2x: noisy latents ++ im
 BUCKET_SCALE = 16.0  # raw audio2bucket output -> bucket: raw * 16 + 16
 BUCKET_OFFSET = 16.0
 BUCKET_RANGE = (0.0, 128.0)  # nominal bucket range (documentation; values are not clamped)
+BUCKET_BATCH_FRAMES = 512  # frames per audio2bucket call (bounds the window copies in memory)
 
 # ----------------------------------------------------------------------------------------------
 # Image (SPEC §2)
@@ -70,6 +78,8 @@ CLIP_SIZE = 224  # px, CLIP input side
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_IMAGE_SIDE = 64  # px, smaller images are refused
+U8_MAX = 255  # uint8 full scale: pixel value = round(x * 255), x = u8 / 255
+MASK_BOX_THRESHOLD = 0.5  # MASK values above this mark the face when a box is taken from a mask
 
 # ----------------------------------------------------------------------------------------------
 # Face detector (YOLOv5-face, issue 4)
@@ -78,6 +88,9 @@ DETECTOR_SHORT_SIDE = 416  # px, detector input short side
 DETECTOR_STRIDE_MULTIPLE = 32  # px, detector input sides are multiples of this
 DETECTOR_CONFIDENCE = 0.5
 DETECTOR_NMS_IOU = 0.45
+DETECTOR_STRIDES = (8, 16, 32)  # px per grid cell of the three YOLOv5-face output levels
+DETECTOR_LANDMARKS = 5  # facial landmarks per detection (eyes, nose, mouth corners), x/y each
+DETECTOR_BOX_FIELDS = 5 + 2 * DETECTOR_LANDMARKS  # cx, cy, w, h, objectness + 10 landmark coords
 
 # ----------------------------------------------------------------------------------------------
 # Scheduler (SPEC §8): SVD-xt EulerDiscreteScheduler, EDM / v-prediction, Karras sigmas
@@ -87,6 +100,13 @@ SIGMA_MIN = 0.002
 KARRAS_RHO = 7.0
 
 # ----------------------------------------------------------------------------------------------
+# Window batching (issue 5): several windows of one step share a UNet call
+# ----------------------------------------------------------------------------------------------
+WINDOW_BATCH_CPU = 2  # windows per UNet call when no accelerator memory figure is available
+WINDOW_BATCH_MEMORY_MARGIN = 0.8  # fraction of free accelerator memory the auto batch may plan on
+WINDOW_BYTES_PER_LATENT_ELEMENT = 24000  # bytes, 16-bit peak UNet activations per latent element of one 3-branch window
+
+# ----------------------------------------------------------------------------------------------
 # Video (SPEC §12)
 # ----------------------------------------------------------------------------------------------
 GENERATED_FPS = 12.5  # frames/s the model generates (2 whisper-frames-pairs per frame)
@@ -94,6 +114,23 @@ RIFE_MULTIPLIER = 2  # frame interpolation factor to reach 25 fps
 OUTPUT_FPS = GENERATED_FPS * RIFE_MULTIPLIER  # 25 fps after interpolation
 RIFE_SCALES = (4, 2, 1)  # IFNet pyramid scales at scale 1
 RIFE_CHANNELS = 90  # IFBlock feature width (c in the official HDv3 IFNet)
+RIFE_RESBLOCKS = 4  # residual conv pairs per IFBlock (convblock0..3)
+RIFE_IMAGE_CHANNELS = 3  # RGB channels of each warped input fed to an IFBlock
+RIFE_FLOW_CHANNELS = 4  # bidirectional flow: 0->1 (x, y) and 1->0 (x, y), in pixels
+RIFE_TEACHER_IN_CHANNELS = 14  # block_tea input (7 + 4 flow + 3 ground truth); never run
+RIFE_PAD_MULTIPLE = 32  # px, frames are zero padded to this before RIFE (64-multiples pass unchanged)
+RIFE_STATE_PREFIX = "module."  # official flownet.pkl keys carry it; the loader keeps and strips it
+RIFE_BATCH = 4  # frame pairs per IFNet call (default of the node)
+
+# encoding (sonic_core/video.py)
+VIDEO_CRF = 18  # x264/x265/vp9 constant-rate factor of the official export (lower = better)
+VIDEO_CRF_MAX = 63  # largest crf libvpx-vp9 accepts (x264/x265 stop at 51)
+AUDIO_BITRATE = 192000  # bit/s for AAC / Opus
+OPUS_SAMPLE_RATE = 48000  # Hz, the rate audio is resampled to for Opus in webm
+AAC_FALLBACK_RATE = 48000  # Hz, AAC rate for sources below AAC_MIN_RATE or at a rate AAC lacks
+AAC_MIN_RATE = 44100  # Hz, lowest source rate kept as is (an AAC frame, 1024 samples, is then <= 23 ms)
+FPS_DENOMINATOR = 1000  # frame rates are stored as fractions n / 1000 (12.5 -> 25/2)
+OUTPUT_COUNTER_DIGITS = 5  # ComfyUI's output counter: <prefix>_00001_.mp4
 
 
 @dataclass(frozen=True)

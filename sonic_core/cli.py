@@ -1,0 +1,95 @@
+"""``python -m sonic_core <command>``: a small subcommand registry.
+
+A command is a name, a one-line help, a ``configure(parser)`` that adds its arguments and a
+``run(args) -> int`` returning the exit status. Either may be given as a ``"module:attribute"``
+string (relative to ``sonic_core``) so that heavy modules are imported only when their command
+runs. To add a command, append one ``Command(...)`` to ``COMMANDS``, e.g.::
+
+    Command("animate", "image + audio -> video", "pipeline:configure_cli", "pipeline:run_cli")
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable, Union
+
+logger = logging.getLogger(__name__)
+
+Hook = Union[str, Callable]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    configure: Hook  # (argparse.ArgumentParser) -> None
+    run: Hook  # (argparse.Namespace) -> int
+
+
+def _resolve(hook: Hook) -> Callable:
+    if callable(hook):
+        return hook
+    module, _, attr = hook.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+
+
+# ----------------------------------------------------------------------------------------------
+# convert-weights
+# ----------------------------------------------------------------------------------------------
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="checkpoint to read (.safetensors, .pth, .pt, .bin, .ckpt, .pkl)")
+    p.add_argument("output", help="file to write, ending in .safetensors (written atomically)")
+    p.add_argument("--fp16", action="store_true", help="store floating-point tensors as float16")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .weights import convert_weights
+
+    info = convert_weights(args.input, args.output, fp16=args.fp16)
+    arch = f", architecture -> {info['architecture']}" if info["architecture"] else ""
+    print(f"wrote {args.output}: {info['keys']} tensors, {info['bytes'] / 2**20:.1f} MiB{arch}")
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command("convert-weights", "convert a checkpoint to .safetensors (optionally fp16)",
+            _configure_convert, _run_convert),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sonic_core",
+                                     description="Sonic audio-driven portrait animation, without ComfyUI.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        _resolve(cmd.configure)(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """Log sonic_core messages to stderr (the package logger only; the root logger is left alone)."""
+    root = logging.getLogger(__package__)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(_resolve(args._run)(args) or 0)
+    except (OSError, ValueError) as e:  # bad input: one clear line, no traceback (use -v for one)
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
