@@ -1,3 +1,99 @@
-"""Placeholder until this family lands."""
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+"""SonicLoader: the Sonic UNet, audio2token, audio2bucket and whisper-tiny (type SONIC_MODEL)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from . import runtime
+from .runtime import core
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".pth", ".safetensors", ".pt", ".bin")
+WHISPER_MARKER = "config.json"  # a whisper folder is a subfolder holding this file
+WHISPER_ONLY = "preprocessor_config.json"  # files in folders holding this are whisper's, not choices
+
+_cache: dict[tuple, object] = {}  # one entry: the last SONIC_MODEL loaded, keyed by files + settings
+
+
+def _signature(paths: list[str]) -> tuple:
+    """(path, mtime, size) of every file that makes up the models, to notice replaced weights."""
+    sig = []
+    for p in paths:
+        files = [os.path.join(p, f) for f in sorted(os.listdir(p))] if os.path.isdir(p) else [p]
+        for f in files:
+            if os.path.isfile(f):
+                st = os.stat(f)
+                sig.append((f, st.st_mtime_ns, st.st_size))
+    return tuple(sig)
+
+
+def load_models(unet: str, audio2token: str, audio2bucket: str, whisper: str, dtype: str = "auto"):
+    """SonicModels under model management, loaded once per (files, mtimes, dtype) and reused."""
+    paths = [runtime.resolve_path(n) for n in (unet, audio2token, audio2bucket, whisper)]
+    if not os.path.isdir(paths[3]):
+        raise ValueError(f"whisper {whisper!r} is not a folder; choose the whisper-tiny folder "
+                         "(config.json, model.safetensors, preprocessor_config.json)")
+    for name, p in zip(("unet", "audio2token", "audio2bucket"), paths[:3]):
+        if not os.path.isfile(p):
+            raise ValueError(f"{name} {p!r} is not a file; choose a weight file "
+                             f"({', '.join(WEIGHT_SUFFIXES)})")
+    load_dev, offload_dev = runtime.load_device(), runtime.offload_device()
+    torch_dtype = runtime.resolve_dtype(dtype, load_dev)
+    key = (_signature(paths), str(torch_dtype), str(load_dev), str(offload_dev))
+    if key in _cache:
+        log.info("Sonic models: reusing the loaded models (%s)", torch_dtype)
+        return _cache[key]
+    _cache.clear()  # drop the previous models before loading new ones (one UNet in memory)
+
+    models = core("weights").load_sonic_models(*paths, dtype=torch_dtype, device=load_dev,
+                                               load_device=offload_dev)
+    managed = {name: runtime.ManagedModel(getattr(models, name), load_dev, offload_dev)
+               for name in core("models").MODEL_NAMES}
+    models.load_hook = lambda name: managed[name].load()  # the closure keeps the patchers alive
+    _cache[key] = models
+    return models
+
+
+class SonicLoader:
+    DESCRIPTION = ("Loads Sonic's own models from the 'sonic' model folder: the Sonic UNet (SVD-xt UNet "
+                   "with audio attention), audio2token, audio2bucket and the whisper-tiny encoder. "
+                   "Models are loaded once, kept on the offload device and moved to the GPU right "
+                   "before use by ComfyUI's model management.")
+    CATEGORY = "Sonic"
+    FUNCTION = "load"
+    RETURN_TYPES = ("SONIC_MODEL",)
+    RETURN_NAMES = ("sonic_model",)
+    OUTPUT_TOOLTIPS = ("The Sonic models (UNet, audio heads, whisper) for the other Sonic nodes.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        skip = tuple(f"{d}/" for d in runtime.list_subfolders(WHISPER_ONLY))
+        files = [f for f in runtime.list_files(WEIGHT_SUFFIXES) if not f.startswith(skip)]
+        folders = runtime.list_subfolders(WHISPER_MARKER)
+        return {
+            "required": {
+                "unet": (files, {"tooltip": "Sonic UNet weights (unet.pth or .safetensors) in models/sonic. "
+                                            "A .json beside it with the same name sets a non-default "
+                                            "architecture."}),
+                "audio2token": (files, {"tooltip": "audio2token.pth: whisper features -> 32 audio tokens "
+                                                   "per frame."}),
+                "audio2bucket": (files, {"tooltip": "audio2bucket.pth: whisper features + image embedding "
+                                                    "-> motion buckets."}),
+                "whisper": (folders, {"tooltip": "whisper-tiny folder in Hugging Face layout (config.json, "
+                                                 "model.safetensors, preprocessor_config.json) inside "
+                                                 "models/sonic."}),
+                "dtype": (runtime.DTYPE_CHOICES, {
+                    "default": "auto",
+                    "tooltip": "UNet compute dtype; auto lets ComfyUI pick (fp16/bf16 on GPU). Whisper "
+                               "and the audio heads always run in fp32 like the official code."}),
+            }
+        }
+
+    def load(self, unet, audio2token, audio2bucket, whisper, dtype="auto"):
+        return (load_models(unet, audio2token, audio2bucket, whisper, dtype),)
+
+
+NODE_CLASS_MAPPINGS = {"SonicLoader": SonicLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"SonicLoader": "Sonic Model Loader"}

@@ -1,0 +1,103 @@
+"""SonicLoader: file choices, loading real files, model management hook, reuse, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from nodes import runtime
+from nodes.nodes_loader import SonicLoader
+from tests._model_files import write_golden_models
+
+
+@pytest.fixture(scope="module")
+def model_dir(golden, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sonic_models")
+    return root, write_golden_models(golden, root)
+
+
+@pytest.fixture()
+def sonic_dir(model_dir, monkeypatch):
+    root, names = model_dir
+    monkeypatch.setenv(runtime.MODELS_ENV, str(root))
+    return root, names
+
+
+def test_loader_choices_list_weights_and_whisper_folders(sonic_dir):
+    root, names = sonic_dir
+    required = SonicLoader.INPUT_TYPES()["required"]
+    files = required["unet"][0]
+    for name in ("unet", "audio2token", "audio2bucket"):
+        assert names[name] in files and required[name][0] == files
+    assert not any(f.startswith(names["whisper"] + "/") for f in files), "whisper's own weights are no choice"
+    assert required["whisper"][0] == [names["whisper"]]
+    assert required["dtype"][0] == ["auto", "fp16", "bf16", "fp32"]
+    assert required["dtype"][1]["default"] == "auto"
+
+
+def test_loader_builds_models_with_golden_weights(golden, sonic_dir):
+    _, names = sonic_dir
+    (models,) = SonicLoader().load(**names, dtype="fp32")
+    for name, module in (("audio2token", models.audio2token), ("audio2bucket", models.audio2bucket)):
+        sd = module.state_dict()
+        for k, v in golden.weights(name).items():
+            assert torch.equal(sd[k], v), f"{name}.{k} differs from the file"
+    enc = models.whisper.state_dict()
+    for k, v in golden.weights("whisper").items():
+        assert torch.equal(enc[k[len("encoder."):]], v), f"whisper {k} differs from the file"
+    unet = models.unet.state_dict()
+    assert set(unet) == set(golden.weights("unet"))
+    assert models.feature_extractor.feature_size == golden.models["whisper"]["num_mel_bins"]
+
+
+def test_loader_hook_loads_through_model_management(sonic_dir):
+    _, names = sonic_dir
+    (models,) = SonicLoader().load(**names, dtype="fp32")
+    assert models.load_hook is not None
+    for name in ("unet", "audio2token", "audio2bucket", "whisper"):
+        module = models.load(name)
+        assert module is getattr(models, name)
+        assert next(module.parameters()).device.type == runtime.load_device().type
+
+
+def test_loader_dtype_applies_to_unet_only(sonic_dir):
+    _, names = sonic_dir
+    (models,) = SonicLoader().load(**names, dtype="bf16")
+    assert models.dtype == torch.bfloat16
+    assert next(models.unet.parameters()).dtype == torch.bfloat16
+    for name in ("audio2token", "audio2bucket", "whisper"):
+        assert next(getattr(models, name).parameters()).dtype == torch.float32, name
+
+
+def test_loader_reuses_models_until_a_file_changes(model_dir, tmp_path, monkeypatch):
+    src, names = model_dir
+    root = tmp_path / "sonic"
+    shutil.copytree(src, root)
+    monkeypatch.setenv(runtime.MODELS_ENV, str(root))
+    (first,) = SonicLoader().load(**names, dtype="fp32")
+    (again,) = SonicLoader().load(**names, dtype="fp32")
+    assert again is first, "same files and dtype must reuse the loaded models"
+    path = root / names["audio2token"]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file was replaced
+    (reloaded,) = SonicLoader().load(**names, dtype="fp32")
+    assert reloaded is not first
+
+
+def test_loader_errors_name_the_problem(sonic_dir):
+    root, names = sonic_dir
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        SonicLoader().load(**{**names, "unet": "nope.pth"}, dtype="fp32")
+    with pytest.raises(ValueError, match="not a folder"):
+        SonicLoader().load(**{**names, "whisper": names["audio2token"]}, dtype="fp32")
+    with pytest.raises(ValueError, match="not a file"):
+        SonicLoader().load(**{**names, "unet": names["whisper"]}, dtype="fp32")
+    with pytest.raises(ValueError, match="outside the model folder"):
+        SonicLoader().load(**{**names, "unet": "../../etc/passwd"}, dtype="fp32")
+    with pytest.raises(ValueError, match="fp8"):
+        SonicLoader().load(**names, dtype="fp8")
+    with pytest.raises(Exception, match="audio2bucket"):  # wrong checkpoint for the slot: strict key check
+        SonicLoader().load(**{**names, "audio2token": names["audio2bucket"]}, dtype="fp32")
