@@ -56,6 +56,10 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Command] = [
+    Command("animate", "portrait image + speech/singing audio -> talking-head video",
+            "pipeline:configure_cli", "pipeline:run_cli"),
+    Command("selftest", "tiny random models through the whole chain to a short mp4 (checks an install)",
+            "selftest:configure_cli", "selftest:run_cli"),
     Command("convert-weights", "convert a checkpoint to .safetensors (optionally fp16)",
             _configure_convert, _run_convert),
 ]

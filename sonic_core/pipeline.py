@@ -1,0 +1,327 @@
+"""The whole Sonic chain without ComfyUI: image + audio files -> mp4 (``python -m sonic_core animate``).
+
+The same sonic_core calls the nodes make, in the order of the basic workflow: load models ->
+whisper audio encode -> face mask -> motion buckets -> position-shift sampler -> temporal VAE
+decode -> RIFE 2x -> PyAV encode with the audio. Devices and dtypes are arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import OUTPUT_FPS, RIFE_BATCH, RIFE_MULTIPLIER, SAMPLER_DEFAULTS, U8_MAX, VIDEO_CRF
+
+log = logging.getLogger(__name__)
+
+MODELS_ENV = "SONIC_MODELS_DIR"  # default for --models
+DEFAULT_MODELS_DIR = os.path.join("models", "sonic")
+SONIC_REPO = "LeonJoe13/Sonic"  # Hugging Face: Sonic/*.pth, RIFE/flownet.pkl, yoloface_v5m.pt
+WHISPER_REPO = "openai/whisper-tiny"
+SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
+SVD_FOLDER = "stable-video-diffusion-img2vid-xt"
+WHISPER_FOLDER = "whisper-tiny"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file or folder a full run needs, where it goes under the models folder, and its source."""
+
+    path: str  # relative to the models folder
+    what: str
+    size: str
+    source: str
+    license: str
+    folder: bool = False
+
+
+WEIGHTS = (
+    WeightFile("Sonic/unet.pth", "Sonic UNet (SVD-xt + audio attention)", "3.1 GB",
+               f"huggingface.co/{SONIC_REPO}", "CC BY-NC-SA 4.0"),
+    WeightFile("Sonic/audio2token.pth", "audio -> 32 tokens per frame", "0.2 GB",
+               f"huggingface.co/{SONIC_REPO}", "CC BY-NC-SA 4.0"),
+    WeightFile("Sonic/audio2bucket.pth", "audio + image -> motion buckets", "0.1 GB",
+               f"huggingface.co/{SONIC_REPO}", "CC BY-NC-SA 4.0"),
+    WeightFile("yoloface_v5m.pt", "YOLOv5-face detector (TorchScript)", "0.1 GB",
+               f"huggingface.co/{SONIC_REPO}", "GPL-3.0 (YOLOv5-face)"),
+    WeightFile("RIFE/flownet.pkl", "RIFE HDv3 frame interpolation", "12 MB",
+               f"huggingface.co/{SONIC_REPO}", "MIT (RIFE)"),
+    WeightFile(WHISPER_FOLDER, "whisper-tiny (config.json, model.safetensors, preprocessor_config.json)",
+               "0.15 GB", f"huggingface.co/{WHISPER_REPO}", "Apache-2.0", folder=True),
+    WeightFile(SVD_FOLDER, "SVD-xt in diffusers layout (vae/, image_encoder/ are used)", "1.5 GB used",
+               f"huggingface.co/{SVD_REPO}", "Stability AI Community License", folder=True),
+)
+
+
+class MissingWeights(FileNotFoundError):
+    """Raised with a message that lists every missing file, where it goes and where it is published."""
+
+
+def missing_weights(models_dir: str | os.PathLike, need_detector: bool = True,
+                    need_rife: bool = True) -> list[WeightFile]:
+    root = Path(models_dir)
+    skip = set()
+    if not need_detector:
+        skip.add("yoloface_v5m.pt")
+    if not need_rife:
+        skip.add("RIFE/flownet.pkl")
+    out = []
+    for w in WEIGHTS:
+        p = root / w.path
+        if w.path in skip:
+            continue
+        if not (p.is_dir() if w.folder else p.is_file()):
+            out.append(w)
+    return out
+
+
+def missing_message(models_dir: str | os.PathLike, missing: list[WeightFile]) -> str:
+    lines = [f"{len(missing)} weight file(s) missing under {Path(models_dir).resolve()}:"]
+    for w in missing:
+        lines.append(f"  {w.path:<38} {w.what} ({w.size}) from {w.source} [{w.license}]")
+    lines += [
+        "Download them (about 10 GB) with:",
+        f"  huggingface-cli download {SONIC_REPO} --local-dir {models_dir}",
+        f"  huggingface-cli download {WHISPER_REPO} --local-dir {Path(models_dir) / WHISPER_FOLDER}",
+        f"  huggingface-cli download {SVD_REPO} --local-dir {Path(models_dir) / SVD_FOLDER}",
+        "or run this command again with --download. Sonic weights are CC BY-NC-SA 4.0: non-commercial use only.",
+    ]
+    return "\n".join(lines)
+
+
+def download_weights(models_dir: str | os.PathLike) -> None:
+    """Fetch every missing weight with huggingface_hub (online machines only)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
+        raise RuntimeError("--download needs huggingface_hub: pip install huggingface_hub") from e
+    root = Path(models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    snapshot_download(SONIC_REPO, local_dir=str(root))
+    snapshot_download(WHISPER_REPO, local_dir=str(root / WHISPER_FOLDER),
+                      allow_patterns=["*.json", "model.safetensors", "*.txt"])
+    snapshot_download(SVD_REPO, local_dir=str(root / SVD_FOLDER),
+                      allow_patterns=["model_index.json", "vae/*", "image_encoder/*", "feature_extractor/*"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Files in and out
+# ----------------------------------------------------------------------------------------------
+def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An image file as ComfyUI's LoadImage gives it: IMAGE [1,H,W,3] in 0..1 (EXIF-rotated), and
+    a MASK [1,H,W] from the alpha channel's transparent pixels (None without alpha)."""
+    from PIL import Image, ImageOps
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} does not exist")
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / U8_MAX  # [H,W,3]
+        mask = None
+        if "A" in im.getbands():
+            alpha = np.asarray(im.getchannel("A"), dtype=np.float32) / U8_MAX  # [H,W]
+            if (alpha < 1).any():
+                mask = torch.from_numpy(1.0 - alpha)[None]  # [1,H,W], 1 where transparent
+    return torch.from_numpy(rgb)[None], mask
+
+
+def read_audio(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
+    """Decode any audio (or video-with-audio) file with PyAV: waveform [1,C,T] float32, sample rate."""
+    import av
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio {path} does not exist")
+    chunks, rate = [], None
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{path} has no audio stream")
+        stream = container.streams.audio[0]
+        for frame in container.decode(stream):
+            arr = frame.to_ndarray()  # [C,n] planar or [1,n*C] packed
+            if not frame.format.is_planar:
+                arr = arr.reshape(-1, len(frame.layout.channels)).T  # [C,n]
+            if arr.dtype.kind in "iu":
+                arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+            chunks.append(arr.astype(np.float32))
+            rate = frame.sample_rate
+    if not chunks:
+        raise ValueError(f"{path} holds no audio samples")
+    wave = np.concatenate(chunks, axis=1)  # [C,T]
+    return torch.from_numpy(wave)[None], int(rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chain
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class AnimateSettings:
+    steps: int = SAMPLER_DEFAULTS.steps
+    seed: int = SAMPLER_DEFAULTS.seed
+    min_resolution: int = SAMPLER_DEFAULTS.min_resolution
+    dynamic_scale: float = SAMPLER_DEFAULTS.motion_bucket_scale
+    crop: bool = False  # the official demo.py crops only with --crop
+    interpolate: bool = True
+    max_seconds: float = 0.0
+    frames_per_window: int = SAMPLER_DEFAULTS.frames_per_window
+    window_batch: int = 1
+    crf: int = VIDEO_CRF
+
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@torch.no_grad()
+def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output: str | os.PathLike,
+            models_dir: str | os.PathLike, settings: AnimateSettings = AnimateSettings(), *,
+            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+            svd_dir: str | os.PathLike | None = None, progress: Progress | None = None) -> Path:
+    """Image + audio files -> ``output`` (.mp4 with the audio). Returns the output path."""
+    from . import audio as audio_mod
+    from . import face, interpolate, motion, sampler, video, weights
+    from .models import svd
+    from .models.rife import load_rife
+
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"{output} exists; choose another output name (nothing is overwritten)")
+    if output.suffix.lower() not in (".mp4", ".webm", ".gif"):
+        raise ValueError(f"output {output} must end in .mp4, .webm or .gif")
+    models_dir = Path(models_dir)
+    device = torch.device(device)
+    image, alpha_mask = read_image(image_path)
+    wave, rate = read_audio(audio_path)
+    detector_path = models_dir / "yoloface_v5m.pt"
+    missing = missing_weights(models_dir, need_detector=alpha_mask is None, need_rife=settings.interpolate)
+    if svd_dir is not None:
+        missing = [w for w in missing if w.path != SVD_FOLDER]
+    if missing:
+        raise MissingWeights(missing_message(models_dir, missing))
+
+    def stage(name: str) -> Callable[..., None] | None:
+        if progress is None:
+            return None
+        return lambda done, total, *_: progress(name, done, total)
+
+    t0 = time.perf_counter()
+    models = weights.load_sonic_models(models_dir / "Sonic" / "unet.pth", models_dir / "Sonic" / "audio2token.pth",
+                                       models_dir / "Sonic" / "audio2bucket.pth", models_dir / WHISPER_FOLDER,
+                                       dtype=dtype, device=device, load_device=device)
+    vae, clip = svd.load_svd(svd_dir or models_dir / SVD_FOLDER, dtype, device)
+    log.info("models loaded in %.1f s", time.perf_counter() - t0)
+
+    sonic_audio = audio_mod.encode_audio(models, wave, rate, settings.max_seconds, callback=stage("audio"),
+                                         out_device=torch.device("cpu"))
+    detector = None if alpha_mask is not None else face.load_detector(str(detector_path), device)
+    found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop)
+    ref_image, ref_mask = found.image[None], found.mask[None]  # [1,h,w,3], [1,h,w]
+    embeds = motion.reference_embeds(clip, ref_image, settings.min_resolution)
+    sonic_motion = motion.predict_motion(models.load("audio2bucket"), sonic_audio, embeds,
+                                         settings.dynamic_scale, settings.dynamic_scale)
+    run = dataclasses.replace(SAMPLER_DEFAULTS, steps=settings.steps, min_resolution=settings.min_resolution,
+                              frames_per_window=settings.frames_per_window)
+    latents = sampler.generate(models.load("unet"), vae, clip, ref_image, ref_mask, sonic_audio, sonic_motion,
+                               settings=run, seed=settings.seed, dtype=dtype, window_batch=settings.window_batch,
+                               callback=stage("sampling"))  # [F,4,h,w] VAE space
+    frames = vae.decode(latents)  # [F,H,W,3] in 0..1
+    fps = sonic_audio.fps
+    if settings.interpolate:
+        rife = load_rife(str(models_dir / "RIFE" / "flownet.pkl"), device)
+        frames = interpolate.interpolate(rife, frames, RIFE_MULTIPLIER, RIFE_BATCH, callback=stage("RIFE"))
+        fps = OUTPUT_FPS
+    fmt = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}[output.suffix.lower()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    video.write_video(frames, str(output), fps, audio=(wave[0], rate), format=fmt, crf=settings.crf,
+                      callback=stage("encoding"))
+    log.info("%s: %d frames at %g fps in %.1f s", output, frames.shape[0], fps, time.perf_counter() - t0)
+    return output
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+class TextProgress:
+    """A one-line progress bar on stderr: ``sampling [#######.....] 30/75``."""
+
+    WIDTH = 30  # characters of the bar
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.stage = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage and self.stage is not None:
+            self.stream.write("\n")
+        self.stage = stage
+        fill = self.WIDTH * done // max(total, 1)
+        self.stream.write(f"\r{stage:<9} [{'#' * fill}{'.' * (self.WIDTH - fill)}] {done}/{total}")
+        if done >= total:
+            self.stream.write("\n")
+            self.stage = None
+        self.stream.flush()
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if name != "auto":
+        return table[name]
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def configure_cli(p) -> None:
+    p.add_argument("image", help="portrait image (png/jpg/webp; transparent pixels mark the face if any)")
+    p.add_argument("audio", help="speech or singing (wav/mp3/flac/m4a/... or a video with sound)")
+    p.add_argument("-o", "--output", required=True, help="video to write (.mp4, .webm or .gif); never overwritten")
+    p.add_argument("--models", default=os.environ.get(MODELS_ENV, DEFAULT_MODELS_DIR),
+                   help=f"models folder (default ${MODELS_ENV} or {DEFAULT_MODELS_DIR}); see README 'Weights'")
+    p.add_argument("--svd", default=None, help=f"diffusers SVD-xt folder (default MODELS/{SVD_FOLDER})")
+    p.add_argument("--steps", type=int, default=SAMPLER_DEFAULTS.steps, help="denoising steps (25)")
+    p.add_argument("--seed", type=int, default=SAMPLER_DEFAULTS.seed, help="noise seed (72589)")
+    p.add_argument("--min-resolution", type=int, default=SAMPLER_DEFAULTS.min_resolution,
+                   help="short side before rounding to a multiple of 64 (512)")
+    p.add_argument("--dynamic-scale", type=float, default=SAMPLER_DEFAULTS.motion_bucket_scale,
+                   help="motion intensity: 0.5 mild, 1.0 normal, 2.0 intense")
+    p.add_argument("--crop", action="store_true", help="crop a square around the face first (official --crop)")
+    p.add_argument("--no-interpolate", action="store_true", help="keep 12.5 fps (skip RIFE 2x)")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="use only the first N seconds of audio (0 = all)")
+    p.add_argument("--window-batch", type=int, default=1, help="windows per UNet call (more = faster, more memory)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="UNet/VAE/CLIP dtype (auto: fp16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--download", action="store_true", help="download missing weights with huggingface_hub first")
+
+
+def run_cli(args) -> int:
+    if args.download and missing_weights(args.models):
+        download_weights(args.models)
+    device = pick_device(args.device)
+    settings = AnimateSettings(steps=args.steps, seed=args.seed, min_resolution=args.min_resolution,
+                               dynamic_scale=args.dynamic_scale, crop=args.crop,
+                               interpolate=not args.no_interpolate, max_seconds=args.max_seconds,
+                               window_batch=args.window_batch)
+    try:
+        out = animate(args.image, args.audio, args.output, args.models, settings, device=device,
+                      dtype=pick_dtype(args.dtype, device), svd_dir=args.svd, progress=TextProgress())
+    except MissingWeights as e:
+        print(str(e), file=sys.stderr)
+        return 3
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,84 @@
+"""The standalone CLI: selftest end to end, the missing-weights message, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sonic_core import pipeline, selftest
+from tests._golden import REPO
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sonic_core", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_selftest_makes_a_playable_mp4_with_audio(tmp_path):
+    out = tmp_path / "selftest.mp4"
+    run = _cli("selftest", "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "selftest ok" in run.stdout
+    info = selftest.probe(out)
+    assert info["frames"] == 2 * int(selftest.SELFTEST_SECONDS * 12.5) - 1
+    assert info["fps"] == 25
+    assert (info["width"], info["height"]) == (128, 128)
+    assert abs(info["audio_seconds"] - info["frames"] / 25) < 1 / 25 + 1e-6
+
+
+def test_missing_weights_message_lists_every_file(tmp_path):
+    image = selftest.write_portrait(tmp_path / "p.png")
+    voice = selftest.write_voice(tmp_path / "v.wav")
+    run = _cli("animate", str(image), str(voice), "-o", str(tmp_path / "o.mp4"), "--models",
+               str(tmp_path / "empty"))
+    assert run.returncode == 3
+    for w in pipeline.WEIGHTS:
+        if w.path == "yoloface_v5m.pt":
+            continue  # the portrait's transparent face replaces the detector
+        assert w.path in run.stderr and w.source in run.stderr, f"{w.path} not named:\n{run.stderr}"
+    assert "huggingface-cli download LeonJoe13/Sonic" in run.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_missing_detector_is_listed_for_an_opaque_image(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (96, 96), (200, 150, 120)).save(tmp_path / "p.png")
+    assert "yoloface_v5m.pt" in [w.path for w in pipeline.missing_weights(tmp_path, need_detector=True)]
+    assert "yoloface_v5m.pt" not in [w.path for w in pipeline.missing_weights(tmp_path, need_detector=False)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("animate", "nope.png", "nope.wav", "-o", "x.mp4"), "does not exist"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    run = _cli(*args)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_output_is_never_overwritten(tmp_path):
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"keep")
+    image = selftest.write_portrait(tmp_path / "p.png")
+    voice = selftest.write_voice(tmp_path / "v.wav")
+    run = _cli("animate", str(image), str(voice), "-o", str(out))
+    assert run.returncode == 2 and "exists" in run.stderr
+    assert out.read_bytes() == b"keep"
+
+
+def test_read_audio_decodes_stereo_and_rate(tmp_path):
+    voice = selftest.write_voice(tmp_path / "v.wav")
+    wave, rate = pipeline.read_audio(voice)
+    assert rate == selftest.SELFTEST_SAMPLE_RATE
+    assert wave.shape == (1, 1, int(selftest.SELFTEST_SECONDS * rate))
+    assert 0.05 < wave.abs().max() <= 1.0
+
+
+def test_read_image_alpha_becomes_face_mask(tmp_path):
+    image, mask = pipeline.read_image(selftest.write_portrait(tmp_path / "p.png"))
+    w, h = selftest.SELFTEST_IMAGE
+    assert image.shape == (1, h, w, 3) and mask.shape == (1, h, w)
+    assert mask[0, h // 2, w // 2] == 1 and mask[0, 2, 2] == 0
