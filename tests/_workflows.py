@@ -12,6 +12,10 @@ from typing import Any
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# Widgets the frontend adds by itself that graphToPrompt still sends (checked with ComfyUI 0.3.64 and
+# its frontend 1.27.10): an audio_upload combo gets an "audioUI" player widget, sent as "" (the server
+# ignores inputs its node does not declare). Upload buttons are not sent.
+FRONTEND_SENT_WIDGETS = {"audio_upload": ("audioUI", "")}
 
 
 def spec_of_class(cls: type) -> dict:
@@ -65,6 +69,16 @@ def has_seed_control(name: str, entry: list) -> bool:
 def has_upload(entry: list) -> bool:
     opts = input_options(entry)
     return bool(opts.get("image_upload") or opts.get("audio_upload") or opts.get("video_upload"))
+
+
+def frontend_sent_widgets(spec: dict) -> dict[str, Any]:
+    """{name: value} of the widgets the frontend adds to this node and sends in the API prompt."""
+    extra = {}
+    for _name, entry, _req in ordered_inputs(spec):
+        for option, (name, value) in FRONTEND_SENT_WIDGETS.items():
+            if input_options(entry).get(option):
+                extra[name] = value
+    return extra
 
 
 def is_file_combo(entry: list) -> bool:
@@ -200,7 +214,12 @@ def check_api(prompt: dict, specs: dict[str, dict]) -> list[str]:
             continue
         spec = specs[ct]
         entries = {n: (e, r) for n, e, r in ordered_inputs(spec)}
+        extra = frontend_sent_widgets(spec)
         for name, value in node.get("inputs", {}).items():
+            if name in extra and name not in entries:
+                if value != extra[name]:
+                    probs.append(f"{nid} ({ct}).{name}={value!r}: the frontend sends {extra[name]!r}")
+                continue
             if name not in entries:
                 probs.append(f"{nid} ({ct}): unknown input {name!r}")
                 continue
@@ -234,6 +253,7 @@ def ui_to_api(workflow: dict, specs: dict[str, dict]) -> dict:
             continue
         values, _ = ui_widget_values(node, specs[node["type"]])
         inputs: dict[str, Any] = dict(values)
+        inputs.update(frontend_sent_widgets(specs[node["type"]]))
         for inp in node.get("inputs", []):
             if inp.get("link") is not None:
                 link = links[inp["link"]]
