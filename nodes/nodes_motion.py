@@ -1,3 +1,154 @@
-"""Placeholder until this family lands."""
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+"""SonicMotionBucketPredict: audio + reference image -> per-frame motion buckets (type SONIC_MOTION)."""
+
+from __future__ import annotations
+
+from . import runtime
+from .runtime import core
+
+SCALE_MAX = 10.0  # widget upper bound of the motion scales
+BUCKET_FIXED_MAX = 1024.0  # widget upper bound of a fixed bucket value
+PREDICT = -1.0  # fixed-bucket value meaning "use the prediction"
+
+
+class SonicMotionBucketPredict:
+    DESCRIPTION = (
+        "Predicts Sonic's two motion buckets for every video frame from the audio and the "
+        "reference image (audio2bucket): head movement and facial expression, "
+        "bucket = raw * 16 + 16 (about 0..128). The scales multiply them (official "
+        "dynamic_scale multiplies both: 0.5 mild, 1.0 normal, 2.0 intense); a fixed value "
+        "replaces a prediction for every frame."
+    )
+    CATEGORY = "Sonic"
+    FUNCTION = "predict"
+    RETURN_TYPES = ("SONIC_MOTION",)
+    RETURN_NAMES = ("sonic_motion",)
+    OUTPUT_TOOLTIPS = ("Per-frame motion buckets (head, expression) for the Sonic Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        cfg = core("config")
+        return {
+            "required": {
+                "sonic_model": (
+                    "SONIC_MODEL",
+                    {"tooltip": "From Sonic Model Loader (audio2bucket is used)."},
+                ),
+                "sonic_audio": ("SONIC_AUDIO", {"tooltip": "From Whisper Audio Encode."}),
+                "clip_vision": (
+                    "CLIP_VISION",
+                    {
+                        "tooltip": "SVD-xt image encoder (CLIP ViT-H/14), e.g. from "
+                        "the svd_xt checkpoint or SVD VAE + Image Encoder Loader."
+                    },
+                ),
+                "image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "The reference portrait, the same image the sampler gets "
+                        "(first of a batch)."
+                    },
+                ),
+                "head_motion_scale": (
+                    "FLOAT",
+                    {
+                        "default": cfg.SAMPLER_DEFAULTS.motion_bucket_scale,
+                        "min": 0.0,
+                        "max": SCALE_MAX,
+                        "step": 0.05,
+                        "tooltip": (
+                            "Multiplies the head-movement bucket (official dynamic_scale; "
+                            "1.0 = as predicted)."
+                        ),
+                    },
+                ),
+                "expression_scale": (
+                    "FLOAT",
+                    {
+                        "default": cfg.SAMPLER_DEFAULTS.motion_bucket_scale,
+                        "min": 0.0,
+                        "max": SCALE_MAX,
+                        "step": 0.05,
+                        "tooltip": (
+                            "Multiplies the expression bucket (official dynamic_scale; 1.0 = as predicted)."
+                        ),
+                    },
+                ),
+            },
+            "optional": {
+                "min_resolution": (
+                    "INT",
+                    {
+                        "default": cfg.SAMPLER_DEFAULTS.min_resolution,
+                        "min": cfg.SIZE_MULTIPLE,
+                        "max": 4096,
+                        "step": cfg.SIZE_MULTIPLE,
+                        "tooltip": (
+                            "Working short side for the image embedding; keep it equal to the sampler's "
+                            "min_resolution (official: the embedding of the working-size image)."
+                        ),
+                    },
+                ),
+                "fixed_head_bucket": (
+                    "FLOAT",
+                    {
+                        "default": PREDICT,
+                        "min": PREDICT,
+                        "max": BUCKET_FIXED_MAX,
+                        "step": 1.0,
+                        "tooltip": (
+                            "-1 = predict. Otherwise this head-movement bucket is used for every frame as is "
+                            "(the scale does not apply)."
+                        ),
+                    },
+                ),
+                "fixed_expression_bucket": (
+                    "FLOAT",
+                    {
+                        "default": PREDICT,
+                        "min": PREDICT,
+                        "max": BUCKET_FIXED_MAX,
+                        "step": 1.0,
+                        "tooltip": (
+                            "-1 = predict. Otherwise this expression bucket is used for every frame as is "
+                            "(the scale does not apply)."
+                        ),
+                    },
+                ),
+            },
+        }
+
+    def predict(
+        self,
+        sonic_model,
+        sonic_audio,
+        clip_vision,
+        image,
+        head_motion_scale=1.0,
+        expression_scale=1.0,
+        min_resolution=512,
+        fixed_head_bucket=PREDICT,
+        fixed_expression_bucket=PREDICT,
+    ):
+        if not hasattr(sonic_audio, "bucket_windows"):
+            raise ValueError(f"sonic_audio is a {type(sonic_audio).__name__}; connect Whisper Audio Encode")
+        for name, v in (("head_motion_scale", head_motion_scale), ("expression_scale", expression_scale)):
+            if v < 0:
+                raise ValueError(f"{name}={v} must be >= 0")
+        motion = core("motion")
+        embeds = motion.reference_embeds(clip_vision, image, int(min_resolution))  # [1, D]
+        progress = runtime.Progress(1, "Motion bucket predict")
+        result = motion.predict_motion(
+            sonic_model.load("audio2bucket"),
+            sonic_audio,
+            embeds,
+            float(head_motion_scale),
+            float(expression_scale),
+            fixed_head=None if fixed_head_bucket < 0 else float(fixed_head_bucket),
+            fixed_expression=None if fixed_expression_bucket < 0 else float(fixed_expression_bucket),
+            callback=progress.callback(),
+        )
+        return (result,)
+
+
+NODE_CLASS_MAPPINGS = {"SonicMotionBucketPredict": SonicMotionBucketPredict}
+NODE_DISPLAY_NAME_MAPPINGS = {"SonicMotionBucketPredict": "Motion Bucket Predict"}

@@ -1,3 +1,304 @@
-"""Placeholder until this family lands."""
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+"""SonicSampler: the whole clip denoised in position-shifted windows -> LATENT (frames) + fps.
+
+Python callers (tests, scripts) may pass two keywords that the UI does not show: ``noise``
+(unit normal ``[F,4,h,w]`` or ``[1,F,4,h,w]`` replacing the seeded noise, e.g. a recorded
+reference run) and ``on_step`` (``f(step, latents)`` after every denoising step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from . import runtime
+from .runtime import core
+
+log = logging.getLogger(__name__)
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+GUIDANCE_MAX = 100.0
+WINDOW_MAX = 256
+WINDOW_BATCH_MAX = 64
+STEPS_MAX = 1000
+FPS_MAX = 120.0
+AUDIO_SCALE_MAX = 10.0
+RES_MAX = 4096
+
+
+def _float(default, tip, lo=0.0, hi=GUIDANCE_MAX, step=0.05):
+    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tip})
+
+
+class SonicSampler:
+    DESCRIPTION = (
+        "Sonic's long-video sampler on the SVD-xt UNet: every denoising step runs the whole clip "
+        "in windows whose starts move by shift_offset frames per step (wrapping around the "
+        "clip end) and averages overlapping frames, with 3-way guidance (reference image, "
+        "audio). Output: one latent per video frame (decode with VAE Decode) and the "
+        "generated frame rate."
+    )
+    CATEGORY = "Sonic"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT", "FLOAT")
+    RETURN_NAMES = ("latent", "fps")
+    OUTPUT_TOOLTIPS = (
+        "One latent per generated frame (batch = frames), in VAE space for VAE Decode.",
+        "Frame rate of the generated frames (12.5; 25 after 2x frame interpolation).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        cfg = core("config")
+        d = cfg.SAMPLER_DEFAULTS
+        return {
+            "required": {
+                "sonic_model": ("SONIC_MODEL", {"tooltip": "From Sonic Model Loader (the UNet is used)."}),
+                "vae": (
+                    "VAE",
+                    {"tooltip": "SVD-xt VAE (svd_xt checkpoint or SVD VAE + Image Encoder Loader)."},
+                ),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "SVD-xt image encoder (CLIP ViT-H/14)."}),
+                "image": (
+                    "IMAGE",
+                    {"tooltip": "Reference portrait (from Face Mask Detect; first of a batch)."},
+                ),
+                "face_mask": (
+                    "MASK",
+                    {
+                        "tooltip": "Face region of that image (from Face Mask Detect): audio "
+                        "attention acts inside it."
+                    },
+                ),
+                "sonic_audio": (
+                    "SONIC_AUDIO",
+                    {"tooltip": "From Whisper Audio Encode; sets the frame count."},
+                ),
+                "sonic_motion": ("SONIC_MOTION", {"tooltip": "From Motion Bucket Predict (same audio)."}),
+                "seed": (
+                    "INT",
+                    {
+                        "default": d.seed,
+                        "min": 0,
+                        "max": SEED_MAX,
+                        "control_after_generate": True,
+                        "tooltip": "Initial noise seed (CPU generator: same result on every device).",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {
+                        "default": d.steps,
+                        "min": 1,
+                        "max": STEPS_MAX,
+                        "tooltip": "Denoising steps (official 25).",
+                    },
+                ),
+                "min_resolution": (
+                    "INT",
+                    {
+                        "default": d.min_resolution,
+                        "min": cfg.SIZE_MULTIPLE,
+                        "max": RES_MAX,
+                        "step": cfg.SIZE_MULTIPLE,
+                        "tooltip": (
+                            "Short side of the working size; both sides are rounded to multiples of 64 "
+                            "(official 512). Keep Motion Bucket Predict's min_resolution equal."
+                        ),
+                    },
+                ),
+                "min_appearance_guidance": _float(
+                    d.min_appearance_guidance, "Reference-image guidance at the first step (official 2.0)."
+                ),
+                "max_appearance_guidance": _float(
+                    d.max_appearance_guidance,
+                    "Reference-image guidance at the last step, linear in between (official 2.0).",
+                ),
+                "min_audio_guidance": _float(
+                    d.min_audio_guidance, "Audio guidance at the first step (official 7.5)."
+                ),
+                "max_audio_guidance": _float(
+                    d.max_audio_guidance, "Audio guidance at the last step, linear in between (official 7.5)."
+                ),
+                "frames_per_window": (
+                    "INT",
+                    {
+                        "default": d.frames_per_window,
+                        "min": 1,
+                        "max": WINDOW_MAX,
+                        "tooltip": "Frames the UNet denoises together (official 25, "
+                        "what SVD-xt was trained on).",
+                    },
+                ),
+                "overlap": (
+                    "INT",
+                    {
+                        "default": d.overlap,
+                        "min": 0,
+                        "max": WINDOW_MAX - 1,
+                        "tooltip": (
+                            "Frames shared by consecutive windows, averaged (official 0; the shift already "
+                            "stitches windows). Must be smaller than frames_per_window."
+                        ),
+                    },
+                ),
+                "shift_offset": (
+                    "INT",
+                    {
+                        "default": d.shift_offset,
+                        "min": 0,
+                        "max": WINDOW_MAX,
+                        "tooltip": (
+                            "Frames every window start moves back after each step, wrapping around the clip "
+                            "(official 7; 0 = fixed windows)."
+                        ),
+                    },
+                ),
+                "i2i_strength": _float(
+                    d.i2i_strength,
+                    "1.0 = start from noise (official). Lower skips the "
+                    "first steps and starts nearer the reference image.",
+                    0.01,
+                    1.0,
+                    0.01,
+                ),
+                "noise_aug": _float(
+                    d.noise_aug_strength,
+                    "Noise added to the reference before its image latents are encoded (official 0.0).",
+                    0.0,
+                    1.0,
+                    0.01,
+                ),
+                "fps_conditioning": _float(
+                    d.fps_conditioning,
+                    "fps value the UNet is conditioned on "
+                    "(official 12.5). Does not change the frame count or output fps.",
+                    0.0,
+                    FPS_MAX,
+                    0.5,
+                ),
+                "audio_scale": _float(
+                    d.audio_scale,
+                    "Weight of the audio cross-attention in every attention layer (official 1.0).",
+                    0.0,
+                    AUDIO_SCALE_MAX,
+                    0.05,
+                ),
+            },
+            "optional": {
+                "window_batch": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": WINDOW_BATCH_MAX,
+                        "tooltip": (
+                            "Windows per UNet call; 0 = auto (as many as free GPU memory allows). "
+                            "Same computation either way (float rounding may differ); higher is faster "
+                            "if memory allows."
+                        ),
+                    },
+                ),
+            },
+        }
+
+    def sample(
+        self,
+        sonic_model,
+        vae,
+        clip_vision,
+        image,
+        face_mask,
+        sonic_audio,
+        sonic_motion,
+        seed=72589,
+        steps=25,
+        min_resolution=512,
+        min_appearance_guidance=2.0,
+        max_appearance_guidance=2.0,
+        min_audio_guidance=7.5,
+        max_audio_guidance=7.5,
+        frames_per_window=25,
+        overlap=0,
+        shift_offset=7,
+        i2i_strength=1.0,
+        noise_aug=0.0,
+        fps_conditioning=12.5,
+        audio_scale=1.0,
+        window_batch=0,
+        noise=None,
+        on_step=None,
+    ):
+        cfg, smp = core("config"), core("sampler")
+        if not hasattr(sonic_audio, "cond_tokens"):
+            raise ValueError(f"sonic_audio is a {type(sonic_audio).__name__}; connect Whisper Audio Encode")
+        if not hasattr(sonic_motion, "buckets"):
+            raise ValueError(
+                f"sonic_motion is a {type(sonic_motion).__name__}; connect Motion Bucket Predict"
+            )
+        settings = dataclasses.replace(
+            cfg.SAMPLER_DEFAULTS,
+            steps=int(steps),
+            min_resolution=int(min_resolution),
+            frames_per_window=int(frames_per_window),
+            overlap=int(overlap),
+            shift_offset=int(shift_offset),
+            min_appearance_guidance=float(min_appearance_guidance),
+            max_appearance_guidance=float(max_appearance_guidance),
+            min_audio_guidance=float(min_audio_guidance),
+            max_audio_guidance=float(max_audio_guidance),
+            i2i_strength=float(i2i_strength),
+            noise_aug_strength=float(noise_aug),
+            fps_conditioning=float(fps_conditioning),
+            audio_scale=float(audio_scale),
+        )
+        smp.validate(settings, int(sonic_audio.num_frames))
+        unet = sonic_model.load("unet")
+        device = next(unet.parameters()).device
+        n_windows = smp.window_count(int(sonic_audio.num_frames), settings)
+        if int(window_batch) <= 0:
+            w_img, h_img = core("face").working_size(
+                image.shape[-2], image.shape[-3], settings.min_resolution
+            )
+            window_batch = smp.auto_window_batch(
+                runtime.free_memory(device),
+                h_img // cfg.VAE_SCALE,
+                w_img // cfg.VAE_SCALE,
+                settings.frames_per_window,
+                sonic_model.dtype,
+                n_windows,
+            )
+        n_run = len(smp.make_schedule(settings.steps, settings.i2i_strength).timesteps)
+        log.info(
+            "Sonic sampler: %d frames, %d windows x %d steps, %d window(s) per UNet call",
+            sonic_audio.num_frames,
+            n_windows,
+            n_run,
+            window_batch,
+        )
+        progress = runtime.Progress(n_run * n_windows, "Sonic sampler")
+        preview = runtime.latent_previewer()
+
+        def callback(done, total, x):
+            progress.update(done - progress.current, preview(x[:1].float()) if preview else None)
+
+        latents = smp.generate(
+            unet,
+            vae,
+            clip_vision,
+            image,
+            face_mask,
+            sonic_audio,
+            sonic_motion,
+            settings=settings,
+            seed=int(seed),
+            dtype=sonic_model.dtype,
+            window_batch=int(window_batch),
+            noise=noise,
+            callback=callback,
+            on_step=on_step,
+        )  # [F,4,h,w] VAE space
+        return ({"samples": latents.to(runtime.intermediate_device())}, float(sonic_audio.fps))
+
+
+NODE_CLASS_MAPPINGS = {"SonicSampler": SonicSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"SonicSampler": "Sonic Sampler (position shift)"}

@@ -104,7 +104,8 @@ KARRAS_RHO = 7.0
 # ----------------------------------------------------------------------------------------------
 WINDOW_BATCH_CPU = 2  # windows per UNet call when no accelerator memory figure is available
 WINDOW_BATCH_MEMORY_MARGIN = 0.8  # fraction of free accelerator memory the auto batch may plan on
-WINDOW_BYTES_PER_LATENT_ELEMENT = 24000  # bytes, 16-bit peak UNet activations per latent element of one 3-branch window
+# bytes of 16-bit peak UNet activations per latent element (3 x W x h x w) of one window's call
+WINDOW_BYTES_PER_LATENT_ELEMENT = 24000
 
 # ----------------------------------------------------------------------------------------------
 # Video (SPEC §12)

@@ -1,0 +1,459 @@
+"""Windowed denoising with position shift, 3-way guidance and SVD-xt's Euler/EDM schedule.
+
+SPEC §8 (schedule, initial latents, Euler step), §9 (windows, position shift, averaging),
+§10 (guidance) and §6 (time ids). ``sample`` is the single entry point the sampler node and the
+CLI call; the caller owns devices and dtypes (they are arguments here).
+
+Windows of one outer step are independent (they all read the latents of the previous step), so
+several windows share one UNet call (``window_batch``); the Euler step and the accumulation
+still run window by window in the official order, so the computation is that of one window per
+call (float32 results can differ by rounding: BLAS rounds small-row GEMMs, e.g. the time
+embeddings, differently when more rows share a call).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import (
+    SAMPLER_DEFAULTS,
+    U8_MAX,
+    VAE_SCALE,
+    VAE_SCALING_FACTOR,
+    WINDOW_BATCH_CPU,
+    WINDOW_BATCH_MEMORY_MARGIN,
+    WINDOW_BYTES_PER_LATENT_ELEMENT,
+    SamplerDefaults,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_CONFIG = Path(__file__).resolve().parent / "models" / "configs" / "svd_xt_scheduler.json"
+CFG_BRANCHES = 3  # [uncond, drop_audio, cond] rows per window (SPEC §10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule (SPEC §8)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """The part of the Euler/EDM schedule a run uses (after the i2i start, SPEC §8)."""
+
+    sigmas: torch.Tensor  # [n_run + 1] float32, sigma of each run step and the trailing 0
+    timesteps: torch.Tensor  # [n_run] float32, 0.25 * ln(sigma), what the UNet is fed
+    t_start: int  # first step of the full n-step table that runs
+
+
+def make_schedule(steps: int, i2i_strength: float = 1.0, config: dict | None = None) -> Schedule:
+    """Karras sigmas of the shipped SVD-xt EulerDiscreteScheduler config, cut by ``get_timesteps``."""
+    from diffusers import EulerDiscreteScheduler
+
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be at least 1")
+    if not 0.0 < i2i_strength <= 1.0:
+        raise ValueError(f"i2i_strength={i2i_strength} must be in (0, 1]; 1.0 starts from pure noise")
+    cfg = config if config is not None else json.loads(SCHEDULER_CONFIG.read_text())
+    scheduler = EulerDiscreteScheduler.from_config(cfg)
+    scheduler.set_timesteps(steps, device="cpu")
+    init = min(int(steps * i2i_strength), steps)
+    t_start = max(steps - init, 0)
+    if t_start >= steps:
+        raise ValueError(f"i2i_strength={i2i_strength} with steps={steps} runs no step; raise either")
+    sigmas = scheduler.sigmas.to(torch.float32)[t_start:]  # [n_run + 1]
+    timesteps = scheduler.timesteps.to(torch.float32)[t_start:]  # [n_run]
+    return Schedule(sigmas=sigmas, timesteps=timesteps, t_start=t_start)
+
+
+def euler_step(
+    v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
+    """One Euler step of a v-prediction EDM model (gamma 0), x upcast to float32 (SPEC §8)."""
+    out_dtype = v.dtype
+    x = x.to(torch.float32)
+    x0 = v * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+    derivative = (x - x0) / sigma
+    return (x + derivative * (sigma_next - sigma)).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Windows (SPEC §9)
+# ----------------------------------------------------------------------------------------------
+def window_indices(num_frames: int, window: int, overlap: int, shift: int) -> list[list[int]]:
+    """Frame indices of every window of one outer step: starts range(0, F, W-overlap) - shift, mod F."""
+    return [
+        [(s0 - shift + j) % num_frames for j in range(window)]
+        for s0 in range(0, num_frames, window - overlap)
+    ]
+
+
+def guidance_scales(lo: float, hi: float, n_run: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-step guidance ramp: linspace(lo, hi, n_run) in float32, cast to the latent dtype (SPEC §10)."""
+    return torch.linspace(lo, hi, n_run).to(dtype)
+
+
+def validate(settings: SamplerDefaults, num_frames: int) -> None:
+    """Raise on settings the window loop cannot run with, naming the bad value."""
+    w, ov = settings.frames_per_window, settings.overlap
+    if w < 1:
+        raise ValueError(f"frames_per_window={w} must be at least 1")
+    if not 0 <= ov < w:
+        raise ValueError(f"overlap={ov} must be >= 0 and smaller than frames_per_window={w}")
+    if num_frames < 1:
+        raise ValueError(f"the audio gives {num_frames} frames; give at least one frame of audio")
+    if settings.shift_offset < 0:
+        raise ValueError(f"shift_offset={settings.shift_offset} must be >= 0")
+
+
+def auto_window_batch(
+    free_bytes: int | None, height: int, width: int, window: int, dtype: torch.dtype, num_windows: int
+) -> int:
+    """How many windows fit one UNet call: from free accelerator memory, or a small fixed CPU number.
+
+    ``height``/``width`` are latent sizes. The per-window estimate scales with the latent elements
+    of one 3-branch window call (WINDOW_BYTES_PER_LATENT_ELEMENT, measured on SVD-xt).
+    """
+    if free_bytes is None:
+        return max(1, min(WINDOW_BATCH_CPU, num_windows))
+    elem = CFG_BRANCHES * window * height * width
+    per_window = elem * WINDOW_BYTES_PER_LATENT_ELEMENT * torch.finfo(dtype).bits / 16
+    fit = int(free_bytes * WINDOW_BATCH_MEMORY_MARGIN // max(per_window, 1))
+    return max(1, min(fit, num_windows))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+ProgressFn = Callable[[int, int, torch.Tensor], None]  # (UNet calls done, total, preview latents)
+StepFn = Callable[[int, torch.Tensor], None]  # (step index, latents [F,4,h,w] after the step)
+
+
+def initial_latents(ref_latents: torch.Tensor, noise: torch.Tensor, sigma0: torch.Tensor) -> torch.Tensor:
+    """x = ref_latents + noise * sigma[t_start], broadcast over frames (SPEC §8). Returns [F,4,h,w]."""
+    return ref_latents + noise * sigma0  # [1,4,h,w] + [F,4,h,w]
+
+
+@torch.no_grad()
+def sample(
+    unet: torch.nn.Module,
+    *,
+    image_latents: torch.Tensor,
+    ref_latents: torch.Tensor,
+    clip_embeds: torch.Tensor,
+    cond_tokens: torch.Tensor,
+    uncond_tokens: torch.Tensor,
+    buckets: torch.Tensor,
+    face_mask: torch.Tensor | None,
+    noise: torch.Tensor,
+    settings: SamplerDefaults = SAMPLER_DEFAULTS,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    window_batch: int = 1,
+    callback: ProgressFn | None = None,
+    on_step: StepFn | None = None,
+    scheduler_config: dict | None = None,
+) -> torch.Tensor:
+    """Denoise the whole clip with position-shifted windows; returns latents [F,4,h,w] (x 0.18215).
+
+    image_latents: [1,4,h,w] unscaled VAE mode of the (noise-augmented) reference (SPEC §7).
+    ref_latents: [1,4,h,w] VAE mode of the reference times 0.18215 (initial-latent mean).
+    clip_embeds: [1,D] image embedding. cond_tokens: [F,K,D]; uncond_tokens: [K,D].
+    buckets: [F,2] motion buckets with scales applied. face_mask: [1,1,H,W] in 0..1 or None.
+    noise: [F,4,h,w] (or [1,F,4,h,w]) unit normal noise.
+    settings: steps, frames_per_window, overlap, shift_offset, guidance ramps, i2i_strength,
+    fps_conditioning, audio_scale are read. window_batch: windows per UNet call (>= 1); on an
+    out-of-memory error the batch is halved and the call retried (same result).
+    callback(done, total, preview) after every UNet call (may raise to cancel);
+    on_step(i, latents) after every outer step (latents [F,4,h,w], a copy is not made).
+    """
+    device = device or noise.device
+    if noise.dim() == 5:
+        noise = noise[0]  # [1,F,4,h,w] -> [F,4,h,w]
+    num_frames = noise.shape[0]
+    validate(settings, num_frames)
+    _check_shapes(num_frames, image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets)
+    if window_batch < 1:
+        raise ValueError(f"window_batch={window_batch} must be at least 1")
+
+    sched = make_schedule(settings.steps, settings.i2i_strength, scheduler_config)
+    sigmas = sched.sigmas.to(device)  # [n_run + 1] float32
+    n_run = sched.timesteps.shape[0]
+    g1 = guidance_scales(settings.min_appearance_guidance, settings.max_appearance_guidance, n_run, dtype)
+    g2 = guidance_scales(settings.min_audio_guidance, settings.max_audio_guidance, n_run, dtype)
+
+    to = dict(device=device, dtype=dtype)
+    latents = initial_latents(
+        ref_latents.to(device, torch.float32), noise.to(device, torch.float32), sigmas[0]
+    ).to(**to)  # [F,4,h,w]
+    img_lat = image_latents.to(**to)  # [1,4,h,w]
+    clip = clip_embeds.to(**to).reshape(1, 1, -1)  # [1,1,D]
+    cond = cond_tokens.to(**to)  # [F,K,D]
+    uncond = uncond_tokens.to(**to)  # [K,D]
+    mb = buckets.to(device, torch.float32)  # [F,2]
+    mask = face_mask.to(**to) if face_mask is not None else None
+
+    w, ov = settings.frames_per_window, settings.overlap
+    n_windows = len(range(0, num_frames, w - ov))
+    total = n_run * n_windows
+    done = 0
+    shift = 0
+    batch = min(window_batch, n_windows)
+    for i in range(n_run):
+        t = sched.timesteps[i].to(device)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        wins = window_indices(num_frames, w, ov, shift)
+        acc = torch.zeros_like(latents)  # [F,4,h,w] in the latent dtype (SPEC §9)
+        cnt = torch.zeros(num_frames, 1, 1, 1, **to)  # [F,1,1,1]
+        b0 = 0
+        while b0 < n_windows:
+            chunk = wins[b0 : b0 + batch]
+            try:
+                v = _guided_velocity(
+                    unet,
+                    latents,
+                    chunk,
+                    t,
+                    sigma,
+                    img_lat,
+                    clip,
+                    cond,
+                    uncond,
+                    mb,
+                    mask,
+                    g1[i],
+                    g2[i],
+                    settings,
+                )  # [nb,W,4,h,w]
+            except torch.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                batch = max(1, batch // 2)
+                log.warning(
+                    "out of memory with %d windows per UNet call; retrying with %d", len(chunk), batch
+                )
+                continue
+            for k, idx in enumerate(chunk):
+                index = torch.tensor(idx, device=device)  # [W]
+                x_out = euler_step(v[k], latents[index], sigma, sigma_next)  # [W,4,h,w]
+                acc.index_add_(0, index, x_out)
+                cnt.index_add_(0, index, torch.ones(len(idx), 1, 1, 1, **to))
+                done += 1
+                if callback is not None:
+                    callback(done, total, x_out)
+            b0 += len(chunk)
+        shift += settings.shift_offset
+        latents = acc / cnt  # [F,4,h,w]
+        if on_step is not None:
+            on_step(i, latents)
+    return latents
+
+
+def _guided_velocity(
+    unet, latents, chunk, t, sigma, img_lat, clip, cond, uncond, mb, mask, g1, g2, settings
+) -> torch.Tensor:
+    """One UNet call for ``len(chunk)`` windows x 3 branches, then 3-way guidance -> [nb,W,4,h,w]."""
+    nb, w = len(chunk), len(chunk[0])
+    index = torch.tensor(chunk, device=latents.device)  # [nb,W]
+    x = latents[index]  # [nb,W,4,h,w]
+    x_in = x / ((sigma**2 + 1) ** 0.5)  # scale_model_input (c_in), SPEC §8
+    x_in = x_in.unsqueeze(1).expand(nb, CFG_BRANCHES, *x.shape[1:])  # [nb,3,W,4,h,w]
+    zero_img = torch.zeros_like(img_lat)
+    img = torch.stack([zero_img, img_lat, img_lat])  # [3,1,4,h,w]
+    img = img.unsqueeze(0).expand(nb, CFG_BRANCHES, w, *img_lat.shape[1:])  # [nb,3,W,4,h,w]
+    sample_in = torch.cat([x_in, img], dim=3).flatten(0, 1)  # [nb*3,W,8,h,w]
+
+    ehs = torch.stack([torch.zeros_like(clip), clip, clip])  # [3,1,1,D]
+    ehs = ehs.unsqueeze(0).expand(nb, -1, -1, -1, -1).flatten(0, 1)  # [nb*3,1,1,D]
+    ehs = ehs.flatten(1, 2)  # [nb*3,1,D]
+
+    tok_c = cond[index]  # [nb,W,K,D]
+    tok_u = uncond.expand(nb, w, *uncond.shape)  # [nb,W,K,D]
+    tokens = torch.stack([tok_u, tok_u, tok_c], dim=1).flatten(0, 1)  # [nb*3,W,K,D]
+
+    mean_mb = mb[index].mean(dim=1)  # [nb,2]
+    fps = torch.full((nb, 1), float(settings.fps_conditioning), device=mb.device)
+    ids = torch.cat([fps, mean_mb], dim=1).to(clip.dtype)  # [nb,3]
+    ids = ids.unsqueeze(1).expand(nb, CFG_BRANCHES, 3).flatten(0, 1)  # [nb*3,3]
+
+    v = unet(
+        sample_in, t, ehs, ids, audio_tokens=tokens, face_mask=mask, audio_scale=settings.audio_scale
+    )  # [nb*3,W,4,h,w]
+    v = v.unflatten(0, (nb, CFG_BRANCHES))  # [nb,3,W,4,h,w]
+    v_u, v_d, v_c = v[:, 0], v[:, 1], v[:, 2]
+    return v_u + g1 * (v_d - v_u) + g2 * (v_c - v_d)  # [nb,W,4,h,w]
+
+
+def _check_shapes(f, image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets):
+    if cond_tokens.shape[0] != f:
+        raise ValueError(
+            f"audio tokens cover {cond_tokens.shape[0]} frames but the noise has {f}; "
+            "use the SONIC_AUDIO the motion was predicted from"
+        )
+    if buckets.shape != (f, 2):
+        raise ValueError(
+            f"motion buckets have shape {tuple(buckets.shape)}, expected ({f}, 2): "
+            "predict the motion from the same SONIC_AUDIO"
+        )
+    if image_latents.shape != ref_latents.shape or image_latents.dim() != 4:
+        raise ValueError(
+            f"image latents {tuple(image_latents.shape)} / reference latents "
+            f"{tuple(ref_latents.shape)} must both be [1,4,h,w]"
+        )
+    if clip_embeds.shape[0] != 1:
+        raise ValueError(f"clip_embeds has batch {clip_embeds.shape[0]}; give one reference image")
+    if uncond_tokens.shape != cond_tokens.shape[1:]:
+        raise ValueError(
+            f"uncond tokens {tuple(uncond_tokens.shape)} do not match cond tokens {tuple(cond_tokens.shape)}"
+        )
+
+
+def to_vae_space(latents: torch.Tensor) -> torch.Tensor:
+    """Model-space latents -> VAE space: one multiply by 1/0.18215 (reciprocal in double, SPEC §11)."""
+    return latents * (1.0 / VAE_SCALING_FACTOR)
+
+
+def make_noise(seed: int, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """Unit normal initial noise [F,4,h,w] from a CPU generator (device-independent)."""
+    from .config import LATENT_CHANNELS
+
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) % (2**64))
+    return torch.randn(1, num_frames, LATENT_CHANNELS, height, width, generator=gen, dtype=torch.float32)[
+        0
+    ]  # [1,F,4,h,w] -> [F,4,h,w]
+
+
+def window_count(num_frames: int, settings: SamplerDefaults) -> int:
+    """Windows per outer step: ceil(F / (W - overlap))."""
+    return math.ceil(num_frames / (settings.frames_per_window - settings.overlap))
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole sampler node: reference -> VAE / CLIP -> noise -> windows -> VAE-space latents
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """The reference image at the working size and what the sampler derives from it."""
+
+    pixels: torch.Tensor  # [1,H,W,3] float32 u8/255 at the working size
+    face_mask: torch.Tensor  # [1,1,H,W] float32 in 0..1
+    image_latents: torch.Tensor  # [1,4,h,w] unscaled VAE mode of the (noise-augmented) reference
+    ref_latents: torch.Tensor  # [1,4,h,w] VAE mode of the reference x 0.18215
+    clip_embeds: torch.Tensor  # [1,D]
+
+
+@torch.no_grad()
+def prepare_reference(
+    vae,
+    clip_vision,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    min_resolution: int,
+    noise_aug: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Reference:
+    """Working-size image and mask (SPEC §2), VAE latents (SPEC §7) and CLIP embedding.
+
+    ``image``: ComfyUI IMAGE ``[B,H0,W0,C]`` (first used); ``mask``: MASK ``[B,H0,W0]`` or ``[H0,W0]``.
+    ``vae`` / ``clip_vision`` answer ComfyUI's ``encode(pixels)`` / ``encode_image(image, crop=False)``.
+    With ``noise_aug > 0`` the image latents encode ``ref + noise_aug * eps`` (eps ~ N(0,1) in
+    [-1,1] pixel space, drawn from ``generator``); the reference latents never carry it.
+    """
+    from . import face
+
+    rgb = face.to_rgb(image)  # [H0,W0,3]
+    m = mask[0] if mask.dim() == 3 else mask  # [H0,W0]
+    if m.dim() != 2 or tuple(m.shape) != tuple(rgb.shape[:2]):
+        raise ValueError(
+            f"mask {tuple(mask.shape)} does not match the image {tuple(rgb.shape[:2])}; "
+            "use the image and mask from the same Face Mask Detect node"
+        )
+    u8, mask_w = face.prepare_reference(rgb, m.float(), min_resolution)  # [H,W,3] u8, [H,W]
+    pixels = torch.from_numpy(u8).to(torch.float32)[None] / U8_MAX  # [1,H,W,3]
+    z = vae.encode(pixels).float()  # [1,4,h,w] unscaled mode
+    if noise_aug > 0:
+        eps = torch.randn(pixels.shape, generator=generator, dtype=torch.float32)  # [1,H,W,3]
+        img_z = vae.encode(pixels + noise_aug * 0.5 * eps).float()  # (2p-1) + s*eps in [-1,1] space
+    else:
+        img_z = z
+    emb = clip_vision.encode_image(pixels, crop=False).image_embeds.float().reshape(1, -1)  # [1,D]
+    return Reference(
+        pixels=pixels,
+        face_mask=mask_w[None, None],
+        image_latents=img_z,
+        ref_latents=z * VAE_SCALING_FACTOR,
+        clip_embeds=emb,
+    )
+
+
+@torch.no_grad()
+def generate(
+    unet: torch.nn.Module,
+    vae,
+    clip_vision,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    audio,
+    motion,
+    *,
+    settings: SamplerDefaults = SAMPLER_DEFAULTS,
+    seed: int = SAMPLER_DEFAULTS.seed,
+    dtype: torch.dtype = torch.float32,
+    window_batch: int = 1,
+    noise: torch.Tensor | None = None,
+    callback: ProgressFn | None = None,
+    on_step: StepFn | None = None,
+) -> torch.Tensor:
+    """Everything the sampler node does; returns VAE-space latents ``[F,4,h,w]`` float32 on the CPU.
+
+    ``unet``: the Sonic UNet on its compute device; ``audio``: SonicAudio; ``motion``: SonicMotion.
+    ``noise``: optional unit normal ``[F,4,h,w]`` / ``[1,F,4,h,w]`` replacing the seeded noise.
+    Noise comes from a CPU generator seeded with ``seed``: first the latent noise, then (only
+    with ``noise_aug_strength > 0``) the pixel noise, so results do not depend on the device.
+    """
+    from .config import LATENT_CHANNELS
+
+    num_frames = int(audio.num_frames)
+    if motion.buckets.shape[0] != num_frames:
+        raise ValueError(
+            f"motion has {motion.buckets.shape[0]} frames but the audio {num_frames}; predict "
+            "the motion from the same SONIC_AUDIO the sampler gets"
+        )
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) % (2**64))
+    rgb_hw = image.shape[-3:-1]
+    from .face import working_size
+
+    w_img, h_img = working_size(int(rgb_hw[1]), int(rgb_hw[0]), settings.min_resolution)
+    latent_shape = (1, num_frames, LATENT_CHANNELS, h_img // VAE_SCALE, w_img // VAE_SCALE)
+    seeded = torch.randn(latent_shape, generator=gen, dtype=torch.float32)  # [1,F,4,h,w]
+    if noise is None:
+        noise = seeded
+    elif tuple(noise.reshape(-1, *noise.shape[-3:]).shape) != latent_shape[1:]:
+        raise ValueError(f"noise {tuple(noise.shape)} must be {latent_shape} for this image and audio")
+    ref = prepare_reference(
+        vae, clip_vision, image, mask, settings.min_resolution, settings.noise_aug_strength, gen
+    )
+    device = next(unet.parameters()).device
+    latents = sample(
+        unet,
+        image_latents=ref.image_latents,
+        ref_latents=ref.ref_latents,
+        clip_embeds=ref.clip_embeds,
+        cond_tokens=audio.cond_tokens,
+        uncond_tokens=audio.uncond_tokens,
+        buckets=motion.buckets,
+        face_mask=ref.face_mask,
+        noise=noise.reshape(latent_shape[1:]),
+        settings=settings,
+        device=device,
+        dtype=dtype,
+        window_batch=window_batch,
+        callback=callback,
+        on_step=on_step,
+    )  # [F,4,h,w]
+    return to_vae_space(latents.float()).cpu()
