@@ -282,7 +282,7 @@ def _guided_velocity(
     ids = ids.unsqueeze(1).expand(nb, CFG_BRANCHES, 3).flatten(0, 1)  # [nb*3,3]
 
     v = unet(
-        sample_in, t, ehs, ids, audio_tokens=tokens, face_mask=mask, audio_scale=settings.audio_scale
+        sample_in, t, ehs, ids, audio_tokens=tokens, face_mask=mask, audio_scale=settings.audio_scale, groups=nb
     )  # [nb*3,W,4,h,w]
     v = v.unflatten(0, (nb, CFG_BRANCHES))  # [nb,3,W,4,h,w]
     v_u, v_d, v_c = v[:, 0], v[:, 1], v[:, 2]

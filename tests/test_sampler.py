@@ -81,7 +81,9 @@ class ReplayUNet(torch.nn.Module):
         audio_tokens,
         face_mask=None,
         audio_scale=1.0,
+        groups=1,
     ):
+        assert sample.shape[0] == 3 * groups, "the sampler must declare every stacked window as a group"
         outs = []
         for r in range(0, sample.shape[0], 3):  # 3 CFG rows per window
             win = self.g.windows[self.next]
@@ -218,24 +220,15 @@ def _single_vs_batched(golden, dtype):
     return single, batched, (single - batched).abs().max().item(), unet, inputs, s
 
 
-def test_batched_windows_equal_single_fp64(golden):
-    """All windows of a step in one UNet call give the one-window-per-call result."""
-    *_, diff, _u, _i, _s = _single_vs_batched(golden, torch.float64)
-    print(f"float64: batched vs one window per call, max abs diff {diff:.3e}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_windows_equal_single(golden, dtype):
+    """All windows of a step in one UNet call give the one-window-per-call result (issue 5: below
+    1e-6 in fp32). The golden tiny UNet magnifies a 1-ulp change of its input to ~1e-2 (its bottom
+    level is 1x1), so this only holds because the UNet keeps each window's arithmetic independent
+    of the batch (GroupedLinear)."""
+    *_, diff, _u, _i, _s = _single_vs_batched(golden, dtype)
+    print(f"{dtype}: batched vs one window per call, max abs diff {diff:.3e}")
     assert diff < 1e-6
-
-
-def test_batched_windows_fp32_within_rounding_noise(golden):
-    """fp32: batching changes GEMM row counts, hence rounding; the difference must stay within what
-    a 1-ulp change of the initial noise causes (the tiny golden UNet amplifies rounding strongly)."""
-    single, batched, diff, unet, inputs, s = _single_vs_batched(golden, torch.float32)
-    nudged = dict(inputs, noise=inputs["noise"] * (1 + torch.finfo(torch.float32).eps))
-    noise_floor = (sampler.sample(unet, **nudged, settings=s) - single).abs().max().item()
-    print(
-        f"float32: batched vs one window per call, max abs diff {diff:.3e} "
-        f"(1-ulp noise change moves the result by {noise_floor:.3e})"
-    )
-    assert diff <= 10 * noise_floor + 1e-6
 
 
 def test_progress_and_cancel(golden):

@@ -167,23 +167,23 @@ def test_resize_face_mask_values_and_padding(caplog):
 # Semantics on a tiny random UNet
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_stacked_windows_equal_separate_calls(dtype, tol):
     """The sampler stacks windows along B; each row must see only its own window.
 
-    float32 tolerance: stock diffusers layers (time_embedding's Linear) already round differently
-    for 3 and 6 rows (BLAS kernel choice), ~10 ulp at the output; float64 shows the exact semantics.
+    With ``groups=2`` the small projections run per window, so BLAS's row-count-dependent kernel
+    choice cannot change a window's rounding (without it float32 differs by ~10 ulp).
     """
     unet = _tiny_unet().to(dtype)
     a, b = _tiny_inputs(3, 3, seed=1, dtype=dtype), _tiny_inputs(3, 3, seed=2, dtype=dtype)
     out_a, out_b = unet(**a), unet(**b)
-    out_ab = unet(**_cat(a, b))
+    out_ab = unet(**_cat(a, b), groups=2)
     assert out_ab.shape == (6, 3, 4, *TINY_HW) and out_ab.dtype == dtype
     diff = (out_ab - torch.cat([out_a, out_b])).abs().max().item()
     assert diff < tol, f"stacked windows differ from separate calls by {diff:.2e}"
     # the temporal audio mean is per batch row: changing window b's audio leaves window a alone
     b2 = dict(b, audio_tokens=b["audio_tokens"].flip(1))
-    out_ab2 = unet(**_cat(a, b2))
+    out_ab2 = unet(**_cat(a, b2), groups=2)
     assert (out_ab2[:3] - out_a).abs().max().item() < tol
     assert (out_ab2[3:] - out_b).abs().max().item() > 1e-3
 

@@ -84,6 +84,7 @@ class AudioCallContext:
     """
 
     batch: int = 0  # B, rows of the UNet batch (CFG rows x stacked windows)
+    groups: int = 1  # independent equal groups stacked along B (windows); see GroupedLinear
     audio_frames: torch.Tensor | None = None  # [B*W, K, D] per-frame tokens (spatial layers)
     audio_window: torch.Tensor | None = None  # [B, K, D] tokens mean-pooled over W (temporal)
     clip: torch.Tensor | None = None  # [B, T, D] CLIP context per row (temporal layers)
@@ -92,7 +93,7 @@ class AudioCallContext:
     mask_cache: dict[int, torch.Tensor] = field(default_factory=dict)  # N -> [1, N, 1]
 
     def clear(self) -> None:
-        self.batch, self.audio_scale = 0, 1.0
+        self.batch, self.groups, self.audio_scale = 0, 1, 1.0
         self.audio_frames = self.audio_window = self.clip = self.face_mask = None
         self.mask_cache = {}
 
@@ -106,6 +107,26 @@ class AudioCallContext:
             mask = mask.to(device=like.device, dtype=like.dtype).view(1, num_tokens, 1)  # [1, N, 1]
             self.mask_cache[num_tokens] = mask
         return mask
+
+
+class GroupedLinear(nn.Linear):
+    """A Linear that runs each stacked group (window) of its input separately.
+
+    BLAS picks different kernels for different row counts, so a small GEMM over 3 rows and the
+    same rows inside an 18-row GEMM can round differently. The UNet's small projections (time and
+    motion embeddings, ``time_emb_proj``, the frame-position MLP, cross-attention context
+    projections) are made of this class, so a window's output is the same whether it runs alone or
+    stacked with others (``SonicUNet.forward(groups=...)``). Every UNet batch axis is window-major,
+    so a group is a contiguous slice of dim 0. Same parameters and state-dict keys as ``nn.Linear``.
+    """
+
+    call_context: AudioCallContext | None = None  # set when installed (class attribute default)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.call_context.groups if self.call_context is not None else 1
+        if groups <= 1 or x.shape[0] % groups:
+            return super().forward(x)
+        return torch.cat([super(GroupedLinear, self).forward(c) for c in x.chunk(groups)])  # same shape as x
 
 
 def _attend(attn: Attention, query: torch.Tensor, to_k: nn.Module, to_v: nn.Module,
@@ -229,6 +250,22 @@ class SonicUNet(UNetSpatioTemporalConditionModel):
             installed += 1
         if installed == 0:
             raise ValueError("this UNet config has no cross-attention (attn2) layers for the audio branch")
+        self._group_small_linears()
+
+    def _group_small_linears(self) -> None:
+        """Make the row-count-sensitive small projections window-invariant (see GroupedLinear)."""
+        small = [self.time_embedding.linear_1, self.time_embedding.linear_2, self.add_embedding.linear_1,
+                 self.add_embedding.linear_2]
+        for name, module in self.named_modules():
+            if name.endswith("time_emb_proj") and isinstance(module, nn.Linear):
+                small.append(module)
+            elif name.endswith("time_pos_embed"):  # frame-position MLP over B*W rows
+                small += [module.linear_1, module.linear_2]
+            elif isinstance(module, Attention) and name.endswith("attn2"):
+                small += [module.to_k, module.to_v, module.processor.to_k_ip[0], module.processor.to_v_ip[0]]
+        for linear in small:
+            linear.__class__ = GroupedLinear  # same weights and keys; only forward changes
+            linear.call_context = self.audio_context
 
     def audio_processors(self) -> dict[str, SonicAudioAttnProcessor]:
         """Name -> audio processor, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``."""
@@ -245,6 +282,7 @@ class SonicUNet(UNetSpatioTemporalConditionModel):
         audio_tokens: torch.Tensor,
         face_mask: torch.Tensor | None = None,
         audio_scale: float = 1.0,
+        groups: int = 1,
     ) -> torch.Tensor:
         """Predict v for a batch of windows.
 
@@ -258,6 +296,8 @@ class SonicUNet(UNetSpatioTemporalConditionModel):
             audio_tokens: ``[B, W, K, D]`` audio tokens per frame.
             face_mask: ``[1, 1, H, W_img]`` float face mask at pixel resolution, or None (no mask).
             audio_scale: weight of the audio branch in every ``attn2`` (official ip_audio_scale).
+            groups: B holds this many independent equal groups (stacked windows): small
+                projections run per group so each group's output equals running it alone.
 
         Returns:
             ``[B, W, 4, h, w]`` model output (v-prediction).
@@ -269,6 +309,9 @@ class SonicUNet(UNetSpatioTemporalConditionModel):
         ctx = self.audio_context
         try:
             ctx.batch = batch
+            if groups < 1 or batch % groups:
+                raise ValueError(f"groups={groups} must divide the batch {batch}")
+            ctx.groups = int(groups)
             ctx.audio_frames = audio_tokens.flatten(0, 1)  # [B*W, K, D], batch-major
             ctx.audio_window = audio_tokens.mean(dim=1)  # [B, K, D], mean over the window's frames
             ctx.clip = encoder_hidden_states  # [B, T, D]
