@@ -40,3 +40,17 @@ def test_node_polish(node_id):
     assert len(tips) == len(cls.RETURN_TYPES) and all(tips), f"{node_id}: OUTPUT_TOOLTIPS incomplete"
     names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
     assert len(names) == len(cls.RETURN_TYPES)
+
+
+def test_readme_documents_every_node_and_input():
+    """README.md's node reference names every node and every input (users read it, not the code)."""
+    from tests._golden import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        start = readme.find(f"(`{node_id}`)")
+        assert start >= 0, f"README.md has no section for {node_id}"
+        section = readme[start:readme.find("\n### ", start + 1)]
+        for sect in ("required", "optional"):
+            for name in cls.INPUT_TYPES().get(sect, {}):
+                assert f"`{name}`" in section, f"README.md section of {node_id} does not explain input {name!r}"
