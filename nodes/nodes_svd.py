@@ -30,6 +30,16 @@ def _stamp(folder: str) -> tuple:
     return tuple(out)
 
 
+def svd_folders() -> list[str]:
+    """Folders under models/sonic that hold a diffusers SVD layout (vae/ and image_encoder/)."""
+    found = []
+    for rel in runtime.list_subfolders("config.json"):
+        parent, _, leaf = rel.rpartition("/")
+        if leaf == "vae" and parent and f"{parent}/image_encoder" in runtime.list_subfolders("config.json"):
+            found.append(parent)
+    return sorted(set(found)) or [DEFAULT_FOLDER]
+
+
 class SonicSVDLoader:
     DESCRIPTION = (
         "Loads the SVD-xt temporal VAE (vae/) and CLIP image encoder (image_encoder/) from a "
@@ -52,12 +62,13 @@ class SonicSVDLoader:
         return {
             "required": {
                 "svd_folder": (
-                    "STRING",
+                    svd_folders(),
                     {
-                        "default": DEFAULT_FOLDER,
                         "tooltip": (
-                            "Diffusers-format SVD-xt folder holding vae/ and image_encoder/: a path "
-                            "relative to models/sonic, or an absolute path."
+                            "Diffusers-format SVD-xt folder in models/sonic holding vae/ and "
+                            "image_encoder/ (huggingface-cli download stabilityai/"
+                            "stable-video-diffusion-img2vid-xt --local-dir models/sonic/"
+                            "stable-video-diffusion-img2vid-xt)."
                         ),
                     },
                 ),

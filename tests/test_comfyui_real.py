@@ -208,7 +208,7 @@ def comfy(tmp_path_factory):
     svd_dir, files = None, {}
     if g is not None:
         files = _write_models(g, model_dir)
-        svd_dir = _write_svd_folder(g, tmp / "svd")
+        svd_dir = _write_svd_folder(g, model_dir / "svd-tiny")  # listed by SonicSVDLoader
         _write_inputs(g, base / "input")
     extra = tmp / "extra_model_paths.yaml"
     yaml_root = json.dumps(str(model_root))  # a JSON string is a valid YAML scalar
@@ -301,7 +301,7 @@ def _widget_values(s: Server) -> dict[str, dict]:
         "LoadImage": {"image": IMAGE_NAME},
         "LoadAudio": {"audio": AUDIO_NAME},
         "SonicLoader": {**s.loader_files, "dtype": "fp32"},
-        "SonicSVDLoader": {"svd_folder": str(s.svd_dir), "dtype": "fp32",
+        "SonicSVDLoader": {"svd_folder": s.svd_dir.name, "dtype": "fp32",
                            "decode_chunk_size": kw["decode_chunk_size"]},
         "SonicFaceMaskDetect": {"detector": "none", "on_no_face": "error", "crop": False},  # golden: no crop
         "SonicMotionBucketPredict": {"min_resolution": args["min_resolution"]},

@@ -101,3 +101,14 @@ def test_svd_loader_wrong_weights(golden, tmp_path):
 def test_svd_loader_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         svd.load_svd(tmp_path / "nope", torch.float32, "cpu")
+
+
+def test_svd_loader_lists_diffusers_folders(tmp_path, monkeypatch):
+    from nodes.nodes_svd import DEFAULT_FOLDER, SonicSVDLoader
+
+    monkeypatch.setenv("SONIC_MODELS_DIR", str(tmp_path))
+    assert SonicSVDLoader.INPUT_TYPES()["required"]["svd_folder"][0] == [DEFAULT_FOLDER]
+    for sub in ("svd/vae", "svd/image_encoder", "only_vae/vae"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "config.json").write_text("{}")
+    assert SonicSVDLoader.INPUT_TYPES()["required"]["svd_folder"][0] == ["svd"]
