@@ -13,3 +13,5 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt \
   -r requirements.txt -r requirements-test.txt
 .venv/bin/python -c "import torch, diffusers, transformers, av, soxr; print('setup ok: torch', torch.__version__)"
+# Prove the install: tiny random models through the whole chain to a short mp4 with audio.
+.venv/bin/python -m sonic_core selftest
