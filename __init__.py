@@ -3,7 +3,11 @@
 Exports only; no work at import.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:  # ComfyUI imports this folder as a package
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:  # a plain-module import (pytest collecting a checkout whose folder name is no identifier)
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 WEB_DIRECTORY = None  # no frontend extension: previews use ComfyUI's own video widget
 
