@@ -17,3 +17,12 @@ logging.getLogger("sonic_core").setLevel(logging.INFO)
 def golden():
     """The golden parity case named by SONIC_GOLDEN (default: the public case in ../shared)."""
     return load_golden()
+
+
+@pytest.fixture(scope="module")
+def model_dir(golden, tmp_path_factory):
+    """The golden case's tiny models as real files in a models/sonic-like folder: (root, loader inputs)."""
+    from tests._model_files import write_golden_models
+
+    root = tmp_path_factory.mktemp("sonic_models")
+    return root, write_golden_models(golden, root)

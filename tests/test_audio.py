@@ -16,7 +16,6 @@ from nodes.nodes_audio import SonicWhisperAudioEncode
 from nodes.nodes_loader import SonicLoader
 from sonic_core import audio as A
 from tests._golden import assert_close_rel
-from tests._model_files import write_golden_models
 
 TOL = 1e-5
 SPEECH = ("The quick brown fox jumps over the lazy dog. Sonic animates a portrait from speech, and every "
@@ -27,12 +26,6 @@ SPEECH = ("The quick brown fox jumps over the lazy dog. Sonic animates a portrai
 # ----------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(golden, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sonic_models")
-    return root, write_golden_models(golden, root)
-
-
 @pytest.fixture()
 def sonic_model(model_dir, monkeypatch):
     """SONIC_MODEL through the loader node, from real files in a models/sonic-like folder."""

@@ -10,13 +10,6 @@ import torch
 
 from nodes import runtime
 from nodes.nodes_loader import SonicLoader
-from tests._model_files import write_golden_models
-
-
-@pytest.fixture(scope="module")
-def model_dir(golden, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sonic_models")
-    return root, write_golden_models(golden, root)
 
 
 @pytest.fixture()
