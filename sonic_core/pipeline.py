@@ -181,10 +181,11 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 @torch.no_grad()
 def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output: str | os.PathLike,
-            models_dir: str | os.PathLike, settings: AnimateSettings = AnimateSettings(), *,
+            models_dir: str | os.PathLike, settings: AnimateSettings | None = None, *,
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
             svd_dir: str | os.PathLike | None = None, progress: Progress | None = None) -> Path:
     """Image + audio files -> ``output`` (.mp4 with the audio). Returns the output path."""
+    settings = settings or AnimateSettings()
     from . import audio as audio_mod
     from . import face, interpolate, motion, sampler, video, weights
     from .models import svd

@@ -142,7 +142,7 @@ def _publish(tmp: str, final: str) -> None:
             os.rename(tmp, final)  # refuses an existing target on Windows
             return
         if os.path.exists(final):
-            raise FileExistsError(final)
+            raise FileExistsError(final) from None
         os.rename(tmp, final)
         return
     os.unlink(tmp)

@@ -237,7 +237,7 @@ def check_api(prompt: dict, specs: dict[str, dict]) -> list[str]:
                 probs += check_value(f"{nid} ({ct})", name, entry, value)
             else:
                 probs.append(f"{nid} ({ct}).{name}: {input_type(entry)} input needs a link, got {value!r}")
-        for name, (entry, required) in entries.items():
+        for name, (_entry, required) in entries.items():
             if required and name not in node.get("inputs", {}):
                 probs.append(f"{nid} ({ct}): required input {name!r} missing")
     return probs
