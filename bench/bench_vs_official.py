@@ -42,6 +42,8 @@ from sonic_core import sampler  # noqa: E402
 from sonic_core.config import SAMPLER_DEFAULTS, VAE_SCALE, VAE_SCALING_FACTOR  # noqa: E402
 from sonic_core.models.unet import build_sonic_unet, load_config  # noqa: E402
 
+from _official_driver import reset_peak, rss_kib  # noqa: E402  (same measurement on both sides)
+
 DRIVER = Path(__file__).resolve().parent / "_official_driver.py"
 AUDIO_TOKENS = 32  # K, audio tokens per frame (audio2token context_tokens)
 SMALL_UNET = {  # part (b): SVD-xt layout (2 layers per block, 4 levels), narrow channels
@@ -65,21 +67,6 @@ CLIP_SIZE = 32  # px, side of the tiny CLIP tower's input in part (b)
 # ----------------------------------------------------------------------------------------------
 # Measurement helpers (same rules as the official driver)
 # ----------------------------------------------------------------------------------------------
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return -1
-
-
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-        return True
-    except OSError:
-        return False
-
-
 def load_ours(config: dict, weights: Path):
     """Our SonicUNet built on meta and assigned from the shared file (same path as the driver)."""
     with torch.device("meta"):
