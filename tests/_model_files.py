@@ -35,3 +35,15 @@ def write_golden_models(g: Golden, root: Path) -> dict[str, str]:
     model.save_pretrained(str(folder))
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(str(folder))
     return dict(NAMES)
+
+
+def write_golden_svd_folder(g: Golden, root: Path,
+                            vae_file: str = "diffusion_pytorch_model.safetensors") -> Path:
+    """The golden VAE and image encoder in diffusers SVD layout: root/vae/, root/image_encoder/."""
+    from sonic_core.weights import save_safetensors
+
+    for sub, weights in (("vae", vae_file), ("image_encoder", "model.safetensors")):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text(json.dumps(g.models[sub]))
+        save_safetensors(g.weights(sub), root / sub / weights)
+    return root

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests._golden import REPO, Golden, golden_base
+from tests._model_files import write_golden_svd_folder
 from tests._workflows import combo_choices, input_options, input_type, is_widget, ordered_inputs
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -88,18 +89,6 @@ def _free_port() -> int:
 # ----------------------------------------------------------------------------------------------
 # Files the server reads: tiny models, one image, one audio clip
 # ----------------------------------------------------------------------------------------------
-def _write_svd_folder(g: Golden, root: Path) -> Path:
-    """Diffusers-format SVD folder (vae/, image_encoder/) holding the golden tiny models."""
-    from sonic_core.weights import save_safetensors
-
-    files = {"vae": "diffusion_pytorch_model.safetensors", "image_encoder": "model.safetensors"}
-    for sub, weights in files.items():
-        (root / sub).mkdir(parents=True)
-        (root / sub / "config.json").write_text(json.dumps(g.models[sub]))
-        save_safetensors(g.weights(sub), root / sub / weights)
-    return root
-
-
 def _write_inputs(g: Golden, input_dir: Path) -> None:
     """The golden portrait as RGBA PNG whose transparent pixels cover the face box (LoadImage turns
     them into its MASK), and the golden waveform as 16-bit mono WAV."""
@@ -208,7 +197,7 @@ def comfy(tmp_path_factory):
     svd_dir, files = None, {}
     if g is not None:
         files = _write_models(g, model_dir)
-        svd_dir = _write_svd_folder(g, model_dir / "svd-tiny")  # listed by SonicSVDLoader
+        svd_dir = write_golden_svd_folder(g, model_dir / "svd-tiny")  # listed by SonicSVDLoader
         _write_inputs(g, base / "input")
     extra = tmp / "extra_model_paths.yaml"
     yaml_root = json.dumps(str(model_root))  # a JSON string is a valid YAML scalar

@@ -20,7 +20,6 @@ Two runs:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from types import SimpleNamespace
 
@@ -29,9 +28,8 @@ import torch
 
 from sonic_core import sampler
 from sonic_core.config import VAE_SCALING_FACTOR
-from sonic_core.weights import save_safetensors
 from tests._golden import assert_close_rel
-from tests._model_files import write_golden_models
+from tests._model_files import write_golden_models, write_golden_svd_folder
 from tests.test_sampler import ReplayUNet, golden_inputs, golden_settings, golden_unet
 
 log = logging.getLogger(__name__)
@@ -51,17 +49,6 @@ class RecordedFace:
         return [self.box]
 
 
-def _svd_folder(g, root):
-    svd = root / "svd"
-    (svd / "vae").mkdir(parents=True)
-    (svd / "image_encoder").mkdir()
-    (svd / "vae" / "config.json").write_text(json.dumps(g.models["vae"]))
-    save_safetensors(g.weights("vae"), svd / "vae" / "diffusion_pytorch_model.safetensors")
-    (svd / "image_encoder" / "config.json").write_text(json.dumps(g.models["image_encoder"]))
-    save_safetensors(g.weights("image_encoder"), svd / "image_encoder" / "model.safetensors")
-    return svd
-
-
 def _run_chain(g, root, replay: bool):
     """The node chain of a workflow; returns what the tests compare."""
     import nodes.nodes_face as nodes_face
@@ -72,7 +59,7 @@ def _run_chain(g, root, replay: bool):
     from nodes.nodes_svd import SonicSVDLoader
 
     names = write_golden_models(g, root / "sonic")
-    svd = _svd_folder(g, root)
+    svd = write_golden_svd_folder(g, root / "svd")
     mp = pytest.MonkeyPatch()
     mp.setenv("SONIC_MODELS_DIR", str(root / "sonic"))
     mp.setattr(nodes_face, "_detector", lambda name: RecordedFace(g.scalars["chosen_face_xywh"]))

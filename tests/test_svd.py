@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from sonic_core.config import VAE_SCALING_FACTOR
 from sonic_core.models import svd
 from sonic_core.weights import CheckpointError, save_safetensors
 from tests._golden import assert_close_rel
+from tests._model_files import write_golden_svd_folder
 
 
 def _vae(g) -> svd.SVDVAE:
@@ -68,19 +68,10 @@ def test_encode_crops_to_multiple_of_8_and_rejects_tiny(golden):
         vae.encode(torch.zeros(1, 4, 64, 3))
 
 
-def _write_folder(g, root):
-    (root / "vae").mkdir(parents=True)
-    (root / "image_encoder").mkdir()
-    (root / "vae" / "config.json").write_text(json.dumps(g.models["vae"]))
-    save_safetensors(g.weights("vae"), root / "vae" / "diffusion_pytorch_model.fp16.safetensors")
-    (root / "image_encoder" / "config.json").write_text(json.dumps(g.models["image_encoder"]))
-    save_safetensors(g.weights("image_encoder"), root / "image_encoder" / "model.safetensors")
-
-
 def test_svd_loader_node_parity(golden, tmp_path):
     from nodes.nodes_svd import SonicSVDLoader
 
-    _write_folder(golden, tmp_path)
+    write_golden_svd_folder(golden, tmp_path, vae_file="diffusion_pytorch_model.fp16.safetensors")
     vae, clip = SonicSVDLoader().load(str(tmp_path), "fp32", golden.pipeline_kwargs["decode_chunk_size"])
     z = vae.encode(_pixels(golden))
     assert_close_rel(z[0], golden.t("pipe.image_latents")[1, 0], 1e-5, "node VAE encode")
@@ -89,7 +80,7 @@ def test_svd_loader_node_parity(golden, tmp_path):
 
 
 def test_svd_loader_wrong_weights(golden, tmp_path):
-    _write_folder(golden, tmp_path)
+    write_golden_svd_folder(golden, tmp_path, vae_file="diffusion_pytorch_model.fp16.safetensors")
     bad = dict(golden.weights("vae"))
     bad.pop(next(iter(bad)))
     bad["extra.weight"] = torch.zeros(1)
