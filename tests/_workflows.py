@@ -2,7 +2,7 @@
 
 Specs come in ComfyUI's ``/object_info`` form: ours are computed from the node classes, core
 nodes from ../shared/comfyui/object_info.json (ComfyUI 0.3.64), the third-party ones our examples
-use from workflows/third_party_nodes.json. Each check returns a list of problems (empty = valid),
+use from workflows/specs/third_party_nodes.json. Each check returns a list of problems (empty = valid),
 so a test can show all of them at once.
 """
 

@@ -279,6 +279,31 @@ def test_object_info_matches_our_nodes(comfy, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# Templates: GET /workflow_templates and the thumbnails the frontend asks for
+# ----------------------------------------------------------------------------------------------
+UI_WORKFLOWS = REPO / "workflows"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _get_bytes(url: str, timeout: float = 30.0) -> tuple[int, str, bytes]:
+    with _OPENER.open(url, timeout=timeout) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+
+
+def test_workflow_templates_list_exactly_our_ui_workflows(comfy):
+    """ComfyUI lists workflows/*.json of every pack as templates: ours are the UI workflows and
+    nothing else, and each has the <name>.jpg thumbnail the frontend requests."""
+    listed = _request(f"{comfy.url}/workflow_templates")
+    ours = sorted(p.stem for p in UI_WORKFLOWS.glob("*.json"))
+    assert sorted(listed.get(PACK_LINK, [])) == ours, listed
+    for name in ours:
+        status, ctype, body = _get_bytes(f"{comfy.url}/api/workflow_templates/{PACK_LINK}/{name}.jpg")
+        assert status == 200 and body.startswith(JPEG_MAGIC), f"{name}.jpg: {status} {ctype}"
+        status, _ctype, body = _get_bytes(f"{comfy.url}/api/workflow_templates/{PACK_LINK}/{name}.json")
+        assert status == 200 and json.loads(body)["nodes"], f"{name}.json is not served"
+
+
+# ----------------------------------------------------------------------------------------------
 # The basic workflow, rendered
 # ----------------------------------------------------------------------------------------------
 def _widget_values(s: Server) -> dict[str, dict]:

@@ -11,6 +11,8 @@ from tests._golden import REPO, SHARED
 from tests._workflows import check_api, check_ui, spec_of_class, ui_to_api
 
 WORKFLOWS = REPO / "workflows"
+# Data the validator reads sits in a subfolder: ComfyUI lists every workflows/*.json as a template.
+THIRD_PARTY_SPECS = WORKFLOWS / "specs" / "third_party_nodes.json"
 EXPECTED = ("sonic_basic", "sonic_upscale_facerestore")
 
 
@@ -30,7 +32,7 @@ def _specs(models_dir: Path) -> dict[str, dict]:
     if not info.exists():
         pytest.skip(f"{info} is absent: core node specs (ComfyUI 0.3.64) are needed to check workflows")
     specs = json.loads(info.read_text())
-    third = json.loads((WORKFLOWS / "third_party_nodes.json").read_text())
+    third = json.loads(THIRD_PARTY_SPECS.read_text())
     specs.update({k: v for k, v in third.items() if not k.startswith("_")})
     specs.update({name: spec_of_class(cls) for name, cls in NODE_CLASS_MAPPINGS.items()})
     return specs
@@ -49,13 +51,30 @@ def specs(tmp_path_factory):
 
 
 def _ui_files():
-    return sorted(p for p in WORKFLOWS.glob("*.json") if p.name != "third_party_nodes.json")
+    return sorted(WORKFLOWS.glob("*.json"))
 
 
 def test_expected_workflows_exist():
     for name in EXPECTED:
         assert (WORKFLOWS / f"{name}.json").is_file(), f"workflows/{name}.json is missing"
         assert (WORKFLOWS / "api" / f"{name}.json").is_file(), f"workflows/api/{name}.json is missing"
+
+
+def test_only_ui_workflows_sit_in_workflows():
+    """ComfyUI lists every workflows/*.json as a template (GET /workflow_templates), so each one is a
+    UI workflow we ship, and has the thumbnail the Templates browser asks for: <name>.jpg, a JPEG
+    (frontends 1.27.10 and 1.58.1 give custom-node templates mediaSubtype 'jpg')."""
+    from PIL import Image
+
+    assert sorted(p.stem for p in _ui_files()) == sorted(EXPECTED)
+    for path in _ui_files():
+        wf = json.loads(path.read_text())
+        assert isinstance(wf.get("nodes"), list) and "links" in wf and "version" in wf, \
+            f"{path.name} is not a UI workflow; data files belong in a subfolder (e.g. workflows/specs/)"
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file(), f"{path.name} has no thumbnail {thumb.name}"
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG", f"{thumb.name} is {im.format}, not JPEG"
 
 
 @pytest.mark.parametrize("path", _ui_files(), ids=lambda p: p.stem)
