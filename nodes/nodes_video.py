@@ -12,6 +12,13 @@ _config = core("config")
 _video = core("video")
 _RIFE_DEFAULT = "RIFE/flownet.pkl"  # where the official checkpoint goes under models/sonic
 _rife_cache: dict = {}  # {(path, mtime): ManagedModel}: one RIFE kept between runs
+# A saved video's workflow is dropped back onto the canvas later. Frontend 1.27.10 checks it against
+# its zod schema and shows an alert on a null where the schema wants an array, object or number
+# (floatingLinks, extra.reroutes, definitions, slot_index, ...); there "absent" is written by leaving
+# the key out. Null means something only at these keys (an unconnected slot, an empty config/extra):
+_NULLABLE_KEYS = frozenset({"link", "links", "linkIds", "config", "extra"})
+_REQUIRED_EMPTY = {"nodes": list, "flags": dict, "properties": dict}  # required: an empty one stays
+_OPAQUE_KEYS = frozenset({"widgets_values", "properties"})  # a node's own values: kept as they are
 
 
 def _rife_files() -> list[str]:
@@ -30,6 +37,24 @@ def _load_rife(name: str):
         module = core("models.rife").load_rife(path, runtime.offload_device())
         _rife_cache[key] = runtime.ManagedModel(module)
     return _rife_cache[key]
+
+
+def frontend_safe_workflow(value):
+    """A copy of a UI workflow without the nulls the frontend's schema rejects: a null key is left
+    out (or, where the key is required, an empty list/object), except where null is valid. A node's
+    widgets_values and properties are copied unchanged."""
+    if isinstance(value, list):
+        return [frontend_safe_workflow(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, v in value.items():
+        if v is None and key not in _NULLABLE_KEYS:
+            if key in _REQUIRED_EMPTY:
+                out[key] = _REQUIRED_EMPTY[key]()
+            continue
+        out[key] = v if key in _OPAQUE_KEYS else frontend_safe_workflow(v)
+    return out
 
 
 def _check_images(images, what: str):
@@ -137,7 +162,8 @@ class SonicVideoCombine:
             sound = (audio["waveform"][0], int(audio["sample_rate"]))
         metadata = {}
         if runtime.metadata_enabled():
-            metadata = {k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()}
+            metadata = {k: json.dumps(frontend_safe_workflow(v) if k == "workflow" else v)
+                        for k, v in (extra_pnginfo or {}).items()}
             if prompt is not None:
                 metadata["prompt"] = json.dumps(prompt)
         progress = runtime.Progress(images.shape[0], "Video Combine")
