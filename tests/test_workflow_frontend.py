@@ -6,6 +6,9 @@
    was the one seen (floatingLinks, extra.reroutes, definitions, slot_index). ``SCHEMA`` below writes
    down, from that file, what each key the schema names wants; keys it does not name pass through.
    The same check runs on the workflow Video Combine embeds in a saved video.
+2. No two nodes overlap once Load Image shows the portrait and Load Audio its player: node
+   rectangles with the sizes the frontend gives the loaded nodes (recorded below) are apart, and each
+   node sits wholly inside one group or outside all of them.
 """
 
 from __future__ import annotations
@@ -185,3 +188,77 @@ def test_saved_video_embeds_a_workflow_the_frontend_accepts(tmp_path, monkeypatc
     assert not schema_problems(embedded), schema_problems(embedded)
     assert embedded == shipped
     assert os.path.isfile(out["result"][0])
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Layout with the sizes of loaded nodes
+# ----------------------------------------------------------------------------------------------
+# (width, body height) in canvas px the frontend gives a node once its widgets show what they hold,
+# measured in headless Chromium on ComfyUI 0.3.64 with frontends 1.27.10 and 1.58.1 (the same on
+# both): Load Image grows to show the picked portrait, Load Audio shows its player. For the other
+# nodes, the smallest size the frontend draws them at (LGraphNode.computeSize). A node is drawn at
+# the larger of this and the size in the file.
+LOADED_SIZE = {
+    "LoadImage": (290, 314), "LoadAudio": (290, 136), "ImageOnlyCheckpointLoader": (219, 98),
+    "SonicLoader": (210, 154), "SonicFaceMaskDetect": (210, 218), "SonicWhisperAudioEncode": (210, 78),
+    "SonicMotionBucketPredict": (244, 214), "SonicSampler": (259, 538), "VAEDecode": (140, 46),
+    "SonicFrameInterpolate": (210, 150), "SonicVideoCombine": (210, 174), "UpscaleModelLoader": (210, 58),
+    "ImageUpscaleWithModel": (222, 46), "FaceRestoreCFWithModel": (210, 102),
+    "FaceRestoreModelLoader": (210, 58),
+}
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
+MIN_GAP = 20  # px kept between nodes; also covers Load Image's computeSize height (326 vs 314)
+
+
+def _node_rects(workflow: dict) -> dict[str, tuple[float, float, float, float]]:
+    """{label: (x0, y0, x1, y1)} of every node as drawn, title bar included."""
+    rects = {}
+    for node in workflow["nodes"]:
+        assert node["type"] in LOADED_SIZE, f"record the loaded size of {node['type']} in LOADED_SIZE"
+        (x, y), (w, h) = node["pos"], node["size"]
+        min_w, min_h = LOADED_SIZE[node["type"]]
+        w, h = max(w, min_w), max(h, min_h)
+        rects[f"node {node['id']} ({node['type']})"] = (x, y - TITLE_HEIGHT, x + w, y + h)
+    return rects
+
+
+def _apart(a, b, gap: float) -> bool:
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def _inside(inner, outer) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
+
+
+def layout_problems(workflow: dict) -> list[str]:
+    rects = _node_rects(workflow)
+    groups = {}
+    for g in workflow.get("groups", []):
+        x, y, w, h = g["bounding"]
+        groups[f"group {g['title']!r}"] = (x, y, x + w, y + h)
+    names = sorted(rects)
+    probs = [f"{a} and {b} overlap (or are closer than {MIN_GAP} px)"
+             for i, a in enumerate(names) for b in names[i + 1:] if not _apart(rects[a], rects[b], MIN_GAP)]
+    gnames = sorted(groups)
+    probs += [f"{a} and {b} overlap" for i, a in enumerate(gnames) for b in gnames[i + 1:]
+              if not _apart(groups[a], groups[b], 0)]
+    for name, rect in rects.items():
+        holders = [g for g, box in groups.items() if _inside(rect, box)]
+        crossed = [g for g, box in groups.items() if not _apart(rect, box, 0) and g not in holders]
+        if crossed:
+            probs.append(f"{name} sticks out of {crossed}")
+    return probs
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_no_nodes_overlap_once_image_and_audio_are_loaded(path):
+    problems = layout_problems(json.loads(path.read_text()))
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+def test_layout_check_catches_the_old_overlap():
+    """The layout the first release shipped: Load Audio right under a Load Image sized for no image."""
+    wf = json.loads(UI_FILES[0].read_text())
+    audio = next(n for n in wf["nodes"] if n["type"] == "LoadAudio")
+    audio["pos"] = [0, 198]
+    assert any("LoadAudio" in p and "LoadImage" in p for p in layout_problems(wf))
