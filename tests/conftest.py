@@ -1,16 +1,32 @@
-"""Shared pytest fixtures: the golden case (see tests/_golden.py)."""
+"""Shared pytest fixtures: the golden case (see tests/_golden.py), and the kernel settings a run uses.
+
+CI runs the suite under several CPU kernel settings (.ci/run): ``ATEN_CPU_CAPABILITY``
+(default/avx2/avx512: ATen's vectorised kernels), ``ONEDNN_MAX_CPU_ISA`` (oneDNN's convolutions
+and matmuls) and ``SONIC_TEST_THREADS`` (torch threads, which change oneDNN's algorithm choice).
+tests/test_kernels.py proves that each setting really took effect.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
 
-from tests._golden import load_golden
+from tests._golden import golden_base, load_golden
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+THREADS_ENV = "SONIC_TEST_THREADS"
+if os.environ.get(THREADS_ENV):
+    torch.set_num_threads(int(os.environ[THREADS_ENV]))
 logging.getLogger("sonic_core").setLevel(logging.INFO)
+
+
+def pytest_report_header(config):
+    return (f"sonic kernels: ATen {torch.backends.cpu.get_cpu_capability()} "
+            f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')!s}), "
+            f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')!s}, "
+            f"{torch.get_num_threads()} torch threads; golden case {golden_base()}")
 
 
 @pytest.fixture(scope="session")

@@ -28,13 +28,12 @@ import torch
 
 from sonic_core import sampler
 from sonic_core.config import VAE_SCALING_FACTOR
-from tests._golden import assert_close_rel
+from tests._golden import NOISE_FACTOR, assert_close_rel
 from tests._model_files import write_golden_models, write_golden_svd_folder
 from tests.test_sampler import ReplayUNet, golden_inputs, golden_settings, golden_unet
 
 log = logging.getLogger(__name__)
 
-NOISE_FACTOR = 20.0  # as tests/test_unet.py
 RTOL_LATENTS = 1e-5
 RTOL_FRAMES = 1e-4
 
@@ -72,14 +71,14 @@ def _run_chain(g, root, replay: bool):
             models = dataclasses.replace(models, unet=ReplayUNet(g), load_hook=None)
         wav = g.t("input.waveform").reshape(1, 1, -1)  # [1,1,T]
         (audio,) = SonicWhisperAudioEncode().encode(
-            models, {"waveform": wav, "sample_rate": g.meta["inputs"].get("sample_rate", 16000)}
+            models, {"waveform": wav, "sample_rate": g.meta["inputs"]["sample_rate"]}, g.case.max_seconds
         )
         image = g.t("input.image_rgb_u8").to(torch.float32)[None] / 255.0  # [1,H0,W0,3]
         image, mask, _box = nodes_face.SonicFaceMaskDetect().detect(
-            image, "yoloface_v5m.pt", False, 0.5, g.config_overrides.get("area", 1.1), 0.5, "error"
+            image, "yoloface_v5m.pt", False, 0.5, g.case.area, 0.5, "error"
         )
         vae, clip = SonicSVDLoader().load(str(svd), "fp32", s.decode_chunk_size)
-        scale = g.pipeline_kwargs["motion_bucket_scale"]
+        scale = g.case.motion_scale
         (motion,) = SonicMotionBucketPredict().predict(
             models, audio, clip, image, scale, scale, s.min_resolution
         )
@@ -92,7 +91,7 @@ def _run_chain(g, root, replay: bool):
             mask,
             audio,
             motion,
-            seed=g.meta["inputs"].get("seed", 0),
+            seed=s.seed,
             steps=s.steps,
             min_resolution=s.min_resolution,
             min_appearance_guidance=s.min_appearance_guidance,
@@ -152,7 +151,7 @@ def test_e2e_parity_latents_replayed_unet(golden, replayed):
         )
     final = replayed.latent["samples"] * VAE_SCALING_FACTOR  # LATENT is in VAE space
     assert_close_rel(final[None], golden.t("pipe.latents_final"), RTOL_LATENTS, "latents_final")
-    assert replayed.fps == pytest.approx(golden.pipeline_kwargs["fps"])
+    assert replayed.fps == pytest.approx(golden.case.fps_conditioning)
 
 
 def test_e2e_parity_frames_replayed_unet(golden, replayed):

@@ -112,24 +112,24 @@ def test_face_mask_parity_golden(golden):
     want = golden.t("pre.mask_fullres_u8")  # [h0, w0, 3]
     h0, w0 = src.shape[:2]
     box = tuple(float(v) for v in golden.scalars["chosen_face_xywh"])
-    mask = face.face_mask(box, w0, h0, config.MASK_AREA)
+    mask = face.face_mask(box, w0, h0, golden.case.area)
     assert mask.shape == (h0, w0)
     got_u8 = (mask * 255).to(torch.uint8)
     for c in range(want.shape[2]):
         assert torch.equal(got_u8, want[..., c]), f"channel {c}"
     if "mask_box_x1y1x2y2_float" in golden.scalars:
         want_rect = [int(v) for v in golden.scalars["mask_box_x1y1x2y2_float"]]
-        assert list(face.mask_rect(box, w0, h0)) == want_rect
+        assert list(face.mask_rect(box, w0, h0, golden.case.area)) == want_rect
     # the same box through the node's core path (no crop, box from a MASK would differ; use a FaceBox)
     fb = face.FaceBox(*box, image_size=(w0, h0))
-    assert torch.equal(face.face_mask(fb, w0, h0), mask)
+    assert torch.equal(face.face_mask(fb, w0, h0, golden.case.area), mask)
 
 
 def test_prepare_reference_parity_golden(golden):
     src = golden.t("input.image_rgb_u8")  # [h0, w0, 3] uint8
     mask_u8 = golden.t("pre.mask_fullres_u8")[..., 0]
     h0, w0 = src.shape[:2]
-    min_res = golden.meta["process_args"]["min_resolution"]
+    min_res = golden.case.min_resolution
     want_img = golden.t("pre.image_resized_u8").numpy()
     H, W = want_img.shape[:2]
     assert face.working_size(w0, h0, min_res) == (W, H)
@@ -143,6 +143,7 @@ def test_prepare_reference_parity_golden(golden):
     assert torch.equal((mask * 255).round().to(torch.uint8), golden.t("pre.mask_resized_u8")[..., 0])
     # SPEC §2.4 tensors, bit-exact
     ref_img = (torch.from_numpy(img_u8).permute(2, 0, 1).float() / 255 - 0.5) / 0.5  # [3, H, W]
+    # exact by construction: one IEEE division and subtraction per element (no FMA), as SPEC §2.4
     assert torch.equal(ref_img, golden.t("pre.ref_img"))
     assert torch.equal(mask, golden.t("pre.face_mask")[0])
 

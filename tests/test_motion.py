@@ -38,7 +38,7 @@ def _raw_buckets(g):
 
 
 def test_predict_motion_parity(golden):
-    scale = golden.pipeline_kwargs["motion_bucket_scale"]
+    scale = golden.case.motion_scale
     m = motion.predict_motion(_a2b(golden), _audio(golden), golden.t("clip.image_embeds"), scale, scale)
     f = golden.scalars["num_frames"]
     assert_close_rel(m.buckets, golden.t("pipe.motion_buckets_scaled").reshape(f, 2), 1e-5, "scaled buckets")
@@ -85,7 +85,7 @@ def test_node_embeds_working_size_image(golden):
         feature_extractor=None,
     )
     image = golden.t("input.image_rgb_u8").to(torch.float32)[None] / 255.0  # [1,H0,W0,3]
-    min_res = golden.meta["process_args"]["min_resolution"]
+    min_res = golden.case.min_resolution
     emb = motion.reference_embeds(clip, image, min_res)
     assert_close_rel(emb, golden.t("clip.image_embeds"), 1e-5, "working-size CLIP embedding")
     (m,) = SonicMotionBucketPredict().predict(

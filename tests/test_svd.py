@@ -9,14 +9,14 @@ import torch
 from sonic_core.config import VAE_SCALING_FACTOR
 from sonic_core.models import svd
 from sonic_core.weights import CheckpointError, save_safetensors
-from tests._golden import assert_close_rel
+from tests._golden import assert_close_rel, assert_same_math
 from tests._model_files import write_golden_svd_folder
 
 
 def _vae(g) -> svd.SVDVAE:
     model = svd.build_vae(g.models["vae"])
     model.load_state_dict(g.weights("vae"), strict=True)
-    return svd.SVDVAE(model, decode_chunk_size=g.pipeline_kwargs["decode_chunk_size"])
+    return svd.SVDVAE(model, decode_chunk_size=g.case.decode_chunk_size)
 
 
 def _clip(g) -> svd.SVDImageEncoder:
@@ -63,7 +63,8 @@ def test_encode_crops_to_multiple_of_8_and_rejects_tiny(golden):
     vae = _vae(golden)
     px = _pixels(golden)  # [1,H,W,3]
     padded = torch.nn.functional.pad(px.permute(0, 3, 1, 2), (2, 3, 1, 2)).permute(0, 2, 3, 1)  # +5 w, +3 h
-    assert torch.equal(vae.encode(padded), vae.encode(px))
+    # the crop is a strided view of other memory: same math, possibly other convolution kernels
+    assert_same_math(vae.encode(padded), vae.encode(px), "encode of the padded image vs the image")
     with pytest.raises(ValueError, match="below 8 px"):
         vae.encode(torch.zeros(1, 4, 64, 3))
 
@@ -72,7 +73,7 @@ def test_svd_loader_node_parity(golden, tmp_path):
     from nodes.nodes_svd import SonicSVDLoader
 
     write_golden_svd_folder(golden, tmp_path, vae_file="diffusion_pytorch_model.fp16.safetensors")
-    vae, clip = SonicSVDLoader().load(str(tmp_path), "fp32", golden.pipeline_kwargs["decode_chunk_size"])
+    vae, clip = SonicSVDLoader().load(str(tmp_path), "fp32", golden.case.decode_chunk_size)
     z = vae.encode(_pixels(golden))
     assert_close_rel(z[0], golden.t("pipe.image_latents")[1, 0], 1e-5, "node VAE encode")
     emb = clip.encode_image(_pixels(golden), crop=False).image_embeds

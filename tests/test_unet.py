@@ -19,7 +19,7 @@ from sonic_core.models.unet import (
     mask_token_grid,
     resize_face_mask,
 )
-from tests._golden import assert_close_rel, load_json, shared_path
+from tests._golden import NOISE_FACTOR, assert_close_rel, load_json, shared_path
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,6 @@ RTOL = 1e-5  # relative parity tolerance of an fp32 re-implementation (SPEC §14
 # A golden case whose latent shrinks to 1x1 at the UNet bottom normalises groups of two values there,
 # which amplifies float32 round-off ~1e4-fold (the official code on another CPU misses its own golden
 # by up to 3e-3). Such windows are held to NOISE_FACTOR x the round-off floor measured on this machine.
-NOISE_FACTOR = 20.0
 
 # Tiny non-square config for the tests that do not need the golden case.
 TINY = {
@@ -155,7 +154,7 @@ def test_resize_face_mask_values_and_padding(caplog):
     mask = torch.rand(1, 1, 64, 96, generator=gen)
     flat = resize_face_mask(mask, 24)  # grid 4 x 6
     small = torch.nn.functional.interpolate(mask, size=(4, 6), mode="bicubic", align_corners=False)
-    assert torch.equal(flat, small.flatten())
+    assert torch.equal(flat, small.flatten())  # by construction: the same interpolate call on the same data
     square = torch.rand(1, 1, 64, 64, generator=gen)
     with caplog.at_level(logging.WARNING, logger="sonic_core.models.unet"):
         padded = resize_face_mask(square, 7)  # 7 tokens on a square image: grid 3 x 2, one zero pad
@@ -197,6 +196,7 @@ def test_audio_scale_zero_equals_zeroed_audio_weights():
         proc.to_v_ip[0].weight.zero_()
     x = _tiny_inputs(3, 3, seed=4)
     off = unet(**x, audio_scale=0.0)
+    # exact by construction: both add an exact zero where the audio branch was; all else is identical
     assert torch.equal(off, zeroed(**x))
     on = unet(**x)
     assert (on - off).abs().max().item() > 1e-3, "the audio branch has no effect"
@@ -216,6 +216,7 @@ def test_face_mask_weights_only_the_spatial_branch():
         if proc.temporal:
             proc.to_v_ip[0].weight.zero_()
     no_face = dict(x, face_mask=torch.zeros_like(x["face_mask"]))
+    # exact by construction: the audio enters only through an exact zero (mask 0, zero V weights)
     assert torch.equal(unet(**no_face), unet(**dict(no_face, audio_tokens=x["audio_tokens"] * 3)))
     assert (zero_mask - ones).abs().max().item() > 1e-3
 

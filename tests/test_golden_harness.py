@@ -1,0 +1,85 @@
+"""The golden harness reads every field of a case (tests/_golden.py), and fails loudly on the rest."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sonic_core import audio as A
+from tests._golden import Golden, GoldenFieldError, assert_close_rel, case_settings, derive_frame_cap_case
+
+
+def test_public_case_settings_are_read_from_its_fields(golden):
+    c = golden.case
+    args, over = golden.meta["process_args"], golden.meta["config_overrides"]
+    assert (c.min_resolution, c.steps, c.motion_scale) == (
+        args["min_resolution"], args["inference_steps"], args["dynamic_scale"])
+    assert (c.frames_per_window, c.overlap, c.shift_offset, c.decode_chunk_size) == (
+        over["n_sample_frames"], over["overlap"], over["shift_offset"], over["decode_chunk_size"])
+    assert c.frame_cap == over.get("frame_num", 10000) and c.max_seconds * 25 == pytest.approx(c.frame_cap)
+    assert c.area == over.get("area", 1.1) and c.fps_conditioning == over.get("fps", 12.5)
+
+
+@pytest.mark.parametrize("section, field", [("config_overrides", "motion_frames"),
+                                            ("process_args", "crop"),
+                                            ("effective_pipeline_kwargs", "num_frames")])
+def test_unknown_field_fails_loudly_and_names_it(golden, section, field):
+    meta = copy.deepcopy(golden.meta)
+    meta.setdefault(section, {})[field] = 1
+    with pytest.raises(GoldenFieldError, match=field):
+        case_settings(meta)
+
+
+def test_fields_without_a_mapping_fail_instead_of_running_with_a_default(golden):
+    meta = copy.deepcopy(golden.meta)
+    meta["config_overrides"]["step"] = 3
+    with pytest.raises(GoldenFieldError, match="step=3"):
+        case_settings(meta)
+    meta = copy.deepcopy(golden.meta)
+    meta["config_overrides"]["weight_dtype"] = "fp16"
+    with pytest.raises(GoldenFieldError, match="float32"):
+        case_settings(meta)
+    meta = copy.deepcopy(golden.meta)
+    meta["config_overrides"]["frame_num"] = "all"
+    with pytest.raises(GoldenFieldError, match="frame_num"):
+        case_settings(meta)
+
+
+def test_effective_kwargs_must_agree_with_the_fields(golden):
+    meta = copy.deepcopy(golden.meta)
+    meta["config_overrides"]["shift_offset"] = meta["effective_pipeline_kwargs"]["shift_offset"] + 1
+    with pytest.raises(GoldenFieldError, match="shift_offset"):
+        case_settings(meta)
+
+
+def test_process_args_win_over_config_overrides_like_the_official_code(golden):
+    meta = copy.deepcopy(golden.meta)
+    meta["config_overrides"]["num_inference_steps"] = 99  # process(inference_steps=...) replaces it
+    meta["process_args"]["seed"] = 0  # official: `if seed:`, so 0 keeps the case's seed
+    c = case_settings(meta)
+    assert c.steps == golden.meta["process_args"]["inference_steps"] and c.seed == golden.case.seed
+
+
+def test_frame_cap_case_needs_the_cap(golden, tmp_path, model_dir, monkeypatch):
+    """The derived frame-cap case (longer audio, frame_num = the original audio_len) through the
+    audio node: with the case's max_seconds it gives the original tokens; without, more frames."""
+    from nodes import runtime
+    from nodes.nodes_audio import SonicWhisperAudioEncode
+    from nodes.nodes_loader import SonicLoader
+
+    capped = Golden(derive_frame_cap_case(golden, tmp_path / "capped"))
+    assert capped.case.frame_cap == golden.scalars["audio_len"]
+    root, names = model_dir
+    monkeypatch.setenv(runtime.MODELS_ENV, str(root))
+    (models,) = SonicLoader().load(**names, dtype="fp32")
+    wav = {"waveform": capped.t("input.waveform")[None, None], "sample_rate": 16000}
+    (out,) = SonicWhisperAudioEncode().encode(models, wav, capped.case.max_seconds)
+    assert out.audio_len == golden.scalars["audio_len"]
+    assert_close_rel(out.cond_tokens, golden.t("tokens.cond"), 1e-5, "capped tokens")
+    (uncapped,) = SonicWhisperAudioEncode().encode(models, wav, 0.0)
+    assert uncapped.audio_len > out.audio_len, "the derived case must need its cap"
+    assert A.frame_counts(capped.t("input.waveform").numel(), capped.case.max_seconds)[0] == out.audio_len
+    assert torch.equal(capped.t("input.waveform")[: golden.t("input.waveform").numel()],
+                       golden.t("input.waveform"))  # a copy plus zeros

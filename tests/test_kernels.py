@@ -1,0 +1,51 @@
+"""The CPU kernel settings a run was asked for really took effect (see tests/conftest.py).
+
+Float results differ in the last bits between ATen's vectorised kernels (AVX-512, AVX2, default)
+and oneDNN's ISA paths; CI runs the suite under several of them, so each setting must be real.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import THREADS_ENV
+
+CONV_PROBE = ("import torch; x = torch.randn(2, 64, 32, 32); w = torch.randn(64, 64, 3, 3); "
+              "torch.nn.functional.conv2d(x, w, padding=1)")
+
+
+def test_aten_cpu_capability_is_the_requested_one():
+    want = os.environ.get("ATEN_CPU_CAPABILITY")
+    got = torch.backends.cpu.get_cpu_capability()
+    if not want:
+        assert got in ("DEFAULT", "AVX2", "AVX512", "VSX", "ZVECTOR", "SVE256", "NEON")
+        return
+    assert got == want.upper(), f"ATEN_CPU_CAPABILITY={want} asked for, ATen runs {got}"
+
+
+def test_torch_threads_are_the_requested_number():
+    want = os.environ.get(THREADS_ENV)
+    if not want:
+        pytest.skip(f"{THREADS_ENV} is not set")
+    assert torch.get_num_threads() == int(want)
+
+
+def test_onednn_isa_is_the_requested_one():
+    """oneDNN reports its ISA and each convolution's implementation with ONEDNN_VERBOSE=all."""
+    want = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    env = dict(os.environ, ONEDNN_VERBOSE="all")
+    out = subprocess.run([sys.executable, "-c", CONV_PROBE], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    isa = [ln for ln in out.splitlines() if ",info,cpu,isa:" in ln]
+    convs = [ln for ln in out.splitlines() if ",exec,cpu,convolution," in ln]
+    assert isa and convs, f"oneDNN printed no ISA / convolution line:\n{out[:2000]}"
+    if want and want.upper() == "AVX2":
+        assert "AVX-512" not in isa[0] and "AVX2" in isa[0], isa[0]
+        assert all("avx512" not in ln for ln in convs), convs
