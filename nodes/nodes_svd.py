@@ -30,6 +30,12 @@ def _stamp(folder: str) -> tuple:
     return tuple(out)
 
 
+def _svd_download_command() -> str:
+    pipeline = core("pipeline")
+    svd = next(d for d in pipeline.DOWNLOADS if d.repo == pipeline.SVD_REPO)
+    return svd.command("sonic")
+
+
 def svd_folders() -> list[str]:
     """Folders under models/sonic that hold a diffusers SVD layout (vae/ and image_encoder/)."""
     found = []
@@ -66,9 +72,10 @@ class SonicSVDLoader:
                     {
                         "tooltip": (
                             "Diffusers-format SVD-xt folder in models/sonic holding vae/ and "
-                            "image_encoder/ (huggingface-cli download stabilityai/"
-                            "stable-video-diffusion-img2vid-xt --local-dir models/sonic/"
-                            "stable-video-diffusion-img2vid-xt)."
+                            "image_encoder/. The repository is gated: accept its licence on "
+                            "huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt and run "
+                            "'hf auth login', then from ComfyUI/models: " + _svd_download_command()
+                            + " (1.46 GB; README 'Weights')."
                         ),
                     },
                 ),

@@ -45,21 +45,56 @@ class WeightFile:
 
 
 WEIGHTS = (
-    WeightFile("Sonic/unet.pth", "Sonic UNet (SVD-xt + audio attention)", "3.1 GB",
+    WeightFile("Sonic/unet.pth", "Sonic UNet (SVD-xt + audio attention)", "6.3 GB",
                f"huggingface.co/{SONIC_REPO}", "CC BY-NC-SA 4.0"),
-    WeightFile("Sonic/audio2token.pth", "audio -> 32 tokens per frame", "0.2 GB",
+    WeightFile("Sonic/audio2token.pth", "audio -> 32 tokens per frame", "217 MB",
                f"huggingface.co/{SONIC_REPO}", "CC BY-NC-SA 4.0"),
-    WeightFile("Sonic/audio2bucket.pth", "audio + image -> motion buckets", "0.1 GB",
+    WeightFile("Sonic/audio2bucket.pth", "audio + image -> motion buckets", "87 MB",
                f"huggingface.co/{SONIC_REPO}", "CC BY-NC-SA 4.0"),
     WeightFile("yoloface_v5m.pt", "YOLOv5-face detector (TorchScript)", "0.1 GB",
                f"huggingface.co/{SONIC_REPO}", "GPL-3.0 (YOLOv5-face)"),
     WeightFile("RIFE/flownet.pkl", "RIFE HDv3 frame interpolation", "12 MB",
                f"huggingface.co/{SONIC_REPO}", "MIT (RIFE)"),
     WeightFile(WHISPER_FOLDER, "whisper-tiny (config.json, model.safetensors, preprocessor_config.json)",
-               "0.15 GB", f"huggingface.co/{WHISPER_REPO}", "Apache-2.0", folder=True),
-    WeightFile(SVD_FOLDER, "SVD-xt in diffusers layout (vae/, image_encoder/ are used)", "1.5 GB used",
+               "151 MB", f"huggingface.co/{WHISPER_REPO}", "Apache-2.0", folder=True),
+    WeightFile(SVD_FOLDER, "SVD-xt's fp16 VAE (vae/) and CLIP image encoder (image_encoder/)", "1.46 GB",
                f"huggingface.co/{SVD_REPO}", "Stability AI Community License", folder=True),
 )
+DOWNLOAD_TOTAL = "8.3 GB"  # the sizes above added up
+
+
+@dataclass(frozen=True)
+class Download:
+    """One ``hf download`` call: the files the pack reads from one Hub repository, into one folder."""
+
+    repo: str
+    files: tuple[str, ...]
+    folder: str  # relative to the models folder; "" is the models folder itself
+    gated: bool = False  # the repository's page asks you to accept its licence first
+
+    def destination(self, models_dir: str | os.PathLike) -> str:
+        return str(Path(models_dir) / self.folder) if self.folder else str(models_dir)
+
+    def command(self, models_dir: str | os.PathLike, files: tuple[str, ...] | None = None) -> str:
+        """The shell command (huggingface_hub 0.34 and later install ``hf``; huggingface-cli is gone)."""
+        names = " ".join(files or self.files)
+        return f"hf download {self.repo} {names} --local-dir {self.destination(models_dir)}"
+
+
+# Only the files the pack reads. SVD-xt's repository also holds multi-GB files it never reads (its
+# UNet, which Sonic's own replaces, two single-file checkpoints, fp32 copies); the official pipeline
+# loads the fp16 VAE and image encoder, as here.
+DOWNLOADS = (
+    Download(SONIC_REPO, ("Sonic/unet.pth", "Sonic/audio2token.pth", "Sonic/audio2bucket.pth",
+                          "yoloface_v5m.pt", "RIFE/flownet.pkl"), ""),
+    Download(WHISPER_REPO, ("config.json", "model.safetensors", "preprocessor_config.json"), WHISPER_FOLDER),
+    Download(SVD_REPO, ("model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+                        "image_encoder/config.json", "image_encoder/model.fp16.safetensors"), SVD_FOLDER,
+             gated=True),
+)
+HF_INSTALL = "pip install -U huggingface_hub"  # brings the hf command
+GATED_STEPS = ("{repo} is gated: open https://huggingface.co/{repo}, log in and accept its licence, then run "
+               "'hf auth login' once with a read token from https://huggingface.co/settings/tokens")
 
 
 class MissingWeights(FileNotFoundError):
@@ -84,33 +119,50 @@ def missing_weights(models_dir: str | os.PathLike, need_detector: bool = True,
     return out
 
 
+def _download_plan(missing: list[WeightFile]) -> list[tuple[Download, tuple[str, ...]]]:
+    """(download, files) for every repository that holds a missing weight: single files by name,
+    a folder (whisper, SVD) whole."""
+    paths = {w.path for w in missing}
+    plan = []
+    for d in DOWNLOADS:
+        files = d.files if d.folder in paths else tuple(f for f in d.files if f in paths)
+        if files:
+            plan.append((d, files))
+    return plan
+
+
 def missing_message(models_dir: str | os.PathLike, missing: list[WeightFile]) -> str:
     lines = [f"{len(missing)} weight file(s) missing under {Path(models_dir).resolve()}:"]
     for w in missing:
         lines.append(f"  {w.path:<38} {w.what} ({w.size}) from {w.source} [{w.license}]")
-    lines += [
-        "Download them (about 10 GB) with:",
-        f"  huggingface-cli download {SONIC_REPO} --local-dir {models_dir}",
-        f"  huggingface-cli download {WHISPER_REPO} --local-dir {Path(models_dir) / WHISPER_FOLDER}",
-        f"  huggingface-cli download {SVD_REPO} --local-dir {Path(models_dir) / SVD_FOLDER}",
-        "or run this command again with --download. Sonic weights are CC BY-NC-SA 4.0: non-commercial use only.",
-    ]
+    plan = _download_plan(missing)
+    lines += ["First: " + GATED_STEPS.format(repo=d.repo) + "." for d, _files in plan if d.gated]
+    lines.append(f"Download them (all weights: {DOWNLOAD_TOTAL}) with huggingface_hub's hf command "
+                 f"({HF_INSTALL}):")
+    lines += [f"  {d.command(models_dir, files)}" for d, files in plan]
+    lines.append("or run this command again with --download. Sonic weights are CC BY-NC-SA 4.0: "
+                 "non-commercial use only.")
     return "\n".join(lines)
 
 
-def download_weights(models_dir: str | os.PathLike) -> None:
-    """Fetch every missing weight with huggingface_hub (online machines only)."""
+def download_weights(models_dir: str | os.PathLike, need_detector: bool = True,
+                     need_rife: bool = True) -> None:
+    """Fetch the missing weights, file by file, with huggingface_hub (online machines only)."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import GatedRepoError
     except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
-        raise RuntimeError("--download needs huggingface_hub: pip install huggingface_hub") from e
+        raise RuntimeError(f"--download needs huggingface_hub: {HF_INSTALL}") from e
     root = Path(models_dir)
     root.mkdir(parents=True, exist_ok=True)
-    snapshot_download(SONIC_REPO, local_dir=str(root))
-    snapshot_download(WHISPER_REPO, local_dir=str(root / WHISPER_FOLDER),
-                      allow_patterns=["*.json", "model.safetensors", "*.txt"])
-    snapshot_download(SVD_REPO, local_dir=str(root / SVD_FOLDER),
-                      allow_patterns=["model_index.json", "vae/*", "image_encoder/*", "feature_extractor/*"])
+    for d, files in _download_plan(missing_weights(root, need_detector, need_rife)):
+        for name in files:
+            log.info("downloading %s/%s -> %s", d.repo, name, d.destination(root))
+            try:
+                hf_hub_download(d.repo, name, local_dir=d.destination(root))
+            except GatedRepoError as e:
+                raise MissingWeights(f"{d.repo}/{name}: access refused. {GATED_STEPS.format(repo=d.repo)}; "
+                                     f"then run again, or download by hand: {d.command(root, files)}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +239,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     """Image + audio files -> ``output`` (.mp4 with the audio). Returns the output path."""
     settings = settings or AnimateSettings()
     from . import audio as audio_mod
-    from . import face, interpolate, motion, sampler, video, weights
+    from . import face, motion, sampler, stream, video, weights
     from .models import svd
     from .models.rife import load_rife
 
@@ -212,6 +264,8 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
             return None
         return lambda done, total, *_: progress(name, done, total)
 
+    # the detector first: a refused file (see models/torchscript_check.py) stops before the big loads
+    detector = None if alpha_mask is not None else face.load_detector(str(detector_path), device)
     t0 = time.perf_counter()
     models = weights.load_sonic_models(models_dir / "Sonic" / "unet.pth", models_dir / "Sonic" / "audio2token.pth",
                                        models_dir / "Sonic" / "audio2bucket.pth", models_dir / WHISPER_FOLDER,
@@ -221,7 +275,6 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
 
     sonic_audio = audio_mod.encode_audio(models, wave, rate, settings.max_seconds, callback=stage("audio"),
                                          out_device=torch.device("cpu"))
-    detector = None if alpha_mask is not None else face.load_detector(str(detector_path), device)
     found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop)
     ref_image, ref_mask = found.image[None], found.mask[None]  # [1,h,w,3], [1,h,w]
     embeds = motion.reference_embeds(clip, ref_image, settings.min_resolution)
@@ -232,17 +285,19 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     latents = sampler.generate(models.load("unet"), vae, clip, ref_image, ref_mask, sonic_audio, sonic_motion,
                                settings=run, seed=settings.seed, dtype=dtype, window_batch=settings.window_batch,
                                callback=stage("sampling"))  # [F,4,h,w] VAE space
-    frames = vae.decode(latents)  # [F,H,W,3] in 0..1
     fps = sonic_audio.fps
+    rife = None
     if settings.interpolate:
         rife = load_rife(str(models_dir / "RIFE" / "flownet.pkl"), device)
-        frames = interpolate.interpolate(rife, frames, RIFE_MULTIPLIER, RIFE_BATCH, callback=stage("RIFE"))
         fps = OUTPUT_FPS
+    # decode -> RIFE -> encode stream in temporal-decoder chunks: memory does not grow with length
+    frames = stream.video_frames(vae, latents, vae.decode_chunk_size, rife, RIFE_MULTIPLIER, RIFE_BATCH,
+                                 callback=stage("RIFE"))
     fmt = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}[output.suffix.lower()]
     output.parent.mkdir(parents=True, exist_ok=True)
     video.write_video(frames, str(output), fps, audio=(wave[0], rate), format=fmt, crf=settings.crf,
                       callback=stage("encoding"))
-    log.info("%s: %d frames at %g fps in %.1f s", output, frames.shape[0], fps, time.perf_counter() - t0)
+    log.info("%s: %d frames at %g fps in %.1f s", output, len(frames), fps, time.perf_counter() - t0)
     return output
 
 
@@ -307,12 +362,17 @@ def configure_cli(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="UNet/VAE/CLIP dtype (auto: fp16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--download", action="store_true", help="download missing weights with huggingface_hub first")
+    p.add_argument("--download", action="store_true",
+                   help="download the missing weights (only the files used) with huggingface_hub first")
 
 
 def run_cli(args) -> int:
-    if args.download and missing_weights(args.models):
-        download_weights(args.models)
+    if args.download and missing_weights(args.models, need_rife=not args.no_interpolate):
+        try:
+            download_weights(args.models, need_rife=not args.no_interpolate)
+        except MissingWeights as e:
+            print(str(e), file=sys.stderr)
+            return 3
     device = pick_device(args.device)
     settings = AnimateSettings(steps=args.steps, seed=args.seed, min_resolution=args.min_resolution,
                                dynamic_scale=args.dynamic_scale, crop=args.crop,

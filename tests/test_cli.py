@@ -39,8 +39,61 @@ def test_missing_weights_message_lists_every_file(tmp_path):
         if w.path == "yoloface_v5m.pt":
             continue  # the portrait's transparent face replaces the detector
         assert w.path in run.stderr and w.source in run.stderr, f"{w.path} not named:\n{run.stderr}"
-    assert "huggingface-cli download LeonJoe13/Sonic" in run.stderr
+    assert "hf download LeonJoe13/Sonic" in run.stderr and "huggingface-cli" not in run.stderr
+    assert "hf auth login" in run.stderr  # the SVD-xt repository is gated
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_readme_weight_commands_are_the_ones_the_cli_gives():
+    """README's download commands (run from ComfyUI/models) are the CLI's, with hf (huggingface_hub
+    2.x has no huggingface-cli), name only files the pack reads, and say the SVD-xt repo is gated."""
+    from nodes.nodes_svd import SonicSVDLoader
+
+    readme = (REPO / "README.md").read_text()
+    for d in pipeline.DOWNLOADS:
+        assert d.command("sonic") in readme, f"README lacks: {d.command('sonic')}"
+    assert "huggingface-cli download" not in readme and "hf auth login" in readme
+    tooltip = SonicSVDLoader.INPUT_TYPES()["required"]["svd_folder"][1]["tooltip"]
+    assert "hf download stabilityai/stable-video-diffusion-img2vid-xt" in tooltip and "hf auth login" in tooltip
+    svd = next(d for d in pipeline.DOWNLOADS if d.repo == pipeline.SVD_REPO)
+    assert svd.gated and not any(f.startswith("unet/") or f.endswith(".ckpt") or f.startswith("svd_xt")
+                                 for f in svd.files)
+
+
+def test_download_fetches_only_the_missing_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    (tmp_path / "Sonic").mkdir()
+    (tmp_path / "Sonic" / "unet.pth").write_bytes(b"")
+    (tmp_path / pipeline.WHISPER_FOLDER).mkdir()
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name, local_dir: calls.append((repo, name, local_dir)))
+    pipeline.download_weights(tmp_path)
+    fetched = {(repo, name) for repo, name, _dir in calls}
+    assert (pipeline.SONIC_REPO, "Sonic/unet.pth") not in fetched  # already there
+    assert (pipeline.SONIC_REPO, "Sonic/audio2token.pth") in fetched
+    assert not any(repo == pipeline.WHISPER_REPO for repo, _name in fetched)  # folder present
+    svd = {name for repo, name in fetched if repo == pipeline.SVD_REPO}
+    assert svd == set(next(d for d in pipeline.DOWNLOADS if d.repo == pipeline.SVD_REPO).files)
+    assert all(d == str(tmp_path / pipeline.SVD_FOLDER) for repo, _n, d in calls if repo == pipeline.SVD_REPO)
+
+
+def test_download_of_the_gated_repo_says_how_to_get_access(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    refused = GatedRepoError.__new__(GatedRepoError)  # its __init__ wants an HTTP response
+    Exception.__init__(refused, "403 Client Error: access to this repo is restricted")
+
+    def refuse(repo, name, local_dir):
+        if repo == pipeline.SVD_REPO:
+            raise refused
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    with pytest.raises(pipeline.MissingWeights, match="accept its licence") as err:
+        pipeline.download_weights(tmp_path)
+    assert "hf auth login" in str(err.value) and pipeline.SVD_REPO in str(err.value)
 
 
 def test_missing_detector_is_listed_for_an_opaque_image(tmp_path):

@@ -200,6 +200,7 @@ def test_saved_video_embeds_a_workflow_the_frontend_accepts(tmp_path, monkeypatc
 # the larger of this and the size in the file.
 LOADED_SIZE = {
     "LoadImage": (290, 314), "LoadAudio": (290, 136), "ImageOnlyCheckpointLoader": (219, 98),
+    "SonicSVDLoader": (219, 126),
     "SonicLoader": (210, 154), "SonicFaceMaskDetect": (210, 218), "SonicWhisperAudioEncode": (210, 78),
     "SonicMotionBucketPredict": (244, 214), "SonicSampler": (259, 538), "VAEDecode": (140, 46),
     "SonicFrameInterpolate": (210, 150), "SonicVideoCombine": (210, 174), "UpscaleModelLoader": (210, 58),
