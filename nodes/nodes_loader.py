@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -11,8 +12,12 @@ from .runtime import core
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".pth", ".safetensors", ".pt", ".bin")
-WHISPER_MARKER = "config.json"  # a whisper folder is a subfolder holding this file
-WHISPER_ONLY = "preprocessor_config.json"  # files in folders holding this are whisper's, not choices
+HF_CONFIG = "config.json"  # a Hugging Face model folder (whisper, SVD's vae/, image_encoder/) holds this
+# Folders of another library's model: their weights (and their subfolders') are no Sonic weight file.
+LIBRARY_MODEL_MARKERS = (HF_CONFIG, "model_index.json", "preprocessor_config.json")
+# Weights under models/sonic that other Sonic nodes pick (face detector, RIFE), by name.
+OTHER_NODES_WEIGHTS = ("yoloface", "yolov5", "rife/", "flownet")
+WHISPER_MODEL_TYPE = "whisper"  # config.json "model_type" of a Hugging Face whisper checkpoint
 
 _cache: dict[tuple, object] = {}  # one entry: the last SONIC_MODEL loaded, keyed by files + settings
 
@@ -56,6 +61,41 @@ def load_models(unet: str, audio2token: str, audio2bucket: str, whisper: str, dt
     return models
 
 
+def weight_choices() -> list[str]:
+    """Weight files for unet / audio2token / audio2bucket: every weight file under models/sonic
+    except those inside a Hugging Face or diffusers model folder and those of the detector and RIFE."""
+    skip = tuple(f"{d}/" for marker in LIBRARY_MODEL_MARKERS for d in runtime.list_subfolders(marker))
+    return [f for f in runtime.list_files(WEIGHT_SUFFIXES)
+            if not f.startswith(skip) and not any(k in f.lower() for k in OTHER_NODES_WEIGHTS)]
+
+
+def is_whisper_folder(path: str) -> bool:
+    """Does ``path`` hold a Hugging Face whisper checkpoint (config.json with model_type whisper)?"""
+    try:
+        with open(os.path.join(path, HF_CONFIG), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    architectures = config.get("architectures") or []
+    return config.get("model_type") == WHISPER_MODEL_TYPE or any(
+        isinstance(a, str) and a.startswith("Whisper") for a in architectures)
+
+
+def whisper_choices() -> list[str]:
+    """Folders under models/sonic that hold a whisper checkpoint."""
+    out = []
+    for rel in runtime.list_subfolders(HF_CONFIG):
+        try:
+            path = runtime.resolve_path(rel)
+        except (FileNotFoundError, ValueError):
+            continue
+        if is_whisper_folder(path):
+            out.append(rel)
+    return out
+
+
 class SonicLoader:
     DESCRIPTION = ("Loads Sonic's own models from the 'sonic' model folder: the Sonic UNet (SVD-xt UNet "
                    "with audio attention), audio2token, audio2bucket and the whisper-tiny encoder. "
@@ -69,9 +109,8 @@ class SonicLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        skip = tuple(f"{d}/" for d in runtime.list_subfolders(WHISPER_ONLY))
-        files = [f for f in runtime.list_files(WEIGHT_SUFFIXES) if not f.startswith(skip)]
-        folders = runtime.list_subfolders(WHISPER_MARKER)
+        files = weight_choices()
+        folders = whisper_choices()
         return {
             "required": {
                 "unet": (files, {"tooltip": "Sonic UNet weights (unet.pth or .safetensors) in models/sonic. "
@@ -83,7 +122,8 @@ class SonicLoader:
                                                     "-> motion buckets."}),
                 "whisper": (folders, {"tooltip": "whisper-tiny folder in Hugging Face layout (config.json, "
                                                  "model.safetensors, preprocessor_config.json) inside "
-                                                 "models/sonic."}),
+                                                 "models/sonic; folders whose config.json is not a "
+                                                 "whisper model's are not listed."}),
                 "dtype": (runtime.DTYPE_CHOICES, {
                     "default": "auto",
                     "tooltip": "UNet compute dtype; auto lets ComfyUI pick (fp16/bf16 on GPU). Whisper "

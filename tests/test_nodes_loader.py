@@ -94,3 +94,36 @@ def test_loader_errors_name_the_problem(sonic_dir):
         SonicLoader().load(**names, dtype="fp8")
     with pytest.raises(Exception, match="audio2bucket"):  # wrong checkpoint for the slot: strict key check
         SonicLoader().load(**{**names, "audio2token": names["audio2bucket"]}, dtype="fp32")
+
+
+def test_pickers_list_only_what_fits_each_input(tmp_path, monkeypatch):
+    """The README layout plus a full SVD-xt folder: the weight pickers offer Sonic's files only (not
+    SVD's vae/image_encoder/unet weights, the detector or RIFE), the whisper picker whisper folders only."""
+    import json
+
+    monkeypatch.setenv(runtime.MODELS_ENV, str(tmp_path))
+    svd = "stable-video-diffusion-img2vid-xt"
+    files = {
+        "Sonic/unet.pth": b"", "Sonic/audio2token.pth": b"", "Sonic/audio2bucket.pth": b"",
+        "yoloface_v5m.pt": b"", "RIFE/flownet.pkl": b"", "RIFE/flownet.safetensors": b"",
+        "whisper-tiny/config.json": json.dumps({"model_type": "whisper"}).encode(),
+        "whisper-tiny/model.safetensors": b"", "whisper-tiny/preprocessor_config.json": b"{}",
+        "whisper-small-ft/config.json": json.dumps({"architectures": ["WhisperForConditionalGeneration"]}).encode(),
+        f"{svd}/model_index.json": b"{}",
+        f"{svd}/vae/config.json": json.dumps({"_class_name": "AutoencoderKLTemporalDecoder"}).encode(),
+        f"{svd}/vae/diffusion_pytorch_model.fp16.safetensors": b"",
+        f"{svd}/image_encoder/config.json": json.dumps({"model_type": "clip_vision_model"}).encode(),
+        f"{svd}/image_encoder/model.fp16.safetensors": b"",
+        f"{svd}/unet/config.json": b"{}", f"{svd}/unet/diffusion_pytorch_model.fp16.safetensors": b"",
+        f"{svd}/svd_xt.safetensors": b"",
+        "broken/config.json": b"not json",
+        "my-unet-v2.safetensors": b"",
+    }
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    required = SonicLoader.INPUT_TYPES()["required"]
+    expected = ["Sonic/audio2bucket.pth", "Sonic/audio2token.pth", "Sonic/unet.pth", "my-unet-v2.safetensors"]
+    for name in ("unet", "audio2token", "audio2bucket"):
+        assert required[name][0] == expected, name
+    assert required["whisper"][0] == ["whisper-small-ft", "whisper-tiny"]
