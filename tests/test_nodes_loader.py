@@ -108,7 +108,8 @@ def test_pickers_list_only_what_fits_each_input(tmp_path, monkeypatch):
         "yoloface_v5m.pt": b"", "RIFE/flownet.pkl": b"", "RIFE/flownet.safetensors": b"",
         "whisper-tiny/config.json": json.dumps({"model_type": "whisper"}).encode(),
         "whisper-tiny/model.safetensors": b"", "whisper-tiny/preprocessor_config.json": b"{}",
-        "whisper-small-ft/config.json": json.dumps({"architectures": ["WhisperForConditionalGeneration"]}).encode(),
+        "whisper-small-ft/config.json":
+            json.dumps({"architectures": ["WhisperForConditionalGeneration"]}).encode(),
         f"{svd}/model_index.json": b"{}",
         f"{svd}/vae/config.json": json.dumps({"_class_name": "AutoencoderKLTemporalDecoder"}).encode(),
         f"{svd}/vae/diffusion_pytorch_model.fp16.safetensors": b"",
