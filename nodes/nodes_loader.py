@@ -18,6 +18,9 @@ LIBRARY_MODEL_MARKERS = (HF_CONFIG, "model_index.json", "preprocessor_config.jso
 # Weights under models/sonic that other Sonic nodes pick (face detector, RIFE), by name.
 OTHER_NODES_WEIGHTS = ("yoloface", "yolov5", "rife/", "flownet")
 WHISPER_MODEL_TYPE = "whisper"  # config.json "model_type" of a Hugging Face whisper checkpoint
+# What ComfyUI's log calls each model ("Requested to load SonicUNet").
+LOG_NAMES = {"unet": "SonicUNet", "audio2token": "SonicAudio2Token", "audio2bucket": "SonicAudio2Bucket",
+             "whisper": "WhisperEncoder"}
 
 _cache: dict[tuple, object] = {}  # one entry: the last SONIC_MODEL loaded, keyed by files + settings
 
@@ -54,7 +57,7 @@ def load_models(unet: str, audio2token: str, audio2bucket: str, whisper: str, dt
 
     models = core("weights").load_sonic_models(*paths, dtype=torch_dtype, device=load_dev,
                                                load_device=offload_dev)
-    managed = {name: runtime.ManagedModel(getattr(models, name), load_dev, offload_dev)
+    managed = {name: runtime.ManagedModel(getattr(models, name), load_dev, offload_dev, name=LOG_NAMES[name])
                for name in core("models").MODEL_NAMES}
     models.load_hook = lambda name: managed[name].load()  # the closure keeps the patchers alive
     _cache[key] = models

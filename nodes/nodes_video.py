@@ -35,7 +35,7 @@ def _load_rife(name: str):
     if key not in _rife_cache:
         _rife_cache.clear()
         module = core("models.rife").load_rife(path, runtime.offload_device())
-        _rife_cache[key] = runtime.ManagedModel(module)
+        _rife_cache[key] = runtime.ManagedModel(module, name="RIFEFlowNet")
     return _rife_cache[key]
 
 

@@ -191,6 +191,21 @@ class _Holder(torch.nn.Module):
         self.inner = inner
 
 
+_holder_classes: dict[str, type] = {}
+
+
+def holder(module: torch.nn.Module, name: str | None = None) -> _Holder:
+    """``module`` in a holder whose class is called ``name`` (default: the module's class name):
+    ComfyUI logs "Requested to load <class name of the managed module>", so the log names the model."""
+    name = name or type(module).__name__
+    if not name.isidentifier():
+        raise ValueError(f"model name {name!r} must be a Python identifier (it becomes a class name)")
+    if name not in _holder_classes:
+        doc = f"{name} under ComfyUI's model management."
+        _holder_classes[name] = type(name, (_Holder,), {"__doc__": doc})
+    return _holder_classes[name](module)
+
+
 class ManagedModel:
     """An nn.Module under ComfyUI's model management (ModelPatcher), or plain torch without it.
 
@@ -199,12 +214,13 @@ class ManagedModel:
     """
 
     def __init__(self, module: torch.nn.Module, load_dev: torch.device | None = None,
-                 offload_dev: torch.device | None = None):
+                 offload_dev: torch.device | None = None, name: str | None = None):
         self.load_device = load_dev or load_device()
         self.offload_device = offload_dev or offload_device()
         module.to(self.offload_device)
         self.module = module
-        self.patcher = (_mp.ModelPatcher(_Holder(module), self.load_device, self.offload_device)
+        self.holder = holder(module, name)  # its class name is what ComfyUI's log shows
+        self.patcher = (_mp.ModelPatcher(self.holder, self.load_device, self.offload_device)
                         if COMFY else None)
 
     def load(self) -> torch.nn.Module:

@@ -500,6 +500,8 @@ def test_basic_workflow_renders_a_video(comfy):
     interpolated = any(n["class_type"] == "SonicFrameInterpolate" for n in prompt.values())
     frames = comfy.golden.t("out.video_rife" if interpolated else "out.video").shape[2]  # (B, C, F, H, W)
     _check_video(video, comfy.golden, frames)
+    loads = set(re.findall(r"Requested to load (\w+)", comfy.log_text()))  # ComfyUI names the module class
+    assert "_Holder" not in loads and {"SonicUNet", "SonicAudio2Token", "WhisperEncoder"} <= loads, loads
 
 
 def test_interrupt_stops_the_sampler(comfy):

@@ -128,3 +128,31 @@ def test_pickers_list_only_what_fits_each_input(tmp_path, monkeypatch):
     for name in ("unet", "audio2token", "audio2bucket"):
         assert required[name][0] == expected, name
     assert required["whisper"][0] == ["whisper-small-ft", "whisper-tiny"]
+
+
+def test_each_managed_model_is_named_in_comfyui_log(sonic_dir, monkeypatch):
+    """ComfyUI logs "Requested to load <class of the managed module>": each model gets a holder class
+    of its own name instead of one "_Holder" for all."""
+    from nodes import nodes_loader
+
+    made = []
+    real = runtime.ManagedModel
+
+    class Recording(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(runtime, "ManagedModel", Recording)
+    nodes_loader._cache.clear()
+    _, names = sonic_dir
+    (models,) = SonicLoader().load(**names, dtype="fp32")
+    by_name = {type(m.holder).__name__: m for m in made}
+    assert sorted(by_name) == ["SonicAudio2Bucket", "SonicAudio2Token", "SonicUNet", "WhisperEncoder"]
+    assert by_name["SonicUNet"].holder.inner is models.unet
+    assert isinstance(by_name["SonicUNet"].holder, torch.nn.Module)
+    assert type(runtime.holder(torch.nn.Linear(1, 1))).__name__ == "Linear"  # default: the module's class
+    assert type(runtime.holder(torch.nn.Identity(), "SonicUNet")) is type(by_name["SonicUNet"].holder)
+    with pytest.raises(ValueError, match="identifier"):
+        runtime.holder(torch.nn.Identity(), "not a name")
+    nodes_loader._cache.clear()
