@@ -239,7 +239,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     """Image + audio files -> ``output`` (.mp4 with the audio). Returns the output path."""
     settings = settings or AnimateSettings()
     from . import audio as audio_mod
-    from . import face, motion, sampler, stream, video, weights
+    from . import face, interpolate, motion, sampler, video, weights
     from .models import svd
     from .models.rife import load_rife
 
@@ -264,8 +264,6 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
             return None
         return lambda done, total, *_: progress(name, done, total)
 
-    # the detector first: a refused file (see models/torchscript_check.py) stops before the big loads
-    detector = None if alpha_mask is not None else face.load_detector(str(detector_path), device)
     t0 = time.perf_counter()
     models = weights.load_sonic_models(models_dir / "Sonic" / "unet.pth", models_dir / "Sonic" / "audio2token.pth",
                                        models_dir / "Sonic" / "audio2bucket.pth", models_dir / WHISPER_FOLDER,
@@ -275,6 +273,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
 
     sonic_audio = audio_mod.encode_audio(models, wave, rate, settings.max_seconds, callback=stage("audio"),
                                          out_device=torch.device("cpu"))
+    detector = None if alpha_mask is not None else face.load_detector(str(detector_path), device)
     found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop)
     ref_image, ref_mask = found.image[None], found.mask[None]  # [1,h,w,3], [1,h,w]
     embeds = motion.reference_embeds(clip, ref_image, settings.min_resolution)
@@ -285,19 +284,17 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     latents = sampler.generate(models.load("unet"), vae, clip, ref_image, ref_mask, sonic_audio, sonic_motion,
                                settings=run, seed=settings.seed, dtype=dtype, window_batch=settings.window_batch,
                                callback=stage("sampling"))  # [F,4,h,w] VAE space
+    frames = vae.decode(latents)  # [F,H,W,3] in 0..1
     fps = sonic_audio.fps
-    rife = None
     if settings.interpolate:
         rife = load_rife(str(models_dir / "RIFE" / "flownet.pkl"), device)
+        frames = interpolate.interpolate(rife, frames, RIFE_MULTIPLIER, RIFE_BATCH, callback=stage("RIFE"))
         fps = OUTPUT_FPS
-    # decode -> RIFE -> encode stream in temporal-decoder chunks: memory does not grow with length
-    frames = stream.video_frames(vae, latents, vae.decode_chunk_size, rife, RIFE_MULTIPLIER, RIFE_BATCH,
-                                 callback=stage("RIFE"))
     fmt = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}[output.suffix.lower()]
     output.parent.mkdir(parents=True, exist_ok=True)
     video.write_video(frames, str(output), fps, audio=(wave[0], rate), format=fmt, crf=settings.crf,
                       callback=stage("encoding"))
-    log.info("%s: %d frames at %g fps in %.1f s", output, len(frames), fps, time.perf_counter() - t0)
+    log.info("%s: %d frames at %g fps in %.1f s", output, frames.shape[0], fps, time.perf_counter() - t0)
     return output
 
 
