@@ -118,6 +118,9 @@ class SonicSVDLoader:
             _cache.clear()
             vae, clip = core("models.svd").load_svd(folder, torch_dtype, device, int(decode_chunk_size))
             vae.output_device = clip.output_device = runtime.intermediate_device()
+            # ComfyUI's VAE Decode node calls vae.decode(latents) with no callback: a progress bar
+            # per decode, cancellable between chunks
+            vae.progress = lambda frames: runtime.Progress(frames, "VAE decode").callback()
             _cache[key] = (vae, clip)
         return _cache[key]
 

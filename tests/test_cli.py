@@ -135,3 +135,18 @@ def test_read_image_alpha_becomes_face_mask(tmp_path):
     w, h = selftest.SELFTEST_IMAGE
     assert image.shape == (1, h, w, 3) and mask.shape == (1, h, w)
     assert mask[0, h // 2, w // 2] == 1 and mask[0, 2, 2] == 0
+
+
+def test_cli_runs_from_another_folder_with_pythonpath_as_readme_says(tmp_path):
+    import os
+
+    readme = (REPO / "README.md").read_text()
+    assert "PYTHONPATH=/path/to/ComfyUI-Sonic python -m sonic_core" in readme
+    assert "--preview-method auto" in readme  # ComfyUI draws latent previews only with a method set
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    bare = subprocess.run([sys.executable, "-m", "sonic_core", "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 0 and "No module named sonic_core" in bare.stderr
+    run = subprocess.run([sys.executable, "-m", "sonic_core", "--help"], cwd=tmp_path,
+                         env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "animate" in run.stdout, run.stderr

@@ -104,3 +104,34 @@ def test_svd_loader_lists_diffusers_folders(tmp_path, monkeypatch):
         (tmp_path / sub).mkdir(parents=True)
         (tmp_path / sub / "config.json").write_text("{}")
     assert SonicSVDLoader.INPUT_TYPES()["required"]["svd_folder"][0] == ["svd"]
+
+
+def test_vae_decode_reports_progress_per_chunk(golden, tmp_path, monkeypatch):
+    """Long decodes show progress: after every chunk, to the caller's callback or, for ComfyUI's VAE
+    Decode node (no callback), to the bar the loader node attaches; cancel stops between chunks."""
+    from nodes import runtime
+    from nodes.nodes_svd import SonicSVDLoader
+
+    lat = golden.t("pipe.latents_final")[0] * (1.0 / VAE_SCALING_FACTOR)  # [F,4,h,w]
+    frames = lat.shape[0]
+    seen = []
+    _vae(golden).decode(lat, chunk_size=2, callback=lambda done, total: seen.append((done, total)))
+    assert seen == [(min(s + 2, frames), frames) for s in range(0, frames, 2)]
+
+    write_golden_svd_folder(golden, tmp_path, vae_file="diffusion_pytorch_model.fp16.safetensors")
+    vae, _clip = SonicSVDLoader().load(str(tmp_path), "fp32", 1)
+    bars = []
+    real = runtime.Progress
+
+    class Recording(real):
+        def __init__(self, total, what="Sonic"):
+            super().__init__(total, what)
+            bars.append(self)
+
+    monkeypatch.setattr(runtime, "Progress", Recording)
+    vae.decode(lat)  # as ComfyUI's VAEDecode calls it
+    assert len(bars) == 1 and bars[0].current == bars[0].total == frames
+    if frames > 1:
+        runtime.request_interrupt()
+        with pytest.raises(runtime.InterruptProcessingException):
+            vae.decode(lat)

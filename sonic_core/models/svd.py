@@ -7,6 +7,8 @@ wrappers answer the same calls, so the sampler, the tests and the CLI work witho
 * ``SVDVAE.decode(latents [B,4,h,w]) -> [B,H,W,3]`` in 0..1: latents in VAE space (already
   divided by the scaling factor), decoded by the temporal decoder in chunks of consecutive
   frames (``num_frames`` = chunk length, SPEC §11), then ``clamp(x * 0.5 + 0.5, 0, 1)``.
+  It reports ``callback(frames done, frames)`` after each chunk; a caller that cannot pass one
+  (ComfyUI's VAE Decode node) gets the one ``progress(frames)`` makes, when that is set.
 * ``SVDImageEncoder.encode_image(image [B,H,W,3] in 0..1, crop=False)`` -> an object with
   ``image_embeds [B,D]``: the official preprocessing (uint8 -> PIL LANCZOS 224x224 -> CLIP
   mean/std, SPEC §2.4) then ``CLIPVisionModelWithProjection``.
@@ -21,6 +23,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +31,8 @@ import torch
 from ..config import SAMPLER_DEFAULTS, U8_MAX, VAE_SCALE
 
 log = logging.getLogger(__name__)
+
+Callback = Callable[[int, int], None]  # (frames decoded so far, frames in all)
 
 VAE_SUBFOLDER = "vae"
 IMAGE_ENCODER_SUBFOLDER = "image_encoder"
@@ -67,6 +72,8 @@ class SVDVAE:
         self.model = model.eval().requires_grad_(False)
         self.decode_chunk_size = int(decode_chunk_size)
         self.output_device = torch.device(output_device)
+        # progress(total frames) -> callback, for decodes whose caller passes none (set by the node)
+        self.progress: Callable[[int], Callback] | None = None
 
     @property
     def latent_channels(self) -> int:
@@ -97,18 +104,26 @@ class SVDVAE:
         return z.to(self.output_device, torch.float32)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """VAE-space latents ``[B,4,h,w]`` (B = frames) -> images ``[B,H,W,3]`` in 0..1 float32."""
+    def decode(self, latents: torch.Tensor, chunk_size: int | None = None,
+               callback: Callback | None = None) -> torch.Tensor:
+        """VAE-space latents ``[B,4,h,w]`` (B = frames) -> images ``[B,H,W,3]`` in 0..1 float32.
+
+        ``callback(done, total)`` (else the one ``self.progress`` gives) runs after every chunk."""
         if latents.ndim != 4:
             raise ValueError(f"VAE decode takes latents [frames, 4, h, w], got {tuple(latents.shape)}")
         chunk = int(chunk_size or self.decode_chunk_size)
+        total = latents.shape[0]
+        if callback is None and self.progress is not None:
+            callback = self.progress(total)
         p = _param(self.model)
         out = []
-        for s in range(0, latents.shape[0], chunk):
+        for s in range(0, total, chunk):
             z = latents[s : s + chunk].to(p.device, p.dtype)  # [c,4,h,w]
             frames = self.model.decode(z, num_frames=z.shape[0]).sample  # [c,3,H,W]
             frames = (frames.float() * 0.5 + 0.5).clamp(0, 1)
             out.append(frames.permute(0, 2, 3, 1).to(self.output_device))  # [c,H,W,3]
+            if callback is not None:
+                callback(min(s + chunk, total), total)
         return torch.cat(out, dim=0)  # [B,H,W,3]
 
 
