@@ -91,6 +91,8 @@ DETECTOR_NMS_IOU = 0.45
 DETECTOR_STRIDES = (8, 16, 32)  # px per grid cell of the three YOLOv5-face output levels
 DETECTOR_LANDMARKS = 5  # facial landmarks per detection (eyes, nose, mouth corners), x/y each
 DETECTOR_BOX_FIELDS = 5 + 2 * DETECTOR_LANDMARKS  # cx, cy, w, h, objectness + 10 landmark coords
+TORCHSCRIPT_MAX_ENTRY_BYTES = 64 * 2**20  # bytes, largest code/pickle entry the archive check reads
+TORCHSCRIPT_FINDINGS_LISTED = 10  # refused constructs named in one TorchScript refusal message
 
 # ----------------------------------------------------------------------------------------------
 # Scheduler (SPEC §8): SVD-xt EulerDiscreteScheduler, EDM / v-prediction, Karras sigmas

@@ -264,6 +264,8 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
             return None
         return lambda done, total, *_: progress(name, done, total)
 
+    # the detector first: a refused file (see models/torchscript_check.py) stops before the big loads
+    detector = None if alpha_mask is not None else face.load_detector(str(detector_path), device)
     t0 = time.perf_counter()
     models = weights.load_sonic_models(models_dir / "Sonic" / "unet.pth", models_dir / "Sonic" / "audio2token.pth",
                                        models_dir / "Sonic" / "audio2bucket.pth", models_dir / WHISPER_FOLDER,
@@ -273,7 +275,6 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
 
     sonic_audio = audio_mod.encode_audio(models, wave, rate, settings.max_seconds, callback=stage("audio"),
                                          out_device=torch.device("cpu"))
-    detector = None if alpha_mask is not None else face.load_detector(str(detector_path), device)
     found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop)
     ref_image, ref_mask = found.image[None], found.mask[None]  # [1,h,w,3], [1,h,w]
     embeds = motion.reference_embeds(clip, ref_image, settings.min_resolution)

@@ -22,6 +22,9 @@ What the official wrapper does with the file (studied, described here in our own
   landmarks are scaled back with ``w0 / w1`` and ``h0 / h1`` separately and are **not** clipped to
   the image (a face at the border may extend slightly past it, as in the official code).
 
+The file is loaded only through ``torchscript_check.load_checked``: its TorchScript code and pickles
+are checked against a reviewed allowlist before ``torch.jit.load`` sees them.
+
 Everything here takes the device as an argument; nothing is decided at import.
 """
 
@@ -35,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
+from ..weights import CheckpointError
+from .torchscript_check import load_checked
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +163,18 @@ class YoloFaceDetector:
 
     @classmethod
     def from_file(cls, path: str, device: torch.device | str) -> YoloFaceDetector:
-        """Load a TorchScript detector (e.g. ``yoloface_v5m.pt``) onto ``device``."""
+        """Load a TorchScript detector (e.g. ``yoloface_v5m.pt``) onto ``device``.
+
+        The archive is checked statically first (``torchscript_check``): a file whose code or data
+        is outside the reviewed allowlist raises ``UnsafeTorchScriptError`` and none of it runs.
+        """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"face detector {path!r} does not exist: put yoloface_v5m.pt "
                                     "in models/sonic or choose 'none' and draw a face mask")
         try:
-            module = torch.jit.load(path, map_location=torch.device(device))
+            module = load_checked(path, map_location=torch.device(device))
+        except CheckpointError:
+            raise  # refused by the check, or not a TorchScript archive: the message says which
         except (RuntimeError, ValueError) as exc:
             raise ValueError(
                 f"{path!r} is not a TorchScript face detector ({exc.__class__.__name__}: {exc}); "
