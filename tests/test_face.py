@@ -20,6 +20,8 @@ from torch import nn
 
 from sonic_core import config, face
 from sonic_core.models import face_detector as fd
+from sonic_core.models import torchscript_check, torchscript_code
+from tests import _yoloface as yolo
 from tests._golden import load_json
 
 BIG = 100.0  # logit whose sigmoid is exactly 1.0 in float32
@@ -432,3 +434,78 @@ def test_node_contract_and_run(tmp_path, monkeypatch, make_detector):
     gray = torch.rand(1, 208, 208, 1)
     out_img, out_mask, box = cls().detect(gray, "none", True, 0.5, 1.1, 0.5, "error", mask=m)
     assert out_img.shape[-1] == 3 and out_img.shape[1:3] == out_mask.shape[1:] and box.source == "mask"
+
+
+# ----------------------------------------------------------------------------------------------
+# YOLOv5-face-style TorchScript files in the official format (random weights, checked loader)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def yolo_exports(tmp_path_factory):
+    """Every export of tests/_yoloface (EXPORTS, COVERAGE_EXPORTS) with planted faces: name -> (model, file)."""
+    root = tmp_path_factory.mktemp("yoloface")
+    out = {}
+    for name, variant, how in yolo.EXPORTS + yolo.COVERAGE_EXPORTS:
+        model = yolo.plant_faces(yolo.build(variant, seed=3))
+        out[name] = (model, yolo.export(model, root / f"{name}.pt", how))
+    return out
+
+
+def _same_detections(got, want):
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert xywh(g) == pytest.approx(xywh(w), abs=1e-3) and g.score == pytest.approx(w.score, abs=1e-5)
+        assert [c for p in g.landmarks for c in p] == pytest.approx([c for p in w.landmarks for c in p], abs=1e-3)
+
+
+@pytest.mark.parametrize("name", [e[0] for e in yolo.EXPORTS])
+def test_yoloface_style_export_passes_the_check_and_detects_as_before(yolo_exports, name):
+    model, path = yolo_exports[name]
+    checked = fd.YoloFaceDetector.from_file(str(path), "cpu")  # static check, then torch.jit.load
+    before = fd.YoloFaceDetector(torch.jit.load(str(path)), "cpu")  # the loader before the check
+    # 208 x 208 -> 416 x 416 input (the trace size); two exports also on a 640 x 416 input
+    sizes = [(208, 208), (312, 208)] if name.startswith("stem_c3_spp_silu") else [(208, 208)]
+    g = torch.Generator().manual_seed(5)
+    for w, h in sizes:
+        img = face.to_u8(torch.rand(h, w, 3, generator=g))
+        x = fd.preprocess(img, "cpu")  # [1, 3, h1, w1]
+        with torch.no_grad():
+            eager = model(x, fd.make_grids(x.shape[3], x.shape[2], "cpu"))[0]  # [N, 16]
+        raw = checked.raw(x)
+        n = 3 * sum((x.shape[2] // s) * (x.shape[3] // s) for s in config.DETECTOR_STRIDES)
+        assert raw.shape == (n, yolo.manifest()["network"]["outputs_per_anchor"])
+        assert torch.allclose(raw, eager, rtol=1e-4, atol=1e-3)
+        assert torch.allclose(raw, before.raw(x), rtol=1e-5, atol=1e-4)
+        _same_detections(checked.detect(img), before.detect(img))
+
+
+def test_yoloface_manifest_facts_match_config_and_the_export(yolo_exports):
+    net = yolo.manifest()["network"]
+    assert tuple(net["strides"]) == config.DETECTOR_STRIDES
+    assert net["outputs_per_anchor"] == config.DETECTOR_BOX_FIELDS + net["classes"]
+    assert [len(a) for a in net["anchors"]] == [2 * net["anchors_per_level"]] * len(net["strides"])
+    assert [row[0] for row in net["layers"]] == list(range(24)) and net["layers"][-1][3] == "Detect"
+    _, path = yolo_exports["stem_c3_spp_silu_trace"]
+    keys = set(torch.jit.load(str(path)).state_dict())
+    assert {"model.23.anchors", "model.23.anchor_grid", "model.23.m.2.weight", "model.0.stem_1.conv.weight"} <= keys
+    assert tuple(torch.jit.load(str(path)).state_dict()["model.23.anchor_grid"].shape) == (3, 1, 3, 1, 1, 2)
+
+
+def test_allowlist_is_what_torch_writes_plus_reviewed_extras(yolo_exports, make_detector):
+    """Every op on the list is written by the current torch for a YOLOv5-face-style export (or the
+    tiny stand-in) or is a reviewed extra with its reason in the manifest; module == manifest."""
+    allow = yolo.manifest()["allowlist"]
+    groups = [op for g in allow["tensor_ops"] for op in g["ops"]]
+    assert len(groups) == len(set(groups)) and set(groups) == torchscript_code.TENSOR_OPS
+    assert set(allow["prim_ops"]) == torchscript_code.PRIM_OPS
+    assert set(allow["builtin_calls"]) == torchscript_code.BUILTIN_CALLS
+    seen = set()
+    _, tiny = make_detector(plant(0, 1, 12, 10))
+    for path in [p for _, p in yolo_exports.values()] + [tiny]:
+        seen |= set(torchscript_check.check_archive(path.read_bytes(), str(path)).ops)
+    written = {k.rsplit(".", 1)[1] for k in seen if k.startswith(("torch.", "ops.aten."))}
+    prim = {k.rsplit(".", 1)[1] for k in seen if k.startswith("ops.prim.")}
+    extras = set(allow["reviewed_extras"])
+    assert written | extras == torchscript_code.TENSOR_OPS, "an op is neither written by torch nor reviewed"
+    assert not written & extras, f"written by torch, so not an extra: {sorted(written & extras)}"
+    assert prim == torchscript_code.PRIM_OPS
+    assert all(allow["reviewed_extras"][op] for op in extras)
