@@ -34,7 +34,8 @@ import pytest
 
 from tests._golden import REPO, Golden, golden_base
 from tests._model_files import write_golden_svd_folder
-from tests._workflows import combo_choices, input_options, input_type, is_widget, ordered_inputs
+from tests._workflows import (FRONTEND_SENT_WIDGETS, combo_choices, input_options, input_type, is_widget,
+                              ordered_inputs)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -134,6 +135,7 @@ class Server:
     svd_dir: Path | None
     golden: Golden | None
     loader_files: dict[str, str]
+    third_party_stubbed: bool = False  # the example workflows' third-party nodes are known
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -183,13 +185,46 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("comfyui")
+# Stand-ins for the third-party nodes the example workflows use (their specs in workflows/specs/),
+# so the frontend knows them; they never run.
+SPEC_STUBS = """import json, pathlib
+_SPECS = json.loads(pathlib.Path(%r).read_text())
+NODE_CLASS_MAPPINGS = {
+    name: type(name, (), {"INPUT_TYPES": classmethod(lambda cls, s=spec: s["input"]),
+                          "RETURN_TYPES": tuple(spec["output"]), "FUNCTION": "run", "CATEGORY": "stub"})
+    for name, spec in _SPECS.items() if not name.startswith("_")}
+"""
+THIRD_PARTY_SPECS = REPO / "workflows" / "specs" / "third_party_nodes.json"
+# What a new user's first start writes; the tutorial's template dialog would cover the canvas.
+# Workflow validation on: frontend 1.58.1 has it off by default, 1.27.10 on.
+BROWSER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True}
+UI_INPUT_FILES = ("portrait.png", "speech.wav")  # what the UI workflows' Load Image / Load Audio name
+
+
+def _write_ui_inputs(input_dir: Path) -> None:
+    """A portrait-sized picture and a short tone under the names the UI workflows load."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:640, 0:512]  # (H, W)
+    Image.fromarray(np.dstack([x % 256, y % 256, np.full_like(x, 128)]).astype(np.uint8)).save(
+        input_dir / UI_INPUT_FILES[0])
+    rate = 16000
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)  # 2 s
+    with wave.open(str(input_dir / UI_INPUT_FILES[1]), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes((tone * (PCM16_SCALE - 1)).astype(np.int16).tobytes())
+
+
+def _serve(tmp: Path, front_end_root: str | None = None):
+    """Start ComfyUI on its own folders under ``tmp``; yields the Server, stops it afterwards."""
     base, output, model_root = tmp / "base", tmp / "output", tmp / "models"
     model_dir = model_root / "sonic"
-    for d in (base / "input", base / "user", output, model_dir):
+    for d in (base / "input", base / "user" / "default", output, model_dir):
         d.mkdir(parents=True)
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(BROWSER_SETTINGS))
 
     base_golden = golden_base()
     present = all(base_golden.with_suffix(s).is_file() for s in (".json", ".safetensors"))
@@ -199,6 +234,7 @@ def comfy(tmp_path_factory):
         files = _write_models(g, model_dir)
         svd_dir = write_golden_svd_folder(g, model_dir / "svd-tiny")  # listed by SonicSVDLoader
         _write_inputs(g, base / "input")
+    _write_ui_inputs(base / "input")
     extra = tmp / "extra_model_paths.yaml"
     yaml_root = json.dumps(str(model_root))  # a JSON string is a valid YAML scalar
     extra.write_text(f"sonic_test:\n  base_path: {yaml_root}\n  sonic: sonic\n")
@@ -208,11 +244,18 @@ def comfy(tmp_path_factory):
     cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", HOST,
            "--port", str(port), "--output-directory", str(output), "--input-directory", str(base / "input"),
            "--extra-model-paths-config", str(extra), "--disable-auto-launch"]
+    if front_end_root:
+        cmd += ["--front-end-root", front_end_root]
     if "--database-url" in flags:
         cmd += ["--database-url", "sqlite:///:memory:"]
+    stubbed = False
     if "--base-directory" in flags:
         cmd += ["--base-directory", str(base)]
         link = _link_pack(base / "custom_nodes")
+        stub = base / "custom_nodes" / "sonic_test_third_party_stubs"
+        stub.mkdir()
+        (stub / "__init__.py").write_text(SPEC_STUBS % str(THIRD_PARTY_SPECS))
+        stubbed = True
     else:  # older ComfyUI: link into its own custom_nodes, removed afterwards
         link = _link_pack(Path(COMFYUI_PATH) / "custom_nodes")
         if "--user-directory" in flags:
@@ -232,12 +275,17 @@ def comfy(tmp_path_factory):
         try:
             url = f"http://{HOST}:{port}"
             _wait_ready(url, proc, log)
-            yield Server(url, proc, log, model_dir, output, svd_dir, g, files)
+            yield Server(url, proc, log, model_dir, output, svd_dir, g, files, stubbed)
         finally:
             _stop(proc)
     finally:
         if link is not None:
             link.unlink()
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    yield from _serve(tmp_path_factory.mktemp("comfyui"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,3 +574,145 @@ def test_interrupt_stops_the_sampler(comfy):
     assert status.get("status_str") == "error" and "execution_interrupted" in kinds, status
     saved = [p for p in (comfy.output_dir / "cancel").rglob("*") if p.is_file()]
     assert not saved, f"an interrupted run saved {saved}"
+
+
+# ----------------------------------------------------------------------------------------------
+# In a real browser: every UI workflow loads with no alert, toast or dialog, dropped in and opened
+# from the Templates dialog, on the pinned frontend and on each one in COMFYUI_FRONTEND_ROOTS
+# (os.pathsep-separated --front-end-root folders, e.g. pip install --target DIR
+# comfyui-frontend-package==1.58.1, then DIR/comfyui_frontend_package/static). Needs Playwright
+# (PyPI) and a Chromium (SONIC_CHROMIUM, default Debian's /usr/bin/chromium); skipped without them.
+# ----------------------------------------------------------------------------------------------
+CHROMIUM = os.environ.get("SONIC_CHROMIUM", "/usr/bin/chromium")
+FRONTEND_ROOTS = [r for r in os.environ.get("COMFYUI_FRONTEND_ROOTS", "").split(os.pathsep) if r]
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1600, "height": 1000}
+PAGE_TIMEOUT_MS = 180_000  # first page load on a busy 2-core CPU
+SETTLE_MS = 2500  # image preview, audio player and any toast appear within this after a load
+# Toasts, alert and modal dialogs with text, except the Templates dialog while it is meant to be open.
+NOTICES_JS = """() => [...document.querySelectorAll(
+    '.p-toast-message, [role=alertdialog], .p-dialog, [role=dialog]')]
+  .filter(e => !e.querySelector('[data-testid="template-workflows-content"]'))
+  .map(e => e.innerText.trim()).filter(Boolean)"""
+CLOSE_NOTICES_JS = """() => document.querySelectorAll(
+    '.p-toast-message .p-toast-close-button, .p-toast-message-close-button').forEach(b => b.click())"""
+GRAPH_JS = """() => ({
+  nodes: window.app.graph._nodes.map(n => ({id: n.id, type: n.type, pos: [...n.pos], size: [...n.size]})),
+  groups: (window.app.graph._groups || window.app.graph.groups || []).map(g => ({
+    title: g.title, bounding: [...(g._bounding || g.bounding)]}))})"""
+
+
+def _ui_workflows() -> list[Path]:
+    return sorted((REPO / "workflows").glob("*.json"))
+
+
+@pytest.fixture(scope="module", params=["pinned", *FRONTEND_ROOTS],
+                ids=lambda r: r if r == "pinned" else Path(r).parent.name + "@" + Path(r).parents[1].name)
+def frontend(request, tmp_path_factory):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set SONIC_CHROMIUM)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright to drive the browser")
+    if request.param == "pinned":
+        server = request.getfixturevalue("comfy")
+        yield server
+        return
+    yield from _serve(tmp_path_factory.mktemp("comfyui_fe"), request.param)
+
+
+def _open_page(playwright, server: Server):
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
+    page = browser.new_page(viewport=VIEWPORT)
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(server.url + "/", wait_until="networkidle")
+    page.wait_for_function("window.app && window.app.graph && window.app.extensionManager")
+    page.wait_for_timeout(SETTLE_MS)
+    return browser, page, dialogs
+
+
+def _notices(page, dialogs: list[str]) -> list[str]:
+    found = dialogs + page.evaluate(NOTICES_JS)
+    dialogs.clear()
+    page.evaluate(CLOSE_NOTICES_JS)
+    return found
+
+
+def _comparable(prompt: dict) -> dict:
+    """class_type and inputs, without the player widgets only some frontends send (1.27.10 sends
+    LoadAudio's "audioUI": "", 1.58.1 does not; the server ignores it)."""
+    added = {name for name, _value in FRONTEND_SENT_WIDGETS.values()}
+    out = {}
+    for k, n in prompt.items():
+        inputs = {i: v for i, v in n["inputs"].items() if i not in added}
+        out[k] = {"class_type": n["class_type"], "inputs": inputs}
+    return out
+
+
+def _layout(page) -> list[str]:
+    from tests.test_workflow_frontend import layout_problems
+
+    return layout_problems(page.evaluate(GRAPH_JS))
+
+
+def test_workflows_load_in_the_browser_with_no_alert(frontend):
+    """Dropped in (app.loadGraphData validates as a drop does): no notice, every node known, the API
+    prompt the frontend makes equals workflows/api/<name>.json, and no nodes overlap at the sizes
+    the frontend draws them with the portrait and audio loaded."""
+    from playwright.sync_api import sync_playwright
+
+    if not frontend.third_party_stubbed:
+        pytest.skip("this ComfyUI has no --base-directory: the third-party node stand-ins cannot be added")
+    problems = []
+    with sync_playwright() as p:
+        browser, page, dialogs = _open_page(p, frontend)
+        try:
+            problems += [f"on opening the page: {n}" for n in _notices(page, dialogs)]
+            for path in _ui_workflows():
+                wf = json.loads(path.read_text())
+                page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", wf)
+                page.wait_for_timeout(SETTLE_MS)
+                problems += [f"{path.name}: {n}" for n in _notices(page, dialogs)]
+                problems += [f"{path.name} in the browser: {n}" for n in _layout(page)]
+                api = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+                twin = json.loads((REPO / "workflows" / "api" / path.name).read_text())
+                got = _comparable(api)
+                if got != _comparable(twin):
+                    problems.append(f"{path.name}: the frontend's API prompt differs from workflows/api/"
+                                    f"{path.name}: {json.dumps(got, sort_keys=True)[:2000]}")
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_workflows_open_from_the_templates_dialog(frontend):
+    """Templates dialog -> the pack's entry: each workflow has its thumbnail, and opening it loads
+    the graph with no notice."""
+    from playwright.sync_api import sync_playwright
+
+    if not frontend.third_party_stubbed:
+        pytest.skip("this ComfyUI has no --base-directory: the third-party node stand-ins cannot be added")
+    problems = []
+    with sync_playwright() as p:
+        browser, page, dialogs = _open_page(p, frontend)
+        try:
+            _notices(page, dialogs)
+            for path in _ui_workflows():
+                card = f'[data-testid="template-workflow-{path.stem}"]'
+                page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+                page.get_by_text(PACK_LINK, exact=True).first.click()
+                page.wait_for_selector(card)
+                page.wait_for_function(f"""() => [...document.querySelectorAll('{card} img')]
+                                           .some(i => i.complete && i.naturalWidth > 0)""")
+                page.click(card)
+                page.wait_for_selector('[data-testid="template-workflows-content"]', state="detached")
+                page.wait_for_timeout(SETTLE_MS)
+                problems += [f"{path.name} from Templates: {n}" for n in _notices(page, dialogs)]
+                loaded = sorted(n["type"] for n in page.evaluate(GRAPH_JS)["nodes"])
+                want = sorted(n["type"] for n in json.loads(path.read_text())["nodes"])
+                if loaded != want:
+                    problems.append(f"{path.name} from Templates loaded {loaded}")
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
