@@ -44,12 +44,14 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="checkpoint to read (.safetensors, .pth, .pt, .bin, .ckpt, .pkl)")
     p.add_argument("output", help="file to write, ending in .safetensors (written atomically)")
     p.add_argument("--fp16", action="store_true", help="store floating-point tensors as float16")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (and its architecture .json); refused otherwise")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .weights import convert_weights
 
-    info = convert_weights(args.input, args.output, fp16=args.fp16)
+    info = convert_weights(args.input, args.output, fp16=args.fp16, overwrite=args.overwrite)
     arch = f", architecture -> {info['architecture']}" if info["architecture"] else ""
     print(f"wrote {args.output}: {info['keys']} tensors, {info['bytes'] / 2**20:.1f} MiB{arch}")
     return 0

@@ -56,6 +56,9 @@ MOTION_CHANNELS = 2  # audio2bucket outputs: head translation, expression
 CLIP_EMBED_DIM = 1024  # ViT-H/14 projection width
 LAYER_NORM_EPS = 1e-5  # audio2token output LayerNorm
 KEYS_LISTED = 10  # state-dict keys named per kind (missing/unexpected/shape) in a load error
+SAFETENSORS_HEADER_LENGTH_BYTES = 8  # little-endian u64 at the start of a .safetensors file
+SAFETENSORS_MAX_HEADER_BYTES = 16 * 2**20  # bytes of JSON header read (the SVD-xt UNet's is ~0.2 MB)
+SAFETENSORS_MAX_TENSORS = 100_000  # tensors per file (the largest file read, the Sonic UNet, holds 1,492)
 VAE_SCALING_FACTOR = 0.18215  # SVD-xt VAE latent scale (hard-coded in the official encode path)
 VAE_SCALE = 8  # pixels per latent pixel
 LATENT_CHANNELS = 4  # VAE latent channels (UNet input = 2x: noisy latents ++ image latents)

@@ -34,7 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import KEYS_LISTED
+from .config import (
+    KEYS_LISTED,
+    SAFETENSORS_HEADER_LENGTH_BYTES,
+    SAFETENSORS_MAX_HEADER_BYTES,
+    SAFETENSORS_MAX_TENSORS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,49 @@ def _unpickler_reason(e: Exception) -> str:
     return reason.split(" was not an allowed global")[0]
 
 
+def check_safetensors_header(path: Path) -> int:
+    """Refuse a .safetensors file whose header is too large, before parsing it; returns the tensor count.
+
+    The file starts with the header length (8 bytes, little-endian); that length is bounded by
+    ``SAFETENSORS_MAX_HEADER_BYTES`` and the file size, then the JSON header is read and its
+    tensor count bounded by ``SAFETENSORS_MAX_TENSORS``, so a hostile header costs a fraction of
+    a second instead of a full parse.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(SAFETENSORS_HEADER_LENGTH_BYTES)
+        if len(head) < SAFETENSORS_HEADER_LENGTH_BYTES:
+            raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file; it is "
+                                  "truncated or not a safetensors file, download or convert it again")
+        n = int.from_bytes(head, "little")
+        if n > SAFETENSORS_MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path}: refused, its safetensors header is {n} bytes ({n / 2**20:.1f} MiB), more than "
+                f"the {SAFETENSORS_MAX_HEADER_BYTES // 2**20} MiB any model of this pack needs; it is "
+                "damaged or not a model checkpoint, download or convert it again")
+        if n > size - SAFETENSORS_HEADER_LENGTH_BYTES:
+            raise CheckpointError(
+                f"{path}: its safetensors header claims {n} bytes but the file has {size}; it is "
+                "truncated or corrupt, download or convert it again")
+        raw = f.read(n)
+    # one JSON object {name: {dtype, shape, data_offsets}, "__metadata__": {...}}; at most
+    # SAFETENSORS_MAX_HEADER_BYTES to parse, so this stays well under a second
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file is "
+                              "corrupt, download or convert it again") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is a {type(header).__name__}, not an object; "
+                              "the file is corrupt")
+    count = len(header) - ("__metadata__" in header)
+    if count > SAFETENSORS_MAX_TENSORS:
+        raise CheckpointError(
+            f"{path}: refused, it holds {count} tensors, more than the {SAFETENSORS_MAX_TENSORS} any model "
+            "of this pack has; it is not a Sonic, whisper, SVD or RIFE checkpoint")
+    return count
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file, on the CPU, in their stored dtype."""
     path = _require_file(Path(path), "checkpoint")
@@ -106,6 +154,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file
 
+        check_safetensors_header(path)
         try:
             sd = load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises SafetensorError / OSError for damaged files
@@ -142,6 +191,22 @@ def _expected_shapes(model_or_expected: nn.Module | Mapping) -> dict[str, tuple[
             for k, v in model_or_expected.items()}
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """"float", "bool", "complex" or "int": what a checkpoint tensor must share with the model's."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
+
+
+def _expected_dtypes(model_or_expected: nn.Module | Mapping) -> dict[str, torch.dtype]:
+    """``{key: dtype}`` where the expectation knows one (a module, or a mapping of tensors)."""
+    if isinstance(model_or_expected, nn.Module):
+        return {k: v.dtype for k, v in model_or_expected.state_dict().items()}
+    return {k: v.dtype for k, v in model_or_expected.items() if isinstance(v, torch.Tensor)}
+
+
 def _listing(keys: list[str], kind: str) -> str:
     shown = ", ".join(keys[:KEYS_LISTED])
     more = f", ... ({len(keys) - KEYS_LISTED} more)" if len(keys) > KEYS_LISTED else ""
@@ -150,17 +215,24 @@ def _listing(keys: list[str], kind: str) -> str:
 
 def check_keys(model_or_expected: nn.Module | Mapping, state_dict: Mapping[str, torch.Tensor],
                what: str) -> None:
-    """Strict key and shape check of ``state_dict`` against a model or ``{key: shape}``.
+    """Strict key, shape and dtype check of ``state_dict`` against a model or ``{key: shape}``.
 
-    Raises CheckpointError listing the first ``KEYS_LISTED`` missing, unexpected and mis-shaped
-    keys with their counts; ``what`` names the checkpoint in the message.
+    Raises CheckpointError listing the first ``KEYS_LISTED`` missing, unexpected, mis-shaped and
+    wrong-dtype keys with their counts; ``what`` names the checkpoint in the message. A dtype is
+    wrong when its kind differs from the model's (float vs int vs bool): floating tensors of any
+    precision load into floating parameters (they are cast), an int32 or bool tensor does not.
     """
     expected = _expected_shapes(model_or_expected)
+    dtypes = _expected_dtypes(model_or_expected)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f"{k} {list(state_dict[k].shape)} vs model {list(expected[k])}"
                   for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
-    if not (missing or unexpected or mismatched):
+    wrong_dtype = [f"{k} {str(state_dict[k].dtype).removeprefix('torch.')} vs model "
+                   f"{str(dtypes[k]).removeprefix('torch.')}"
+                   for k in dtypes if k in state_dict and isinstance(state_dict[k], torch.Tensor)
+                   and _dtype_kind(state_dict[k].dtype) != _dtype_kind(dtypes[k])]
+    if not (missing or unexpected or mismatched or wrong_dtype):
         return
     parts = []
     if missing:
@@ -169,6 +241,8 @@ def check_keys(model_or_expected: nn.Module | Mapping, state_dict: Mapping[str, 
         parts.append(_listing(unexpected, "unexpected keys"))
     if mismatched:
         parts.append(_listing(mismatched, "shape mismatches (checkpoint vs model)"))
+    if wrong_dtype:
+        parts.append(_listing(wrong_dtype, "dtype mismatches (checkpoint vs model)"))
     raise CheckpointError(
         f"{what}: the state dict does not match the model ({len(expected)} keys expected, "
         f"{len(state_dict)} in the file): " + "; ".join(parts) +
@@ -187,9 +261,29 @@ def _temp_beside(path: Path) -> Path:
             continue
 
 
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``path``; without ``overwrite`` an existing ``path`` is never replaced."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic, fails if path exists
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists (it appeared while writing); it was left as it is") from None
+    except OSError:  # no hard links on this filesystem
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists; it was left as it is") from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Write ``state_dict`` to ``path`` atomically (temp file in the same folder + os.replace)."""
+                     metadata: dict[str, str] | None = None, overwrite: bool = True) -> Path:
+    """Write ``state_dict`` to ``path`` atomically (temp file in the same folder, then renamed).
+
+    Without ``overwrite`` an existing ``path`` is never replaced (FileExistsError, temp removed).
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -207,7 +301,7 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
         mode = tmp.stat().st_mode & 0o777  # umask permissions of a new file
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
         os.chmod(tmp, mode)  # the safetensors writer leaves 0600
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -233,8 +327,26 @@ def read_architecture(checkpoint: str | os.PathLike) -> dict | None:
         raise CheckpointError(f"{arch}: architecture JSON cannot be read ({e}); fix or remove it") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{arch}: architecture JSON must be an object, found {type(data).__name__}")
+    bad = negative_dimensions(data)
+    if bad:
+        raise CheckpointError(
+            f"{arch}: architecture JSON has negative dimension(s): {', '.join(bad[:KEYS_LISTED])}; sizes "
+            "must be positive, fix the value or remove the JSON for the official architecture")
     logger.info("%s: non-default architecture from %s", Path(checkpoint).name, arch.name)
     return data
+
+
+def negative_dimensions(value: Any, where: str = "") -> list[str]:
+    """``key = value`` for every negative integer in a JSON value (nested keys as ``a.b[1]``)."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [f"{where} = {value}"] if value < 0 else []
+    if isinstance(value, dict):
+        return [b for k, v in value.items() for b in negative_dimensions(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [b for i, v in enumerate(value) for b in negative_dimensions(v, f"{where}[{i}]")]
+    return []
 
 
 def _build_on_meta(factory, *args, **kwargs) -> nn.Module:
@@ -265,8 +377,9 @@ def _load_module(path: str | os.PathLike, factory, what: str, dtype: torch.dtype
     kwargs = read_architecture(path) if arch_kwargs is None else arch_kwargs
     try:
         model = _build_on_meta(factory, **(kwargs or {}))
-    except TypeError as e:
-        raise CheckpointError(f"{architecture_path(path)}: invalid {what} architecture {kwargs}: {e}") from e
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{architecture_path(path)}: invalid {what} architecture {kwargs}: {e}; fix "
+                              "it or remove it for the official architecture") from e
     sd = read_state_dict(path)
     _assign_weights(model, sd, f"{what} checkpoint {path}", dtype, device)
     logger.info("loaded %s from %s: %d tensors, %s, %.1f s", what, path.name, len(sd), dtype,
@@ -304,7 +417,7 @@ def load_unet(path: str | os.PathLike, dtype: torch.dtype, device: torch.device 
     config = read_architecture(path) or unet_module.load_config(None)
     try:
         model = _build_on_meta(unet_module.build_sonic_unet, config)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{architecture_path(path)}: invalid UNet architecture ({e}); it must be a "
                               "diffusers UNetSpatioTemporalConditionModel config, or remove it") from e
     sd = read_state_dict(path)
@@ -360,13 +473,25 @@ def load_whisper(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     try:
         raw = json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: cannot be read ({e})") from e
+        raise CheckpointError(f"{config_file}: cannot be read ({e}); download openai/whisper-tiny's "
+                              "config.json again") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: must be a JSON object, found {type(raw).__name__}; download "
+                              "openai/whisper-tiny's config.json again")
     if raw.get("model_type") != "whisper":
         raise CheckpointError(
             f"{config_file}: model_type is {raw.get('model_type')!r}, expected 'whisper'; point to the "
             "whisper-tiny folder")
-    config = WhisperConfig.from_dict(raw)
-    encoder = _build_on_meta(WhisperEncoder, config)
+    bad = negative_dimensions(raw)
+    if bad:
+        raise CheckpointError(f"{config_file}: negative dimension(s) {', '.join(bad[:KEYS_LISTED])}; use the "
+                              "config.json of openai/whisper-tiny")
+    try:
+        config = WhisperConfig.from_dict(raw)
+        encoder = _build_on_meta(WhisperEncoder, config)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{config_file}: not a usable whisper config ({type(e).__name__}: {e}); use "
+                              "the config.json of openai/whisper-tiny") from e
     sd = _whisper_encoder_state(read_state_dict(weights), weights)
     _assign_weights(encoder, sd, f"whisper encoder in {weights}", dtype, device)
 
@@ -413,10 +538,12 @@ def load_sonic_models(unet: str | os.PathLike, audio2token: str | os.PathLike,
     )
 
 
-def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, fp16: bool = False) -> dict[str, Any]:
+def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, fp16: bool = False,
+                    overwrite: bool = False) -> dict[str, Any]:
     """Any supported checkpoint -> ``dst`` (.safetensors), atomically; the architecture JSON follows.
 
-    With ``fp16`` floating tensors are stored as float16. Returns ``{"keys", "bytes", "architecture"}``.
+    With ``fp16`` floating tensors are stored as float16. An existing ``dst`` (or its architecture
+    JSON) is an error unless ``overwrite``. Returns ``{"keys", "bytes", "architecture"}``.
     """
     src, dst = Path(src), Path(dst)
     if dst.suffix.lower() not in SAFETENSORS_SUFFIXES:
@@ -425,19 +552,27 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike, fp16: bool =
         raise ValueError(f"output {str(dst)!r} is the input file; choose another output name")
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output folder {str(dst.parent)!r} does not exist; create it first")
+    arch_src, arch_dst = architecture_path(src), architecture_path(dst)
+    copy_arch = arch_src.is_file() and arch_src.resolve() != arch_dst.resolve()
+    if not overwrite:
+        taken = [p for p in ([dst] + ([arch_dst] if copy_arch else [])) if os.path.lexists(p)]
+        if taken:
+            raise FileExistsError(
+                f"output {' and '.join(repr(str(p)) for p in taken)} already exist(s); nothing was written. "
+                "Choose another output name, or pass --overwrite to replace "
+                f"{'them' if len(taken) > 1 else 'it'}")
     sd = read_state_dict(src)
     if fp16:
         for k in list(sd):
             if sd[k].is_floating_point():
                 sd[k] = sd[k].to(torch.float16)
-    save_safetensors(sd, dst)
-    arch_src, arch_dst = architecture_path(src), architecture_path(dst)
+    save_safetensors(sd, dst, overwrite=overwrite)
     copied = None
-    if arch_src.is_file() and arch_src.resolve() != arch_dst.resolve():
+    if copy_arch:
         tmp = _temp_beside(arch_dst)
         try:
             shutil.copyfile(arch_src, tmp)
-            os.replace(tmp, arch_dst)
+            _publish(tmp, arch_dst, overwrite)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

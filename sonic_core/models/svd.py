@@ -186,7 +186,31 @@ def _read_config(folder: Path, what: str) -> dict:
             f"{what}: {cfg} is missing; point to a diffusers-format SVD-xt folder "
             f"containing {VAE_SUBFOLDER}/ and {IMAGE_ENCODER_SUBFOLDER}/"
         )
-    return json.loads(cfg.read_text())
+    from ..weights import CheckpointError, negative_dimensions
+
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError: a damaged download
+        raise CheckpointError(f"{what}: {cfg} cannot be read ({type(e).__name__}: {e}); download it again "
+                              "from stabilityai/stable-video-diffusion-img2vid-xt") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what}: {cfg} must be a JSON object, found {type(data).__name__}; download "
+                              "it again")
+    bad = negative_dimensions(data)
+    if bad:
+        raise CheckpointError(f"{what}: {cfg} has negative dimension(s) {', '.join(bad)}; download it again")
+    return data
+
+
+def _build(factory, config: dict, folder: Path, what: str) -> torch.nn.Module:
+    """``factory(config)``, with a model-building error turned into one that names the config file."""
+    from ..weights import CheckpointError
+
+    try:
+        return factory(config)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{what}: {folder / CONFIG_FILE} does not describe a usable model "
+                              f"({type(e).__name__}: {e}); download it again") from e
 
 
 def build_vae(config: dict) -> torch.nn.Module:
@@ -229,7 +253,7 @@ def load_vae(
     """``SVDVAE`` from ``folder/vae`` (``folder`` may also be the vae folder itself)."""
     folder = Path(folder)
     sub = folder / VAE_SUBFOLDER if (folder / VAE_SUBFOLDER).is_dir() else folder
-    model = build_vae(_read_config(sub, "SVD VAE"))
+    model = _build(build_vae, _read_config(sub, "SVD VAE"), sub, "SVD VAE")
     model = _load_into(model, _weights_file(sub, VAE_WEIGHT_FILES, "SVD VAE"), "SVD VAE", dtype, device)
     return SVDVAE(model, decode_chunk_size)
 
@@ -238,7 +262,7 @@ def load_image_encoder(folder: str | Path, dtype: torch.dtype, device: torch.dev
     """``SVDImageEncoder`` from ``folder/image_encoder`` (or that folder itself)."""
     folder = Path(folder)
     sub = folder / IMAGE_ENCODER_SUBFOLDER if (folder / IMAGE_ENCODER_SUBFOLDER).is_dir() else folder
-    model = build_image_encoder(_read_config(sub, "SVD image encoder"))
+    model = _build(build_image_encoder, _read_config(sub, "SVD image encoder"), sub, "SVD image encoder")
     model = _load_into(
         model,
         _weights_file(sub, ENCODER_WEIGHT_FILES, "SVD image encoder"),

@@ -1,0 +1,209 @@
+"""Hostile and careless inputs (issue 13): each gets an error that names the value and says what
+to do; nothing is overwritten, nothing is left behind. Weights and model files here; images,
+audio and video in tests/test_bad_media.py; the CLI in tests/test_bad_inputs_cli.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sonic_core import config
+from sonic_core.weights import (
+    CheckpointError,
+    check_keys,
+    convert_weights,
+    load_audio2bucket,
+    load_audio2token,
+    read_state_dict,
+    save_safetensors,
+)
+
+
+def _write(sd: dict, path: Path, arch: dict | None = None) -> Path:
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+    if arch is not None:
+        path.with_suffix(".json").write_text(json.dumps(arch))
+    return path
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. convert-weights never replaces an existing output (or its .json) without --overwrite
+# ----------------------------------------------------------------------------------------------
+def test_convert_refuses_existing_output_and_json(golden, tmp_path):
+    src_dir, out_dir = tmp_path / "src", tmp_path / "out"
+    src_dir.mkdir()
+    out_dir.mkdir()
+    src = _write(golden.weights("audio2token"), src_dir / "a2t.pth", golden.models["audio2token"])
+    out = out_dir / "a2t.safetensors"
+    out.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match=r"a2t\.safetensors.*already exist.*--overwrite") as e:
+        convert_weights(src, out)
+    assert "nothing was written" in str(e.value)
+    assert out.read_bytes() == b"precious" and _listing(out_dir) == ["a2t.safetensors"]
+
+    out.unlink()  # only the JSON is in the way: still refused, and the safetensors is not written
+    out.with_suffix(".json").write_text("{\"mine\": 1}")
+    with pytest.raises(FileExistsError, match=r"a2t\.json"):
+        convert_weights(src, out)
+    assert _listing(out_dir) == ["a2t.json"] and json.loads((out_dir / "a2t.json").read_text()) == {"mine": 1}
+
+    info = convert_weights(src, out, overwrite=True)  # asked for: both replaced
+    assert info["keys"] == len(golden.weights("audio2token"))
+    assert json.loads((out_dir / "a2t.json").read_text()) == golden.models["audio2token"]
+    assert _listing(out_dir) == ["a2t.json", "a2t.safetensors"]
+
+
+def test_save_safetensors_without_overwrite_keeps_a_file_that_appeared(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match="left as it is"):
+        save_safetensors({"a": torch.zeros(2)}, path, overwrite=False)
+    assert path.read_bytes() == b"someone else's" and _listing(tmp_path) == ["x.safetensors"]
+
+
+def test_convert_cli_exit_code_and_overwrite_flag(golden, tmp_path, capsys):
+    from sonic_core import cli
+
+    src = _write(golden.weights("audio2bucket"), tmp_path / "a2b.pth")
+    out = tmp_path / "a2b.safetensors"
+    out.write_bytes(b"old")
+    assert cli.main(["-q", "convert-weights", str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a2b.safetensors" in err and "--overwrite" in err and "Traceback" not in err
+    assert out.read_bytes() == b"old"
+    assert cli.main(["-q", "convert-weights", str(src), str(out), "--overwrite"]) == 0
+    assert read_state_dict(out).keys() == golden.weights("audio2bucket").keys()
+    assert _listing(tmp_path) == ["a2b.pth", "a2b.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. tensors of the wrong dtype: the file, the key and both dtypes are named
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_wrong_dtype_tensor_names_file_key_dtype(golden, tmp_path, dtype):
+    sd = golden.weights("audio2token")
+    sd["proj1.weight"] = torch.ones_like(sd["proj1.weight"]).to(dtype)
+    path = _write(sd, tmp_path / "a2t.safetensors", golden.models["audio2token"])
+    with pytest.raises(CheckpointError) as e:
+        load_audio2token(path)
+    msg = str(e.value)
+    assert str(path) in msg and "proj1.weight" in msg and "dtype mismatch" in msg
+    assert str(dtype).removeprefix("torch.") in msg and "float32" in msg and "right checkpoint" in msg
+
+
+def test_dtype_check_accepts_other_float_precisions_and_int_buffers():
+    model = torch.nn.BatchNorm1d(3)  # num_batches_tracked is int64
+    sd = {k: (v.half() if v.is_floating_point() else v.to(torch.int32)) for k, v in model.state_dict().items()}
+    check_keys(model, sd, "bn")  # fp16 into fp32, int32 into int64: fine
+    sd["num_batches_tracked"] = torch.tensor(0.0)
+    with pytest.raises(CheckpointError, match=r"num_batches_tracked float32 vs model int64"):
+        check_keys(model, sd, "bn")
+
+
+def test_svd_checkpoint_of_wrong_dtype(golden, tmp_path):
+    from sonic_core.models import svd
+    from tests._model_files import write_golden_svd_folder
+
+    write_golden_svd_folder(golden, tmp_path, vae_file="diffusion_pytorch_model.safetensors")
+    sd = dict(golden.weights("vae"))
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[key] = sd[key].to(torch.int32)
+    save_safetensors(sd, tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{key} int32 vs model float32"):
+        svd.load_vae(tmp_path, torch.float32, "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. corrupt SVD configs and negative dimensions in architecture JSON
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sub", ["vae", "image_encoder"])
+@pytest.mark.parametrize("text", ['{"in_channels": 3,', "[1, 2]", '{"block_out_channels": [-8]}'])
+def test_corrupt_svd_config_names_the_file(golden, tmp_path, sub, text):
+    from sonic_core.models import svd
+    from tests._model_files import write_golden_svd_folder
+
+    write_golden_svd_folder(golden, tmp_path, vae_file="diffusion_pytorch_model.safetensors")
+    cfg = tmp_path / sub / "config.json"
+    if "block_out" in text and sub == "image_encoder":
+        text = '{"hidden_size": -8}'
+    cfg.write_text(text)
+    load = svd.load_vae if sub == "vae" else svd.load_image_encoder
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path, torch.float32, "cpu")
+    assert str(cfg) in str(e.value) and "download it again" in str(e.value)
+    if "-8" in text:
+        assert "negative" in str(e.value) and "-8" in str(e.value)
+
+
+def test_negative_dimension_in_architecture_json_names_the_key(golden, tmp_path):
+    arch = dict(golden.models["audio2bucket"])
+    key = next(k for k, v in arch.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0)
+    arch[key] = -arch[key]
+    path = _write(golden.weights("audio2bucket"), tmp_path / "a2b.pth", arch)
+    with pytest.raises(CheckpointError) as e:
+        load_audio2bucket(path)
+    assert "a2b.json" in str(e.value) and f"{key} = {arch[key]}" in str(e.value) and "negative" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. a huge safetensors header is refused from its first 8 bytes, a huge tensor count quickly
+# ----------------------------------------------------------------------------------------------
+def _raw_safetensors(path: Path, header: bytes, payload: bytes = b"") -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + payload)
+    return path
+
+
+def test_huge_header_length_is_refused_before_reading(tmp_path):
+    path = tmp_path / "bomb.safetensors"
+    with open(path, "wb") as f:  # claims a 57 MB header; the file is sparse
+        f.write(struct.pack("<Q", 57 * 10**6))
+        f.truncate(57 * 10**6 + 8)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"bomb\.safetensors.*header is 57000000 bytes.*download"):
+        read_state_dict(path)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_million_empty_tensors_are_refused_quickly(tmp_path):
+    n = config.SAFETENSORS_MAX_TENSORS + 1
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
+    path = _raw_safetensors(tmp_path / "many.safetensors", ("{" + entries + "}").encode())
+    assert path.stat().st_size < config.SAFETENSORS_MAX_HEADER_BYTES  # within the byte bound: the count decides
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=rf"many\.safetensors.*{n} tensors.*not a Sonic"):
+        read_state_dict(path)
+    assert time.perf_counter() - t0 < 2.0
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    (b"\x01\x02", "too short"),
+    (struct.pack("<Q", 1000) + b"{}", "claims 1000 bytes"),
+    (struct.pack("<Q", 5) + b"{oops", "not valid JSON"),
+])
+def test_damaged_safetensors_headers(tmp_path, raw, pattern):
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match=pattern) as e:
+        read_state_dict(path)
+    assert str(path) in str(e.value)
+
+
+def test_ordinary_safetensors_still_load(tmp_path):
+    path = _write({"a": torch.arange(4.0), "b": torch.zeros(0)}, tmp_path / "ok.safetensors")
+    sd = read_state_dict(path)
+    assert torch.equal(sd["a"], torch.arange(4.0)) and sd["b"].numel() == 0
+    assert os.path.getsize(path) > 0
