@@ -296,6 +296,7 @@ class SonicSampler:
             noise=noise,
             callback=callback,
             on_step=on_step,
+            resume=core("resume").ResumeStore(runtime.resume_dir()),  # a crashed run continues here
         )  # [F,4,h,w] VAE space
         return ({"samples": latents.to(runtime.intermediate_device())}, float(sonic_audio.fps))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import tempfile
 import threading
 from typing import Any, Callable
 
@@ -241,6 +242,7 @@ class ManagedModel:
 MODEL_FOLDER = "sonic"  # ComfyUI/models/sonic
 MODELS_ENV = "SONIC_MODELS_DIR"  # fallback model folder without ComfyUI
 OUTPUT_ENV = "SONIC_OUTPUT_DIR"  # fallback output folder without ComfyUI
+RESUME_ENV = "SONIC_RESUME_DIR"  # where sampler states are kept (default: see resume_dir)
 _registered = False
 
 
@@ -300,6 +302,19 @@ def output_dir() -> str:
     if COMFY:
         return _fp.get_output_directory()
     return os.environ.get(OUTPUT_ENV, os.path.join(os.getcwd(), "output"))
+
+
+def resume_dir() -> str:
+    """Where the sampler keeps its state after every step (sonic_core/resume.py): $SONIC_RESUME_DIR,
+    else ComfyUI's user folder (not its temp folder: ComfyUI empties that at every start, which
+    would lose the state exactly when a crash makes resuming worth it), else the system temp folder."""
+    from sonic_core.config import RESUME_FOLDER
+
+    if os.environ.get(RESUME_ENV):
+        return os.environ[RESUME_ENV]
+    if COMFY:
+        return os.path.join(_fp.get_user_directory(), RESUME_FOLDER)
+    return os.path.join(tempfile.gettempdir(), RESUME_FOLDER)
 
 
 def metadata_enabled() -> bool:

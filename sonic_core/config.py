@@ -162,3 +162,8 @@ class SamplerDefaults:
 
 
 SAMPLER_DEFAULTS = SamplerDefaults()
+
+# Resumable sampling (sonic_core/resume.py)
+RESUME_FORMAT_VERSION = 1  # bump when the saved state's meaning changes (old states are then ignored)
+RESUME_MAX_AGE_S = 7 * 24 * 3600  # s; states of other runs older than a week are deleted
+RESUME_FOLDER = "sonic_resume"  # folder name under ComfyUI's user directory

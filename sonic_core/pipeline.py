@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import OUTPUT_FPS, RIFE_BATCH, RIFE_MULTIPLIER, SAMPLER_DEFAULTS, U8_MAX, VIDEO_CRF
+from .resume import ResumeStore
 
 log = logging.getLogger(__name__)
 
@@ -186,28 +187,89 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
     return torch.from_numpy(rgb)[None], mask
 
 
+WAV_HEADER_BYTES = 12  # "RIFF" <u32 size> "WAVE"
+WAV_CHUNK_HEADER_BYTES = 8  # <4-char id> <u32 size>
+WAV_STREAMING_SIZE = 0xFFFFFFFF  # data size of a WAV written while streaming (length unknown)
+
+
+def wav_declared_seconds(path: str | os.PathLike) -> float | None:
+    """Seconds of audio a WAV file's header declares (data chunk size / byte rate); None if not a WAV.
+
+    FFmpeg reports a truncated WAV's duration from the bytes present, so the header is read here.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(WAV_HEADER_BYTES)
+            if len(head) < WAV_HEADER_BYTES or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            byte_rate = None
+            while True:
+                chunk = f.read(WAV_CHUNK_HEADER_BYTES)
+                if len(chunk) < WAV_CHUNK_HEADER_BYTES:
+                    return None
+                cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if cid == b"fmt ":
+                    fmt = f.read(size + size % 2)
+                    byte_rate = int.from_bytes(fmt[8:12], "little") if len(fmt) >= 12 else None
+                elif cid == b"data":
+                    if not byte_rate or size == WAV_STREAMING_SIZE:
+                        return None
+                    return size / byte_rate
+                else:
+                    f.seek(size + size % 2, os.SEEK_CUR)  # chunks are padded to even sizes
+    except OSError:
+        return None
+
+
 def read_audio(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
-    """Decode any audio (or video-with-audio) file with PyAV: waveform [1,C,T] float32, sample rate."""
+    """Decode any audio (or video-with-audio) file with PyAV: waveform [1,C,T] float32, sample rate.
+
+    Integer PCM becomes float (8-bit unsigned around 128, wider PCM signed). A file that decodes
+    to less than it declares (a truncated download) is used as far as it goes, with a warning.
+    """
     import av
+
+    from .audio import pcm_to_float
+    from .config import TRUNCATED_AUDIO_TOLERANCE_S
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio {path} does not exist")
-    chunks, rate = [], None
-    with av.open(str(path)) as container:
+    chunks, rate, declared, damage = [], None, None, None
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise ValueError(f"audio {path} cannot be read ({e}); give a wav/mp3/flac/m4a file or a video "
+                         "with sound") from e
+    with container:
         if not container.streams.audio:
             raise ValueError(f"{path} has no audio stream")
         stream = container.streams.audio[0]
-        for frame in container.decode(stream):
-            arr = frame.to_ndarray()  # [C,n] planar or [1,n*C] packed
-            if not frame.format.is_planar:
-                arr = arr.reshape(-1, len(frame.layout.channels)).T  # [C,n]
-            if arr.dtype.kind in "iu":
-                arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
-            chunks.append(arr.astype(np.float32))
-            rate = frame.sample_rate
+        if stream.duration and stream.time_base:  # mp3 (Xing header), flac, m4a: from the file
+            declared = float(stream.duration * stream.time_base)
+        elif container.duration and len(container.streams) == 1:
+            declared = container.duration / av.time_base
+        try:
+            for frame in container.decode(stream):
+                arr = frame.to_ndarray()  # [C,n] planar or [1,n*C] packed
+                if not frame.format.is_planar:
+                    arr = arr.reshape(-1, len(frame.layout.channels)).T  # [C,n]
+                chunks.append(pcm_to_float(arr))
+                rate = frame.sample_rate
+        except av.error.FFmpegError as e:  # damaged data part way: keep what decoded
+            damage = e
+            if not chunks:
+                raise ValueError(f"audio {path} cannot be decoded ({e}); re-export or download it again") from e
     if not chunks:
         raise ValueError(f"{path} holds no audio samples")
     wave = np.concatenate(chunks, axis=1)  # [C,T]
+    decoded = wave.shape[1] / rate
+    declared = wav_declared_seconds(path) or declared
+    if damage is not None or (declared is not None and declared - decoded > TRUNCATED_AUDIO_TOLERANCE_S):
+        said = f"declares {declared:.2f} s of audio but" if declared else "is damaged:"
+        log.warning("audio %s %s only %.2f s could be decoded%s; the file is probably truncated (an "
+                    "interrupted download or copy): only the decoded part is used, the video will be that "
+                    "long. Re-export or download it again for the whole clip", path, said, decoded,
+                    f" ({damage})" if damage is not None else "")
     return torch.from_numpy(wave)[None], int(rate)
 
 
@@ -235,11 +297,17 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output: str | os.PathLike,
             models_dir: str | os.PathLike, settings: AnimateSettings | None = None, *,
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-            svd_dir: str | os.PathLike | None = None, progress: Progress | None = None) -> Path:
-    """Image + audio files -> ``output`` (.mp4 with the audio). Returns the output path."""
+            svd_dir: str | os.PathLike | None = None, progress: Progress | None = None,
+            state_dir: str | os.PathLike | None = None, resume: bool = False) -> Path:
+    """Image + audio files -> ``output`` (.mp4 with the audio). Returns the output path.
+
+    The sampler's state is saved after every denoising step in ``state_dir`` (default: a hidden
+    ``.<output name>.resume`` folder beside the output); with ``resume`` a run with the same inputs
+    continues from the last saved step (sonic_core/resume.py). The state goes once sampling ends.
+    """
     settings = settings or AnimateSettings()
     from . import audio as audio_mod
-    from . import face, interpolate, motion, sampler, video, weights
+    from . import face, motion, sampler, stream, video, weights
     from .models import svd
     from .models.rife import load_rife
 
@@ -273,6 +341,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     vae, clip = svd.load_svd(svd_dir or models_dir / SVD_FOLDER, dtype, device)
     log.info("models loaded in %.1f s", time.perf_counter() - t0)
 
+    store = ResumeStore(state_dir or output.parent / f".{output.name}.resume", resume=resume)
     sonic_audio = audio_mod.encode_audio(models, wave, rate, settings.max_seconds, callback=stage("audio"),
                                          out_device=torch.device("cpu"))
     found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop)
@@ -284,18 +353,21 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
                               frames_per_window=settings.frames_per_window)
     latents = sampler.generate(models.load("unet"), vae, clip, ref_image, ref_mask, sonic_audio, sonic_motion,
                                settings=run, seed=settings.seed, dtype=dtype, window_batch=settings.window_batch,
-                               callback=stage("sampling"))  # [F,4,h,w] VAE space
-    frames = vae.decode(latents)  # [F,H,W,3] in 0..1
+                               callback=stage("sampling"), resume=store)  # [F,4,h,w] VAE space
+    store.remove_folder_if_empty()
     fps = sonic_audio.fps
+    rife = None
     if settings.interpolate:
         rife = load_rife(str(models_dir / "RIFE" / "flownet.pkl"), device)
-        frames = interpolate.interpolate(rife, frames, RIFE_MULTIPLIER, RIFE_BATCH, callback=stage("RIFE"))
         fps = OUTPUT_FPS
+    # decode -> RIFE -> encode stream in temporal-decoder chunks: memory does not grow with length
+    # (the encoding bar counts output frames, so it covers decode and RIFE too)
+    frames = stream.video_frames(vae, latents, vae.decode_chunk_size, rife, RIFE_MULTIPLIER, RIFE_BATCH)
     fmt = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}[output.suffix.lower()]
     output.parent.mkdir(parents=True, exist_ok=True)
     video.write_video(frames, str(output), fps, audio=(wave[0], rate), format=fmt, crf=settings.crf,
                       callback=stage("encoding"))
-    log.info("%s: %d frames at %g fps in %.1f s", output, frames.shape[0], fps, time.perf_counter() - t0)
+    log.info("%s: %d frames at %g fps in %.1f s", output, len(frames), fps, time.perf_counter() - t0)
     return output
 
 
@@ -360,6 +432,10 @@ def configure_cli(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="UNet/VAE/CLIP dtype (auto: fp16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same inputs from its last finished step")
+    p.add_argument("--state-dir", default=None,
+                   help="where the sampler saves its state after every step (default: .OUTPUT.resume beside -o)")
     p.add_argument("--download", action="store_true",
                    help="download the missing weights (only the files used) with huggingface_hub first")
 
@@ -378,7 +454,8 @@ def run_cli(args) -> int:
                                window_batch=args.window_batch)
     try:
         out = animate(args.image, args.audio, args.output, args.models, settings, device=device,
-                      dtype=pick_dtype(args.dtype, device), svd_dir=args.svd, progress=TextProgress())
+                      dtype=pick_dtype(args.dtype, device), svd_dir=args.svd, progress=TextProgress(),
+                      state_dir=args.state_dir, resume=args.resume)
     except MissingWeights as e:
         print(str(e), file=sys.stderr)
         return 3

@@ -158,6 +158,7 @@ def sample(
     callback: ProgressFn | None = None,
     on_step: StepFn | None = None,
     scheduler_config: dict | None = None,
+    resume=None,
 ) -> torch.Tensor:
     """Denoise the whole clip with position-shifted windows; returns latents [F,4,h,w] (x 0.18215).
 
@@ -171,6 +172,8 @@ def sample(
     out-of-memory error the batch is halved and the call retried (same result).
     callback(done, total, preview) after every UNet call (may raise to cancel);
     on_step(i, latents) after every outer step (latents [F,4,h,w], a copy is not made).
+    resume: a sonic_core.resume.ResumeStore: the state is saved after every outer step and a saved
+    state of the same inputs (fingerprint) is continued from; removed once the run finishes.
     """
     device = device or noise.device
     if noise.dim() == 5:
@@ -201,10 +204,19 @@ def sample(
     w, ov = settings.frames_per_window, settings.overlap
     n_windows = len(range(0, num_frames, w - ov))
     total = n_run * n_windows
-    done = 0
-    shift = 0
+    start = 0
+    fp = None
+    if resume is not None:
+        fp = _fingerprint(image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets,
+                          face_mask, noise, settings, dtype, sched, scheduler_config)
+        state = resume.load(fp, latents, n_run)
+        if state is not None:
+            start, latents = state
+            log.info("resuming at step %d of %d from %s", start + 1, n_run, resume.path(fp))
+    done = start * n_windows
+    shift = start * settings.shift_offset
     batch = min(window_batch, n_windows)
-    for i in range(n_run):
+    for i in range(start, n_run):
         t = sched.timesteps[i].to(device)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         wins = window_indices(num_frames, w, ov, shift)
@@ -249,9 +261,28 @@ def sample(
             b0 += len(chunk)
         shift += settings.shift_offset
         latents = acc / cnt  # [F,4,h,w]
+        if resume is not None and i + 1 < n_run:
+            resume.save(fp, i + 1, latents)
         if on_step is not None:
             on_step(i, latents)
+    if resume is not None:
+        resume.clear(fp)
     return latents
+
+
+def _fingerprint(image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets, face_mask,
+                 noise, settings: SamplerDefaults, dtype, sched: Schedule, scheduler_config) -> str:
+    """Everything that changes the sampler's result (not window_batch or the device: rounding only)."""
+    from .resume import fingerprint
+
+    used = {k: getattr(settings, k) for k in (
+        "steps", "frames_per_window", "overlap", "shift_offset", "min_appearance_guidance",
+        "max_appearance_guidance", "min_audio_guidance", "max_audio_guidance", "i2i_strength",
+        "fps_conditioning", "audio_scale")}
+    tensors = {"image_latents": image_latents, "ref_latents": ref_latents, "clip_embeds": clip_embeds,
+               "cond_tokens": cond_tokens, "uncond_tokens": uncond_tokens, "buckets": buckets,
+               "face_mask": face_mask, "noise": noise, "sigmas": sched.sigmas}
+    return fingerprint(tensors, {**used, "dtype": str(dtype), "scheduler_config": scheduler_config})
 
 
 def _guided_velocity(
@@ -408,6 +439,7 @@ def generate(
     noise: torch.Tensor | None = None,
     callback: ProgressFn | None = None,
     on_step: StepFn | None = None,
+    resume=None,
 ) -> torch.Tensor:
     """Everything the sampler node does; returns VAE-space latents ``[F,4,h,w]`` float32 on the CPU.
 
@@ -455,5 +487,6 @@ def generate(
         window_batch=window_batch,
         callback=callback,
         on_step=on_step,
+        resume=resume,
     )  # [F,4,h,w]
     return to_vae_space(latents.float()).cpu()

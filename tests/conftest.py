@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 import pytest
 import torch
 
 from tests._golden import golden_base, load_golden
 
+# the sampler node keeps resume states (nodes/runtime.resume_dir): one fresh folder per test session
+os.environ.setdefault("SONIC_RESUME_DIR", tempfile.mkdtemp(prefix="sonic-test-resume-"))
 THREADS_ENV = "SONIC_TEST_THREADS"
 if os.environ.get(THREADS_ENV):
     torch.set_num_threads(int(os.environ[THREADS_ENV]))

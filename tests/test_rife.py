@@ -11,7 +11,7 @@ from sonic_core.config import RIFE_STATE_PREFIX
 from sonic_core.interpolate import interpolate, interpolated_length
 from sonic_core.models.rife import IFNet, build_rife, load_rife, rife_state_dict
 from sonic_core.weights import CheckpointError
-from tests._golden import assert_close_rel, load_json
+from tests._golden import assert_close_rel, assert_same_math, load_json
 
 PARITY_ATOL = 1e-5  # values are in [0, 1]
 
@@ -105,8 +105,8 @@ def test_rife_multiplier_4_is_2x_twice():
     x4 = interpolate(model, frames, 4, batch_size=2)
     assert x4.shape[0] == interpolated_length(4, 4) == 4 * 4 - 3
     assert torch.equal(x4[0::4], frames)
-    assert_close_rel(x4[0::2], x2, rtol=0.0, atol=1e-6, what="x4 even frames = x2")
-    assert_close_rel(x4, interpolate(model, x2, 2), rtol=0.0, atol=1e-6, what="x4 = x2 twice")
+    assert_same_math(x4[0::2], x2, "x4 even frames = x2")  # other batch sizes: same math, other kernels
+    assert_same_math(x4, interpolate(model, x2, 2), "x4 = x2 twice")
 
 
 def test_rife_odd_sizes_are_padded_and_cropped():
@@ -115,8 +115,9 @@ def test_rife_odd_sizes_are_padded_and_cropped():
     out = interpolate(model, frames, 2)
     assert out.shape == (5, 37, 50, 3)
     assert out.min() >= 0 and out.max() <= 1
-    # the frame content does not depend on the batch the pair is computed in
-    assert_close_rel(out, interpolate(model, frames, 2, batch_size=1), rtol=0.0, atol=1e-6, what="batch")
+    # the frame content does not depend on the batch the pair is computed in (same math; other batch
+    # sizes take other kernels: 1.0e-6 with ATEN_CPU_CAPABILITY=default, so SAME_MATH_ULPS)
+    assert_same_math(out, interpolate(model, frames, 2, batch_size=1), "batch of 2 pairs vs 1")
 
 
 def test_rife_bad_input_and_cancel():

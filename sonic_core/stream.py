@@ -1,0 +1,117 @@
+"""Frames after the sampler, in chunks: VAE decode -> RIFE -> encoder, never the whole clip.
+
+The sampler's latents are small (64 KB a frame at 512x512); decoded frames are not (3 MB a frame
+as float32, 7500 frames in ten minutes). Here every stage is a generator of ``[n, H, W, 3]``
+chunks, so host memory holds one decode chunk plus one RIFE batch, whatever the length.
+
+The result equals the all-at-once path (``vae.decode`` of every latent, then
+``interpolate.interpolate``, then ``video.write_video``):
+
+* decode chunks are the temporal decoder's own chunks (``decode_chunk_size`` consecutive frames,
+  the last one shorter), because the decoder mixes frames only inside a chunk (SPEC §11);
+* RIFE keeps the last frame of the previous chunk, so the pair that straddles a chunk border is
+  interpolated from the same two frames as in one pass, and each original frame is emitted once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .interpolate import MULTIPLIERS, _double, interpolated_length
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, int], None] | None
+
+
+def decode_chunks(vae, latents: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
+    """VAE-space latents ``[F, 4, h, w]`` -> decoded chunks ``[c, H, W, 3]`` (0..1), in order.
+
+    ``vae.decode`` is called once per temporal-decoder chunk of ``chunk_size`` frames, exactly the
+    chunks a whole-clip ``vae.decode`` forms, so the frames are the same.
+    """
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be [frames, 4, h, w], got {tuple(latents.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"decode chunk size {chunk_size} must be at least 1")
+    for start in range(0, latents.shape[0], chunk_size):
+        yield vae.decode(latents[start:start + chunk_size], chunk_size)  # [c,H,W,3]
+
+
+def interpolate_chunks(model: nn.Module, chunks: Iterable[torch.Tensor], multiplier: int = 2,
+                       batch_size: int = 4, callback: Callback = None,
+                       total_pairs: int = 0) -> Iterator[torch.Tensor]:
+    """RIFE over a stream of ``[n, H, W, 3]`` chunks -> interpolated chunks, in order.
+
+    The first chunk's first frame is emitted as is; every later output chunk is what one pass
+    gives after the frame already emitted: ``mid(prev, c0), c0, mid(c0, c1), ..., c_{n-1}``.
+    ``multiplier`` 4 chains two 2x passes. ``callback(done, total_pairs)`` counts frame pairs.
+    """
+    if multiplier not in MULTIPLIERS:
+        raise ValueError(f"multiplier {multiplier} is not supported: use one of {MULTIPLIERS}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} must be at least 1")
+    done = 0
+
+    def step(k: int) -> None:
+        nonlocal done
+        done += k
+        if callback is not None:
+            callback(done, max(total_pairs, done))
+
+    def one_pass(stream: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        prev = None  # [1, H, W, 3], the last frame emitted
+        for chunk in stream:
+            if chunk.shape[0] == 0:
+                continue
+            if prev is None:
+                yield chunk[:1]
+                frames = chunk
+            else:
+                frames = torch.cat([prev, chunk[..., :3]])  # [n+1, H, W, 3]
+            if frames.shape[0] > 1:
+                yield _double(model, frames, batch_size, step)[1:]  # [2n-1 or 2n, H, W, 3]
+            prev = frames[-1:, ..., :3]
+
+    out: Iterable[torch.Tensor] = chunks
+    for _ in range(multiplier.bit_length() - 1):
+        out = one_pass(out)
+    yield from out
+
+
+class FrameStream:
+    """An iterable of ``[H, W, 3]`` frames drawn from chunks, with a known length for progress."""
+
+    def __init__(self, chunks: Iterable[torch.Tensor], length: int):
+        self.chunks = chunks
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for chunk in self.chunks:
+            yield from chunk
+
+
+def video_frames(vae, latents: torch.Tensor, chunk_size: int, rife: nn.Module | None = None,
+                 multiplier: int = 2, batch_size: int = 4, callback: Callback = None) -> FrameStream:
+    """Latents ``[F, 4, h, w]`` -> a FrameStream of the output video's frames (decoded, then
+    RIFE-interpolated when ``rife`` is given). Nothing runs until the stream is iterated."""
+    num = latents.shape[0]
+    chunks: Iterable[torch.Tensor] = decode_chunks(vae, latents, chunk_size)
+    length = num
+    if rife is not None:
+        if num < 2:
+            raise ValueError(f"RIFE needs at least 2 frames to interpolate, got {num}")
+        length = interpolated_length(num, multiplier)
+        pairs, n = 0, num
+        for _ in range(multiplier.bit_length() - 1):  # each 2x pass interpolates n - 1 pairs
+            pairs, n = pairs + n - 1, 2 * n - 1
+        chunks = interpolate_chunks(rife, chunks, multiplier, batch_size, callback, pairs)
+    log.info("streaming %d latents -> %d frames in chunks of %d", num, length, chunk_size)
+    return FrameStream(chunks, length)
