@@ -31,6 +31,7 @@ from .config import (
     FRAME_STEP,
     GENERATED_FPS,
     MIN_AUDIO_SECONDS,
+    MIN_SAMPLE_RATE,
     N_MEL_FRAMES,
     N_SAMPLES_CHUNK,
     N_WHISPER_POSITIONS,
@@ -84,6 +85,35 @@ class SonicAudio:
 # ----------------------------------------------------------------------------------------------
 # Validation and frame counts
 # ----------------------------------------------------------------------------------------------
+def pcm_to_float(samples: np.ndarray) -> np.ndarray:
+    """Integer PCM -> float32 in [-1, 1): signed ``x / 2**(bits-1)``, unsigned ``(x - mid) / mid``.
+
+    8-bit WAV is unsigned (silence = 128), 16/24/32-bit PCM is signed. Float input is returned
+    as float32 unchanged.
+    """
+    if samples.dtype.kind == "f":
+        return samples.astype(np.float32, copy=False)
+    if samples.dtype.kind == "b":
+        raise ValueError("audio samples are booleans; give PCM or float samples")
+    info = np.iinfo(samples.dtype)
+    if samples.dtype.kind == "u":
+        mid = (int(info.max) + 1) // 2  # 128 for uint8
+        return ((samples.astype(np.float64) - mid) / mid).astype(np.float32)
+    return (samples.astype(np.float64) / -float(info.min)).astype(np.float32)  # / 32768 for int16
+
+
+def check_sample_rate(sample_rate, what: str = "audio") -> None:
+    """Raise unless ``sample_rate`` is a finite number of Hz of at least ``MIN_SAMPLE_RATE``."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(sample_rate) or sample_rate <= 0:
+        raise ValueError(f"{what} sample_rate must be a positive number of Hz, got {sample_rate!r}; "
+                         "check the node that produced the AUDIO")
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise ValueError(f"{what} sample_rate is {sample_rate:g} Hz, below the {MIN_SAMPLE_RATE} Hz minimum "
+                         "(speech needs at least telephone quality, 8000 Hz); the rate is probably wrong: "
+                         "check the node or file that produced the AUDIO, or resample it")
+
+
 def check_waveform(waveform: torch.Tensor, sample_rate: float) -> torch.Tensor:
     """Validate a ComfyUI-style waveform and return it as ``[C, T]``.
 
@@ -91,10 +121,7 @@ def check_waveform(waveform: torch.Tensor, sample_rate: float) -> torch.Tensor:
     """
     if not isinstance(waveform, torch.Tensor):
         raise ValueError(f"audio waveform must be a torch.Tensor [B, C, T], got {type(waveform).__name__}")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
-            or not math.isfinite(sample_rate) or sample_rate <= 0:
-        raise ValueError(f"audio sample_rate must be a positive number of Hz, got {sample_rate!r}; "
-                         "check the node that produced the AUDIO")
+    check_sample_rate(sample_rate)
     if waveform.dim() == 3:
         if waveform.shape[0] != 1:
             raise ValueError(f"audio batch size is {waveform.shape[0]} (waveform shape "

@@ -27,6 +27,8 @@ POSITIONS_PER_25FPS_FRAME = 2  # whisper positions per 25 fps frame
 FRAME_STEP = 2  # 25 fps frames per generated frame (12.5 fps generated)
 FRAME_CAP = 10000  # official cap on 25 fps frames (``frame_num``)
 MIN_AUDIO_SECONDS = FRAME_STEP * SAMPLES_PER_25FPS_FRAME / SAMPLE_RATE  # 0.08 s = one video frame
+MIN_SAMPLE_RATE = 4000  # Hz; lower audio rates are refused (telephone audio is 8000 Hz)
+TRUNCATED_AUDIO_TOLERANCE_S = 0.25  # s; decoded this much shorter than the file's declared length: warn
 
 # token window (audio2token input): 10 positions centred on the frame, padding 4 before / 6 after
 TOKEN_WINDOW = 10  # whisper positions per token window (0.2 s)
@@ -137,6 +139,8 @@ AAC_FALLBACK_RATE = 48000  # Hz, AAC rate for sources below AAC_MIN_RATE or at a
 AAC_MIN_RATE = 44100  # Hz, lowest source rate kept as is (an AAC frame, 1024 samples, is then <= 23 ms)
 FPS_DENOMINATOR = 1000  # frame rates are stored as fractions n / 1000 (12.5 -> 25/2)
 OUTPUT_COUNTER_DIGITS = 5  # ComfyUI's output counter: <prefix>_00001_.mp4
+PARTIAL_STALE_AGE_S = 3600  # s; an unlocked temp video of ours unchanged this long is a killed encode's
+MAX_FILENAME_BYTES = 255  # bytes per file name where the OS does not say (NAME_MAX of ext4, NTFS, APFS)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,15 @@
   interleaved with the video, and trimmed or padded with silence to the video's duration.
 * The file is written under a hidden temporary name in the target folder and renamed when
   complete; an error or a cancel (the callback raising) removes it, so no partial file stays.
-  The rename never replaces an existing file.
+  The rename never replaces an existing file. The temporary file is locked (``flock``) while its
+  encode runs; a process killed outright (SIGKILL, an OOM kill) cannot remove it, so every encode
+  first removes the temporary files of our naming scheme in its folder that no process holds and
+  that have not changed for ``PARTIAL_STALE_AGE_S``.
+* Input checks: NaN/inf frames, NaN audio, frames larger than the encoder allows and file names
+  longer than the filesystem allows are errors before anything is written. uint8 frames and
+  float frames in 0..255 are converted (with a warning); integer PCM audio is converted to float
+  (8-bit unsigned around 128, 16/32-bit signed) and float audio beyond [-1, 1] is clipped with a
+  warning naming its peak.
 * Colours: RGB is converted with the BT.709 matrix to limited range and tagged as BT.709.
   Frame values are rounded to 8 bit (16 bit for 10-bit pixel formats).
 * Odd sizes: 4:2:0 pixel formats need even sizes, so an odd width or height is padded by
@@ -19,9 +27,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,10 +45,18 @@ from .config import (
     AAC_MIN_RATE,
     AUDIO_BITRATE,
     FPS_DENOMINATOR,
+    MAX_FILENAME_BYTES,
     OPUS_SAMPLE_RATE,
     OUTPUT_COUNTER_DIGITS,
+    PARTIAL_STALE_AGE_S,
+    U8_MAX,
     VIDEO_CRF,
 )
+
+try:  # POSIX: a live temp file is locked, so another process never removes it
+    import fcntl
+except ImportError:  # Windows: an open file cannot be deleted there anyway
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +69,9 @@ MAX_FPS = 1000.0  # frames/s accepted
 GIF_COLOURS = 256  # palette entries per GIF frame
 AUDIO_FRAME_SAMPLES = 1024  # samples per audio frame handed to an encoder without a fixed frame size
 PIX_FMTS = ("yuv420p", "yuv444p", "yuv420p10le")
+U8_RANGE_PEAK = 2.0  # a float frame batch peaking above this is taken as 0..255 and divided by 255
+PARTIAL_TAG = ".partial."  # temp name: .<name>.<12 hex>.partial.<ext>
+PARTIAL_HEX = 12  # hex digits of the random part of a temp name
 
 
 @dataclass(frozen=True)
@@ -62,16 +83,17 @@ class VideoFormat:
     codec: str  # video encoder
     audio_codec: str | None  # None: no audio track
     crf_max: int  # largest crf the encoder accepts
+    max_side: int  # px, largest width or height the encoder opens (measured with PyAV 18's FFmpeg)
     codec_tag: str | None = None
     options: tuple[tuple[str, str], ...] = ()
 
 
 FORMATS = {
-    "h264-mp4": VideoFormat("mp4", "mp4", "libx264", "aac", 51),
-    "h265-mp4": VideoFormat("mp4", "mp4", "libx265", "aac", 51, codec_tag="hvc1",
+    "h264-mp4": VideoFormat("mp4", "mp4", "libx264", "aac", 51, 16384),
+    "h265-mp4": VideoFormat("mp4", "mp4", "libx265", "aac", 51, 65534, codec_tag="hvc1",
                             options=(("x265-params", "log-level=error"),)),
-    "vp9-webm": VideoFormat("webm", "webm", "libvpx-vp9", "libopus", 63, options=(("row-mt", "1"),)),
-    "gif": VideoFormat("gif", "gif", "gif", None, 0),
+    "vp9-webm": VideoFormat("webm", "webm", "libvpx-vp9", "libopus", 63, 65536, options=(("row-mt", "1"),)),
+    "gif": VideoFormat("gif", "gif", "gif", None, 0, 65535),
 }
 EXTENSIONS = tuple(sorted({f.ext for f in FORMATS.values()}))
 
@@ -112,8 +134,41 @@ def output_folder(output_dir: str, prefix: str) -> tuple[str, str, str]:
     folder = os.path.join(output_dir, *subfolder.split("/")) if subfolder else output_dir
     if not _inside(output_dir, folder):  # a symlinked subfolder pointing elsewhere
         raise ValueError(f"filename_prefix {prefix!r} resolves outside the output folder {output_dir}")
-    os.makedirs(folder, exist_ok=True)
+    for part in subfolder.split("/") if subfolder else ():
+        check_name_length(output_dir, part, 0, "filename_prefix: the folder name")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the output folder {folder} ({e.strerror}): make the output "
+                               "folder writable or choose another one") from e
     return folder, subfolder, stem
+
+
+def _name_max(folder: str) -> int:
+    """Bytes a file name may have in ``folder`` (the OS's NAME_MAX, else MAX_FILENAME_BYTES)."""
+    probe = folder
+    while probe and not os.path.isdir(probe):  # the folder itself may not exist yet
+        parent = os.path.dirname(probe)
+        probe = parent if parent != probe else ""
+    try:
+        return int(os.pathconf(probe or ".", "PC_NAME_MAX"))
+    except (AttributeError, OSError, ValueError):  # no pathconf on Windows
+        return MAX_FILENAME_BYTES
+
+
+def check_name_length(folder: str, name: str, extra: int, what: str) -> None:
+    """Raise if ``name`` plus ``extra`` bytes (counter, temp-name parts) is too long for ``folder``."""
+    limit = _name_max(folder)
+    size = len(os.fsencode(name))
+    if size + extra > limit:
+        room = f", of which the counter and the temporary name need {extra}" if extra else ""
+        raise ValueError(f"{what} {name[:24]!r}... is {size} bytes long; this filesystem allows {limit} "
+                         f"bytes per name{room}: shorten it to at most {limit - extra} bytes")
+
+
+def _temp_overhead(ext: str) -> int:
+    """Bytes a temp name adds to the final file name's stem: ``.`` + ``.<hex>.partial.<ext>``."""
+    return 2 + PARTIAL_HEX + len(PARTIAL_TAG) + len(ext)
 
 
 def next_counter(folder: str, stem: str) -> int:
@@ -189,16 +244,51 @@ def _even_pad(pix_fmt: str) -> bool:
     return "420" in pix_fmt
 
 
+def _batch_in_u8_range(frames) -> bool:
+    """True when a float frame tensor holds 0..255 values (its peak, frame by frame, exceeds 2)."""
+    if not isinstance(frames, torch.Tensor) or not frames.is_floating_point() or frames.ndim != 4:
+        return False
+    peak = max((float(f.amax()) for f in frames if f.numel()), default=0.0)  # one frame at a time
+    return peak > U8_RANGE_PEAK
+
+
 def _frames(frames: torch.Tensor | Iterable, deep: bool) -> Iterator[np.ndarray]:
-    """Each frame as HxWx3 uint8 (uint16 when ``deep``), rounded, one at a time."""
+    """Each frame as HxWx3 uint8 (uint16 when ``deep``), rounded, one at a time.
+
+    NaN/inf pixels are an error; integer frames and float frames in 0..255 are divided by 255
+    (with one warning); other values are clamped to 0..1.
+    """
     scale = 65535.0 if deep else 255.0
     dtype = np.uint16 if deep else np.uint8
-    for f in frames:
-        t = torch.as_tensor(f)
+    u8_batch = _batch_in_u8_range(frames)
+    warned = False
+    for i, f in enumerate(frames):
+        t = torch.as_tensor(f).detach()
         if t.ndim != 3 or t.shape[-1] < 3:
             raise ValueError(f"each frame must be [H, W, 3] (IMAGE batches are [N, H, W, 3]), "
                              f"got {tuple(t.shape)}")
-        t = (t[..., :3].detach().to("cpu", torch.float32).clamp(0, 1) * scale).round()
+        t = t[..., :3].to("cpu")
+        if t.dtype == torch.bool:
+            raise ValueError(f"frame {i} is a bool tensor; IMAGE frames are float in 0..1")
+        src_dtype = str(t.dtype).removeprefix("torch.")
+        as_u8 = not t.is_floating_point() or u8_batch or float(t.amax()) > U8_RANGE_PEAK
+        t = t.to(torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"frame {i} has {bad} NaN or infinite pixel values (of {t.numel()}): the frames "
+                             "are invalid, nothing was written. A VAE decode in fp16 can overflow: run the "
+                             "models in bf16 or fp32, or check the node that made the frames")
+        if as_u8:
+            peak = float(t.amax())
+            if peak > U8_MAX + 0.5:
+                raise ValueError(f"frame {i} has values up to {peak:g}: IMAGE frames must be 0..1 (or "
+                                 "0..255); check the node that made them")
+            if not warned:
+                log.warning("frames are %s in 0..255 (peak %g), not ComfyUI's 0..1 floats: divided by "
+                            "255", src_dtype, peak)
+                warned = True
+            t = t / U8_MAX
+        t = (t.clamp(0, 1) * scale).round()
         yield np.ascontiguousarray(t.numpy().astype(dtype))
 
 
@@ -211,20 +301,40 @@ def _pad_even(a: np.ndarray) -> np.ndarray:
 
 
 def _audio_array(audio: tuple[torch.Tensor, int]) -> tuple[np.ndarray, int]:
-    """(waveform [C,T] float32 numpy with C in {1,2}, sample rate)."""
+    """(waveform [C,T] float32 numpy with C in {1,2}, sample rate).
+
+    Integer PCM is converted (``pcm_to_float``); NaN/inf samples are an error; float samples
+    beyond [-1, 1] are clipped with a warning that names the peak.
+    """
+    from .audio import check_sample_rate, pcm_to_float
+
     wave, sr = audio
-    wave = torch.as_tensor(wave).detach().to("cpu", torch.float32)
+    check_sample_rate(sr, "Video Combine audio:")
+    raw = wave.detach().to("cpu").numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
+    if raw.dtype.kind in "iub":
+        log.info("audio is %s PCM: converted to float", raw.dtype)
+    wave = torch.from_numpy(pcm_to_float(raw))
     if wave.ndim == 3:  # ComfyUI AUDIO [B,C,T]: first item
         wave = wave[0]
     if wave.ndim == 1:
         wave = wave[None]  # [1,T]
     if wave.ndim != 2 or wave.shape[1] == 0:
         raise ValueError(f"audio waveform must be [C, T] with T > 0, got {tuple(wave.shape)}")
-    if int(sr) <= 0:
-        raise ValueError(f"audio sample rate {sr} must be positive")
+    finite = torch.isfinite(wave)
+    if not bool(finite.all()):
+        where = int((~finite).nonzero()[0, 1])
+        raise ValueError(f"audio has {int((~finite).sum())} NaN or infinite samples (first at {where / sr:.3f} "
+                         "s); nothing was written. Clean or re-export the audio, or leave the audio input "
+                         "unconnected")
     if wave.shape[0] > 2:
         log.warning("audio has %d channels; mixing down to mono", wave.shape[0])
         wave = wave.mean(0, keepdim=True)  # [1,T]
+    peak = float(wave.abs().max())
+    if peak > 1.0:
+        clipped = int((wave.abs() > 1.0).sum())
+        log.warning("audio peaks at %.3f, beyond the [-1, 1] float range: %d samples are clipped and will "
+                    "distort; lower its volume (e.g. divide the waveform by %.3f) before Video Combine",
+                    peak, clipped, peak)
     return np.ascontiguousarray(wave.clamp(-1, 1).numpy()), int(sr)
 
 
@@ -326,6 +436,11 @@ def _encode(frames, path: str, spec: VideoFormat, fps: float, audio: Audio, crf:
                 arr = _pad_even(arr)
             if stream is None:  # the first frame fixes the size; streams exist before the first mux
                 size = arr.shape[:2]
+                if max(size) > spec.max_side:
+                    raise ValueError(f"frames are {arr.shape[1]}x{arr.shape[0]} px; {spec.codec} "
+                                     f"({spec.container}) encodes at most {spec.max_side} px per side: "
+                                     "downscale the frames (e.g. a lower min_resolution) or choose "
+                                     f"{'h265-mp4 or ' if spec.max_side < 65534 else ''}vp9-webm")
                 stream = _add_video_stream(container, spec, rate, arr.shape[1], arr.shape[0], crf, pix_fmt)
                 if wave is not None:
                     track = _AudioTrack(container, spec.audio_codec, wave[0], wave[1], rate)
@@ -355,22 +470,85 @@ def _encode(frames, path: str, spec: VideoFormat, fps: float, audio: Audio, crf:
     return count
 
 
-def _temp_path(folder: str, stem: str, ext: str) -> str:
-    return os.path.join(folder, f".{stem}.{uuid.uuid4().hex[:12]}.partial.{ext}")
+_PARTIAL_NAME = re.compile(r"^\..+\.[0-9a-f]{%d}%s(?:%s)$" % (
+    PARTIAL_HEX, re.escape(PARTIAL_TAG), "|".join(re.escape(f.ext) for f in FORMATS.values())))
 
 
-def _encode_to_temp(frames, folder: str, stem: str, fps: float, audio: Audio, format: str, crf: int,
-                    pix_fmt: str, metadata, callback: Callback) -> tuple[str, int]:
-    spec = _check_args(fps, format, crf, pix_fmt)
-    total = len(frames) if hasattr(frames, "__len__") else 0
-    tmp = _temp_path(folder, stem, spec.ext)
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False if another process holds one."""
+    if fcntl is None:
+        return True
     try:
-        count = _encode(frames, tmp, spec, fps, audio, crf, pix_fmt, metadata, callback, total)
-    except BaseException:  # errors and cancels (including KeyboardInterrupt) leave no file
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return tmp, count
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # a filesystem without locks: rely on the age alone
+        return True
+
+
+def remove_stale_partials(folder: str, max_age_s: float = PARTIAL_STALE_AGE_S) -> list[str]:
+    """Remove temp videos of our naming scheme (``.<name>.<12 hex>.partial.<ext>``) in ``folder``
+    that are regular files, unchanged for ``max_age_s`` and locked by no process (a live encode
+    holds its lock), i.e. those a killed encode left behind. Returns the removed paths."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not _PARTIAL_NAME.match(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False) or now - st.st_mtime < max_age_s:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd):  # a live encode (of this or another process) holds it
+                continue
+            if os.fstat(fd).st_ino != st.st_ino:  # replaced meanwhile: not the file we judged
+                continue
+            os.unlink(entry.path)
+            removed.append(entry.path)
+            log.info("removed %s: a temporary video left by an encode that was killed %.1f h ago "
+                     "(%.1f MiB)", entry.path, (now - st.st_mtime) / 3600, st.st_size / 2**20)
+        except OSError as e:  # e.g. still open on Windows, or no permission: leave it
+            log.debug("could not remove %s: %s", entry.path, e)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def _partial_file(folder: str, stem: str, ext: str) -> Iterator[str]:
+    """A new hidden temp file in ``folder``, locked while the block runs, removed at its end unless
+    it was renamed (published). Stale temp files of killed encodes are removed first."""
+    remove_stale_partials(folder)
+    while True:
+        tmp = os.path.join(folder, f".{stem}.{uuid.uuid4().hex[:PARTIAL_HEX]}{PARTIAL_TAG}{ext}")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write in the output folder {folder} ({e.strerror}): make it "
+                                   "writable, free space, or choose another output folder") from e
+    try:
+        _try_lock(fd)
+        yield tmp
+    finally:
+        try:
+            if os.path.exists(tmp):  # errors and cancels (KeyboardInterrupt too) leave no file
+                os.unlink(tmp)
+        finally:
+            os.close(fd)  # releases the lock after the file is gone
+
+
 
 
 def write_video(frames: torch.Tensor | Iterable, path: str, fps: float, audio: Audio = None,
@@ -384,15 +562,16 @@ def write_video(frames: torch.Tensor | Iterable, path: str, fps: float, audio: A
     exist; it appears only once the file is complete. Returns ``path``.
     """
     folder = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} already exists; choose another name (nothing is overwritten)")
+    if os.path.lexists(path):
+        kind = "is a symlink to a missing file" if not os.path.exists(path) else "already exists"
+        raise FileExistsError(f"{path} {kind}; choose another name (nothing is overwritten)")
+    spec = _check_args(fps, format, crf, pix_fmt)
     stem = os.path.basename(path)
-    tmp, count = _encode_to_temp(frames, folder, stem, fps, audio, format, crf, pix_fmt, metadata, callback)
-    try:
+    check_name_length(folder, stem, _temp_overhead(spec.ext), "output file name")
+    total = len(frames) if hasattr(frames, "__len__") else 0
+    with _partial_file(folder, stem, spec.ext) as tmp:
+        count = _encode(frames, tmp, spec, fps, audio, crf, pix_fmt, metadata, callback, total)
         _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     log.info("video: %d frames at %g fps -> %s", count, fps, path)
     return path
 
@@ -408,9 +587,12 @@ def save_video(frames: torch.Tensor | Iterable, output_dir: str, filename_prefix
     repeated runs never overwrite each other. Returns (path, subfolder, filename).
     """
     spec = _check_args(fps, format, crf, pix_fmt)
+    check_name_length(output_dir, split_prefix(filename_prefix)[1], _temp_overhead(spec.ext),
+                      "filename_prefix: the file name")
     folder, subfolder, stem = output_folder(output_dir, filename_prefix)
-    tmp, count = _encode_to_temp(frames, folder, stem, fps, audio, format, crf, pix_fmt, metadata, callback)
-    try:
+    total = len(frames) if hasattr(frames, "__len__") else 0
+    with _partial_file(folder, stem, spec.ext) as tmp:
+        count = _encode(frames, tmp, spec, fps, audio, crf, pix_fmt, metadata, callback, total)
         while True:
             name = counter_name(stem, next_counter(folder, stem), spec.ext)
             path = os.path.join(folder, name)
@@ -419,8 +601,5 @@ def save_video(frames: torch.Tensor | Iterable, output_dir: str, filename_prefix
                 break
             except FileExistsError:
                 continue  # another run took this number meanwhile
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     log.info("video: %d frames at %g fps -> %s", count, fps, path)
     return path, subfolder, name
