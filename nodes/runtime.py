@@ -308,13 +308,12 @@ def resume_dir() -> str:
     """Where the sampler keeps its state after every step (sonic_core/resume.py): $SONIC_RESUME_DIR,
     else ComfyUI's user folder (not its temp folder: ComfyUI empties that at every start, which
     would lose the state exactly when a crash makes resuming worth it), else the system temp folder."""
-    from sonic_core.config import RESUME_FOLDER
-
+    folder = core("config").RESUME_FOLDER  # through core(): inside ComfyUI the pack is a package
     if os.environ.get(RESUME_ENV):
         return os.environ[RESUME_ENV]
     if COMFY:
-        return os.path.join(_fp.get_user_directory(), RESUME_FOLDER)
-    return os.path.join(tempfile.gettempdir(), RESUME_FOLDER)
+        return os.path.join(_fp.get_user_directory(), folder)
+    return os.path.join(tempfile.gettempdir(), folder)
 
 
 def metadata_enabled() -> bool:

@@ -10,8 +10,10 @@ The server runs with ``--cpu`` on 127.0.0.1 and a free port, with its own base (
 input, user), output and model folders under a temporary directory and an in-memory database, so
 the ComfyUI tree is left untouched. The pack is linked in as ``custom_nodes/ComfyUI-Sonic``. The
 render runs workflows/api/sonic_basic.json when it exists (SonicSVDLoader in place of the SVD
-checkpoint loader), otherwise the same graph built here from the node specs, on the golden case's
-tiny random weights.
+checkpoint loader), otherwise the same graph built here from the node specs, on tiny random
+weights: the golden case's when ../shared is present (its settings, image and audio), otherwise the
+selftest's (sonic_core/selftest.write_tiny_models, the official file formats), so the render and
+cancel tests never depend on ../shared.
 """
 
 from __future__ import annotations
@@ -110,6 +112,65 @@ def _write_inputs(g: Golden, input_dir: Path) -> None:
         f.writeframes(pcm.short().numpy().tobytes())
 
 
+@dataclass
+class RenderCase:
+    """What the render tests need: loader picks, settings and the expected video."""
+
+    name: str
+    loader_files: dict[str, str]
+    svd_dir: Path
+    sampler: dict  # SonicSampler widget values
+    min_resolution: int
+    decode_chunk_size: int
+    frames: int  # generated frames (12.5 fps); RIFE makes 2F - 1
+    side: int  # px, square frame size for the VAE-node test
+    audio_seconds: float
+    max_seconds: float = 0.0  # the audio node's cap (a golden case's frame_num)
+
+
+def _golden_case(g: Golden, model_dir: Path, input_dir: Path) -> RenderCase:
+    files = _write_models(g, model_dir)
+    svd_dir = write_golden_svd_folder(g, model_dir / "svd-tiny")  # listed by SonicSVDLoader
+    _write_inputs(g, input_dir)
+    c = g.case
+    sampler = {"seed": c.seed, "steps": c.steps, "min_resolution": c.min_resolution, "overlap": c.overlap,
+               "frames_per_window": c.frames_per_window, "shift_offset": c.shift_offset,
+               "min_appearance_guidance": c.min_appearance_guidance,
+               "max_appearance_guidance": c.max_appearance_guidance,
+               "min_audio_guidance": c.audio_guidance, "max_audio_guidance": c.audio_guidance,
+               "noise_aug": c.noise_aug_strength, "i2i_strength": c.i2i_strength,
+               "fps_conditioning": c.fps_conditioning}
+    audio_s = g.t("input.waveform").shape[0] / g.meta["inputs"]["sample_rate"]
+    return RenderCase(f"golden {g.name}", files, svd_dir, sampler, c.min_resolution, c.decode_chunk_size,
+                      int(g.scalars["num_frames"]), int(g.t("out.video").shape[3]), audio_s, c.max_seconds)
+
+
+TINY_RENDER = {"steps": 2, "min_resolution": 64, "frames_per_window": 4, "overlap": 1, "shift_offset": 3}
+
+
+def _tiny_case(model_dir: Path, input_dir: Path) -> RenderCase:
+    """The selftest's tiny random models in the documented layout, its portrait (transparent pixels
+    mark the face) and its voice clip: no ../shared needed."""
+    import math
+
+    import av
+
+    from sonic_core import audio as A
+    from sonic_core import selftest
+    from sonic_core.pipeline import SVD_FOLDER, WHISPER_FOLDER
+
+    selftest.write_tiny_models(model_dir)
+    selftest.write_portrait(input_dir / IMAGE_NAME)
+    selftest.write_voice(input_dir / AUDIO_NAME)
+    with av.open(str(input_dir / AUDIO_NAME)) as c:
+        n, rate = sum(f.samples for f in c.decode(audio=0)), c.streams.audio[0].rate
+    _len, frames = A.frame_counts(math.ceil(n * A.SAMPLE_RATE / rate))  # resampled to 16 kHz first
+    files = {"unet": "Sonic/unet.pth", "audio2token": "Sonic/audio2token.pth",
+             "audio2bucket": "Sonic/audio2bucket.pth", "whisper": WHISPER_FOLDER}
+    return RenderCase("selftest tiny models", files, model_dir / SVD_FOLDER, dict(TINY_RENDER),
+                      TINY_RENDER["min_resolution"], 4, frames, 64, n / rate)
+
+
 def _write_models(g: Golden, model_dir: Path) -> dict[str, str]:
     import torch
 
@@ -133,7 +194,7 @@ class Server:
     model_dir: Path
     output_dir: Path
     svd_dir: Path | None
-    golden: Golden | None
+    case: RenderCase
     loader_files: dict[str, str]
     third_party_stubbed: bool = False  # the example workflows' third-party nodes are known
 
@@ -228,12 +289,9 @@ def _serve(tmp: Path, front_end_root: str | None = None):
 
     base_golden = golden_base()
     present = all(base_golden.with_suffix(s).is_file() for s in (".json", ".safetensors"))
-    g = Golden(base_golden) if present else None
-    svd_dir, files = None, {}
-    if g is not None:
-        files = _write_models(g, model_dir)
-        svd_dir = write_golden_svd_folder(g, model_dir / "svd-tiny")  # listed by SonicSVDLoader
-        _write_inputs(g, base / "input")
+    case = (_golden_case(Golden(base_golden), model_dir, base / "input") if present
+            else _tiny_case(model_dir, base / "input"))
+    svd_dir, files = case.svd_dir, case.loader_files
     _write_ui_inputs(base / "input")
     extra = tmp / "extra_model_paths.yaml"
     yaml_root = json.dumps(str(model_root))  # a JSON string is a valid YAML scalar
@@ -275,7 +333,7 @@ def _serve(tmp: Path, front_end_root: str | None = None):
         try:
             url = f"http://{HOST}:{port}"
             _wait_ready(url, proc, log)
-            yield Server(url, proc, log, model_dir, output, svd_dir, g, files, stubbed)
+            yield Server(url, proc, log, model_dir, output, svd_dir, case, files, stubbed)
         finally:
             _stop(proc)
     finally:
@@ -357,25 +415,17 @@ def test_workflow_templates_list_exactly_our_ui_workflows(comfy):
 def _widget_values(s: Server) -> dict[str, dict]:
     """Inputs set for the test, by node class; a name a node lacks is ignored. ``"*files"`` picks,
     for every combo offering one of these choices, that choice."""
-    g = s.golden
-    kw, args = g.pipeline_kwargs, g.meta["process_args"]
+    c = s.case
     return {
         "LoadImage": {"image": IMAGE_NAME},
         "LoadAudio": {"audio": AUDIO_NAME},
         "SonicLoader": {**s.loader_files, "dtype": "fp32"},
         "SonicSVDLoader": {"svd_folder": s.svd_dir.name, "dtype": "fp32",
-                           "decode_chunk_size": kw["decode_chunk_size"]},
+                           "decode_chunk_size": c.decode_chunk_size},
         "SonicFaceMaskDetect": {"detector": "none", "on_no_face": "error", "crop": False},  # golden: no crop
-        "SonicMotionBucketPredict": {"min_resolution": args["min_resolution"]},
-        "SonicSampler": {"seed": g.meta["inputs"]["seed"], "steps": kw["num_inference_steps"],
-                         "min_resolution": args["min_resolution"], "overlap": kw["overlap"],
-                         "frames_per_window": kw["frames_per_batch"], "shift_offset": kw["shift_offset"],
-                         "min_appearance_guidance": kw["min_guidance_scale1"],
-                         "max_appearance_guidance": kw["max_guidance_scale1"],
-                         "min_audio_guidance": kw["min_guidance_scale2"],
-                         "max_audio_guidance": kw["max_guidance_scale2"],
-                         "noise_aug": kw["noise_aug_strength"], "i2i_strength": kw["i2i_noise_strength"],
-                         "fps_conditioning": kw["fps"]},
+        "SonicWhisperAudioEncode": {"max_seconds": c.max_seconds},
+        "SonicMotionBucketPredict": {"min_resolution": c.min_resolution},
+        "SonicSampler": dict(c.sampler),
         "SonicFrameInterpolate": {"*files": [RIFE_NAME], "multiplier": 2},
         "SonicVideoCombine": {"filename_prefix": f"basic/{VIDEO_PREFIX}"},
     }
@@ -501,17 +551,15 @@ def _saved_video(s: Server, entry: dict, subfolder: str) -> Path:
     return video
 
 
-def _check_video(video: Path, g: Golden, frames_expected: int) -> None:
+def _check_video(video: Path, case: RenderCase, frames_expected: int) -> None:
     frames, audio_s = _decode(video)
     assert frames == frames_expected, f"{video.name}: {frames} frames, expected {frames_expected}"
-    audio_in = g.t("input.waveform").shape[0] / g.meta["inputs"]["sample_rate"]
+    audio_in = case.audio_seconds
     assert abs(audio_s - audio_in) <= AUDIO_DURATION_TOL_S, \
         f"{video.name}: {audio_s:.3f} s of audio, input {audio_in:.3f} s"
 
 
 def _specs_with(s: Server, classes) -> dict:
-    if s.golden is None:
-        pytest.skip(f"golden case {golden_base()} is absent: its tiny models drive the render")
     specs = _request(f"{s.url}/object_info", timeout=120.0)
     absent = [c for c in classes if c not in specs]
     if absent:
@@ -525,15 +573,14 @@ def test_core_vae_nodes_and_video_nodes(comfy):
     chain = ("LoadImage", "LoadAudio", "SonicSVDLoader", "ImageScale", "RepeatImageBatch", "VAEEncode",
              "VAEDecode", "SonicFrameInterpolate", "SonicVideoCombine")
     specs = _specs_with(comfy, chain)
-    g = comfy.golden
-    _b, _c, frames, side, _w = g.t("out.video").shape  # (B, C, F, H, W): the golden render's size
+    frames, side = comfy.case.frames, comfy.case.side
     values = _widget_values(comfy)
     values.update({"ImageScale": {"width": side, "height": side, "crop": "center"},
                    "RepeatImageBatch": {"amount": frames},
                    "SonicFrameInterpolate": {"*files": [RIFE_NAME], "multiplier": 2},
                    "SonicVideoCombine": {"filename_prefix": f"media/{VIDEO_PREFIX}"}})
     entry = _run(comfy, _chain_prompt(specs, values, chain))
-    _check_video(_saved_video(comfy, entry, "media"), g, 2 * frames - 1)
+    _check_video(_saved_video(comfy, entry, "media"), comfy.case, 2 * frames - 1)
 
 
 def test_basic_workflow_renders_a_video(comfy):
@@ -546,8 +593,8 @@ def test_basic_workflow_renders_a_video(comfy):
     entry = _run(comfy, prompt)
     video = _saved_video(comfy, entry, "basic")
     interpolated = any(n["class_type"] == "SonicFrameInterpolate" for n in prompt.values())
-    frames = comfy.golden.t("out.video_rife" if interpolated else "out.video").shape[2]  # (B, C, F, H, W)
-    _check_video(video, comfy.golden, frames)
+    frames = 2 * comfy.case.frames - 1 if interpolated else comfy.case.frames
+    _check_video(video, comfy.case, frames)
     loads = set(re.findall(r"Requested to load (\w+)", comfy.log_text()))  # ComfyUI names the module class
     assert "_Holder" not in loads and {"SonicUNet", "SonicAudio2Token", "WhisperEncoder"} <= loads, loads
 

@@ -1,0 +1,94 @@
+"""Long clips: peak RSS, its growth and wall time of the CLI path against audio length.
+
+Tiny random models in the official formats (sonic_core.selftest.write_tiny_models), a 512x512
+portrait, RIFE 2x, the CLI chain (``pipeline.animate``: sampler, then decode -> RIFE -> encode
+streamed in temporal-decoder chunks). Each length runs in a fresh subprocess, so its peak RSS
+(ru_maxrss) is its own; growth is the peak minus the RSS right before sampling starts, which is
+what grows with length when frames are held. Weights are negligible here, so the figures are the
+pipeline's own buffers. ``--steps`` keeps the sampler short: memory does not depend on it.
+
+    python bench/bench_long.py --seconds 20 120 [--json FILE] [--steps 1]
+
+Writes a JSON list of {"path": "cli", "seconds": S, "peak_rss_mb": X, "growth_mb": Y, "wall_s": Z}.
+The ComfyUI segment path of issue 14 is not built yet, so only "cli" rows are produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SIDE = 512  # px, portrait side (working size 512x512 at min_resolution 512)
+RATE = 16000  # Hz, the synthetic voice
+
+CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    import numpy as np
+    from PIL import Image
+    sys.path.insert(0, sys.argv[1])
+    from sonic_core import pipeline, sampler, selftest
+    work, seconds, steps = sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    models = selftest.write_tiny_models(work + "/models")
+    img = np.full((%(side)d, %(side)d, 4), 255, np.uint8); img[..., :3] = 120
+    img[%(side)d // 4:3 * %(side)d // 4, %(side)d // 4:3 * %(side)d // 4, 3] = 0  # transparent face
+    Image.fromarray(img).save(work + "/face.png")
+    import av
+    n = int(seconds * %(rate)d); t = np.arange(n) / %(rate)d
+    pcm = (0.3 * np.sin(2 * np.pi * 150 * t) * np.clip(np.sin(2 * np.pi * 3 * t), 0, None) * 32767).astype(np.int16)
+    with av.open(work + "/voice.wav", "w") as out:
+        st = out.add_stream("pcm_s16le", rate=%(rate)d, layout="mono")
+        fr = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono"); fr.sample_rate = %(rate)d
+        for p in st.encode(fr): out.mux(p)
+        for p in st.encode(None): out.mux(p)
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+    base = {}
+    generate = sampler.generate
+    def timed(*a, **k):
+        base["before_sampling"] = rss()
+        return generate(*a, **k)
+    sampler.generate = timed
+    t0 = time.perf_counter()
+    s = pipeline.AnimateSettings(steps=steps, min_resolution=%(side)d)
+    pipeline.animate(work + "/face.png", work + "/voice.wav", work + "/out.mp4", models, s)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": round(peak, 1), "growth_mb": round(peak - base["before_sampling"], 1),
+                      "wall_s": round(time.perf_counter() - t0, 1)}))
+""") % {"side": SIDE, "rate": RATE}
+
+
+def run(seconds: float, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as work:
+        out = subprocess.run([sys.executable, "-c", CHILD, str(REPO), work, str(seconds), str(steps)],
+                             capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise SystemExit(f"{seconds} s failed:\n{out.stderr[-3000:]}")
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"path": "cli", "seconds": seconds, **row}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, nargs="+", default=[20.0, 120.0])
+    p.add_argument("--steps", type=int, default=1, help="denoising steps (memory does not depend on it)")
+    p.add_argument("--json", default=None, help="write the rows to this file")
+    args = p.parse_args()
+    rows = []
+    for s in args.seconds:
+        rows.append(run(s, args.steps))
+        r = rows[-1]
+        print(f"{r['path']:8s} {r['seconds']:7.0f} s  peak {r['peak_rss_mb']:8.1f} MB  growth "
+              f"{r['growth_mb']:8.1f} MB  wall {r['wall_s']:7.1f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
