@@ -132,8 +132,8 @@ class SonicMotionBucketPredict:
         if not hasattr(sonic_audio, "bucket_windows"):
             raise ValueError(f"sonic_audio is a {type(sonic_audio).__name__}; connect Whisper Audio Encode")
         for name, v in (("head_motion_scale", head_motion_scale), ("expression_scale", expression_scale)):
-            if v < 0:
-                raise ValueError(f"{name}={v} must be >= 0")
+            if not v >= 0:  # NaN too
+                raise ValueError(f"{name}={v} must be a number >= 0 (0.5 mild, 1.0, 2.0 intense)")
         motion = core("motion")
         embeds = motion.reference_embeds(clip_vision, image, int(min_resolution))  # [1, D]
         progress = runtime.Progress(1, "Motion bucket predict")

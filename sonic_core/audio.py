@@ -407,7 +407,13 @@ def encode_audio(models: Any, waveform: torch.Tensor, sample_rate: float, max_se
     the capped frames need are encoded (each still sees its full 30 s, so values are unchanged).
     ``callback(done, total)`` is called after every chunk, whisper window and token batch.
     """
+    from .budget import DEVICE, HOST, MemoryEstimate, add_audio, check_fits
+
     out_device = waveform.device if out_device is None else out_device
+    n16 = int(np.ceil(check_waveform(waveform, sample_rate).shape[-1] * (float(SAMPLE_RATE) / sample_rate)))
+    check_fits(add_audio(MemoryEstimate(frame_counts(n16, max_seconds)[1]), models.dtype,
+                         HOST if torch.device(out_device).type == "cpu" else DEVICE),
+               out_device, "Whisper Audio Encode")  # before anything of that size is allocated
     wave16k = to_mono_16k(waveform, sample_rate)  # [T16] float32
     audio_len, num_frames = frame_counts(len(wave16k), max_seconds)
     capped = audio_len < len(wave16k) // SAMPLES_PER_25FPS_FRAME

@@ -83,6 +83,9 @@ CLIP_SIZE = 224  # px, CLIP input side
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_IMAGE_SIDE = 64  # px, smaller images are refused
+MAX_WORKING_SIDE = 4096  # px, longest side of the working size (SVD-xt was trained at 1024x576)
+MAX_WORKING_PIXELS = 2048 * 2048  # px (4.2 MP), working width x height; the UNet's cost grows with its square
+U8_RANGE_PEAK = 2.0  # a float IMAGE peaking above this is taken as 0..255 and divided by U8_MAX
 U8_MAX = 255  # uint8 full scale: pixel value = round(x * 255), x = u8 / 255
 MASK_BOX_THRESHOLD = 0.5  # MASK values above this mark the face when a box is taken from a mask
 

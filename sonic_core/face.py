@@ -74,7 +74,8 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
     """One ComfyUI image ``[B, H, W, C]`` / ``[H, W, C]`` / ``[H, W]`` -> RGB ``[H, W, 3]`` float.
 
     A batch uses its first image (with a warning); RGBA drops alpha; grayscale is repeated to
-    three channels. Images with a side under ``MIN_IMAGE_SIDE`` are refused.
+    three channels. Images with a side under ``MIN_IMAGE_SIDE`` are refused; uint8 and 0..255
+    images are converted, NaN pixels refused (``image.unit_range``).
     """
     if image.ndim == 4:
         if image.shape[0] == 0:
@@ -99,7 +100,9 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
             f"image is {w}x{h} px; both sides must be at least {config.MIN_IMAGE_SIDE} px: "
             "use a larger portrait"
         )
-    return image.to(torch.float32)
+    from .image import unit_range
+
+    return unit_range(image, f"the {w}x{h} image").to(torch.float32)
 
 
 def to_u8(image: torch.Tensor) -> torch.Tensor:
@@ -278,17 +281,22 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
 # ----------------------------------------------------------------------------------------------
 # Reference image for the sampler (SPEC §2.3, §2.4)
 # ----------------------------------------------------------------------------------------------
-def working_size(width: int, height: int, min_resolution: int) -> tuple[int, int]:
+def working_size(width: int, height: int, min_resolution: int, check: bool = True) -> tuple[int, int]:
     """Model size ``(w, h)``: short side scaled to ``min_resolution``, sides rounded to x64.
 
-    Python ``round`` (half-to-even) of ``side * scale / 64``, as the official code.
+    Python ``round`` (half-to-even) of ``side * scale / 64``, as the official code. With ``check``
+    a size over ``MAX_WORKING_SIDE`` / ``MAX_WORKING_PIXELS`` is an error (before any allocation).
     """
+    from .image import check_working_size
+
     scale = min_resolution / min(width, height)
     m = config.SIZE_MULTIPLE
     new_w, new_h = round(width * scale / m) * m, round(height * scale / m) * m
     if new_w <= 0 or new_h <= 0:
         raise ValueError(f"min_resolution={min_resolution} gives an empty {new_w}x{new_h} image for a "
                          f"{width}x{height} input: use at least {m}")
+    if check:
+        check_working_size((new_w, new_h), (width, height), min_resolution, working_size)
     return new_w, new_h
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,6 +50,13 @@ def predict_motion(
         raise ValueError(
             f"image_embeds must be [1, D] (one reference image), got {tuple(image_embeds.shape)}"
         )
+    scale_hint, fixed_hint = "0.5 (mild), 1.0 or 2.0 (intense)", "a bucket value in 0..128, or -1 to predict"
+    for name, v, hint in (("head_scale", head_scale, scale_hint),
+                          ("expression_scale", expression_scale, scale_hint),
+                          ("fixed_head", fixed_head, fixed_hint),
+                          ("fixed_expression", fixed_expression, fixed_hint)):
+        if v is not None and not math.isfinite(float(v)):
+            raise ValueError(f"{name}={v!r} is not finite; use {hint}")
     num_frames = int(audio.num_frames)
     if num_frames < 1:
         raise ValueError("the audio gives no video frame; use at least 0.08 s of audio")
@@ -68,6 +76,10 @@ def predict_motion(
         raw[s:e] = out.float().cpu()
         if callback is not None:
             callback(b + 1, batches)
+    if not bool(torch.isfinite(raw).all()):
+        raise ValueError(f"audio2bucket predicted {int((~torch.isfinite(raw)).sum())} NaN/inf motion values: "
+                         "the audio features or the audio2bucket checkpoint are invalid; re-encode the audio "
+                         "or download audio2bucket.pth again")
     buckets = raw * BUCKET_SCALE + BUCKET_OFFSET  # [F, 2]
     scale = torch.tensor([head_scale, expression_scale], dtype=torch.float32)  # [2]
     buckets = buckets * scale

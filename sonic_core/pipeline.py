@@ -19,7 +19,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import OUTPUT_FPS, RIFE_BATCH, RIFE_MULTIPLIER, SAMPLER_DEFAULTS, U8_MAX, VIDEO_CRF
+from .config import (
+    GENERATED_FPS,
+    OUTPUT_FPS,
+    RIFE_BATCH,
+    RIFE_MULTIPLIER,
+    SAMPLER_DEFAULTS,
+    U8_MAX,
+    VIDEO_CRF,
+)
 from .resume import ResumeStore
 
 log = logging.getLogger(__name__)
@@ -172,11 +180,23 @@ def download_weights(models_dir: str | os.PathLike, need_detector: bool = True,
 def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An image file as ComfyUI's LoadImage gives it: IMAGE [1,H,W,3] in 0..1 (EXIF-rotated), and
     a MASK [1,H,W] from the alpha channel's transparent pixels (None without alpha)."""
-    from PIL import Image, ImageOps
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path} does not exist")
-    with Image.open(path) as im:
+    try:
+        with warnings.catch_warnings():  # Pillow only warns below twice its limit: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"image {path} refused: {e} Resize it to a portrait of a few megapixels "
+                         "(the model works at 512 px)") from None
+    except UnidentifiedImageError as e:
+        raise ValueError(f"image {path} is not an image Pillow can read ({e}); use png, jpg or webp") \
+            from None
+    with im:
         im = ImageOps.exif_transpose(im)
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / U8_MAX  # [H,W,3]
         mask = None
@@ -311,15 +331,17 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     from .models import svd
     from .models.rife import load_rife
 
-    output = Path(output)
-    if output.exists():
-        raise FileExistsError(f"{output} exists; choose another output name (nothing is overwritten)")
-    if output.suffix.lower() not in (".mp4", ".webm", ".gif"):
-        raise ValueError(f"output {output} must end in .mp4, .webm or .gif")
+    from . import budget, preflight
+
+    # everything that can be checked without a model, first: numbers, output, inputs, memory
+    output = preflight.check_output(output)
+    preflight.check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)
     models_dir = Path(models_dir)
     device = torch.device(device)
     image, alpha_mask = read_image(image_path)
     wave, rate = read_audio(audio_path)
+    budget.check_fits(preflight.estimate_run(tuple(image.shape[1:3]), wave.shape[-1], rate, settings, dtype,
+                                             device), device, "this run")
     detector_path = models_dir / "yoloface_v5m.pt"
     missing = missing_weights(models_dir, need_detector=alpha_mask is None, need_rife=settings.interpolate)
     if svd_dir is not None:
@@ -397,7 +419,9 @@ class TextProgress:
 
 def pick_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        from .preflight import check_device
+
+        return check_device(name)  # ValueError for a bogus name or a GPU this build cannot use
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -441,17 +465,21 @@ def configure_cli(p) -> None:
 
 
 def run_cli(args) -> int:
+    from .preflight import check_output, check_settings
+
+    settings = AnimateSettings(steps=args.steps, seed=args.seed, min_resolution=args.min_resolution,
+                               dynamic_scale=args.dynamic_scale, crop=args.crop,
+                               interpolate=not args.no_interpolate, max_seconds=args.max_seconds,
+                               window_batch=args.window_batch)
+    check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)  # before any download
+    check_output(args.output)
+    device = pick_device(args.device)
     if args.download and missing_weights(args.models, need_rife=not args.no_interpolate):
         try:
             download_weights(args.models, need_rife=not args.no_interpolate)
         except MissingWeights as e:
             print(str(e), file=sys.stderr)
             return 3
-    device = pick_device(args.device)
-    settings = AnimateSettings(steps=args.steps, seed=args.seed, min_resolution=args.min_resolution,
-                               dynamic_scale=args.dynamic_scale, crop=args.crop,
-                               interpolate=not args.no_interpolate, max_seconds=args.max_seconds,
-                               window_batch=args.window_batch)
     try:
         out = animate(args.image, args.audio, args.output, args.models, settings, device=device,
                       dtype=pick_dtype(args.dtype, device), svd_dir=args.svd, progress=TextProgress(),

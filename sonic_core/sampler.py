@@ -461,6 +461,11 @@ def generate(
     from .face import working_size
 
     w_img, h_img = working_size(int(rgb_hw[1]), int(rgb_hw[0]), settings.min_resolution)
+    from .budget import MemoryEstimate, add_sampler, check_fits
+
+    device = next(unet.parameters()).device
+    check_fits(add_sampler(MemoryEstimate(num_frames), (w_img, h_img), dtype, device.type != "cpu"), device,
+               "Sonic sampler")  # before the noise is drawn
     latent_shape = (1, num_frames, LATENT_CHANNELS, h_img // VAE_SCALE, w_img // VAE_SCALE)
     seeded = torch.randn(latent_shape, generator=gen, dtype=torch.float32)  # [1,F,4,h,w]
     if noise is None:
@@ -470,7 +475,6 @@ def generate(
     ref = prepare_reference(
         vae, clip_vision, image, mask, settings.min_resolution, settings.noise_aug_strength, gen
     )
-    device = next(unet.parameters()).device
     latents = sample(
         unet,
         image_latents=ref.image_latents,

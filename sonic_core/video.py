@@ -50,6 +50,7 @@ from .config import (
     OUTPUT_COUNTER_DIGITS,
     PARTIAL_STALE_AGE_S,
     U8_MAX,
+    U8_RANGE_PEAK,
     VIDEO_CRF,
 )
 
@@ -69,7 +70,6 @@ MAX_FPS = 1000.0  # frames/s accepted
 GIF_COLOURS = 256  # palette entries per GIF frame
 AUDIO_FRAME_SAMPLES = 1024  # samples per audio frame handed to an encoder without a fixed frame size
 PIX_FMTS = ("yuv420p", "yuv444p", "yuv420p10le")
-U8_RANGE_PEAK = 2.0  # a float frame batch peaking above this is taken as 0..255 and divided by 255
 PARTIAL_TAG = ".partial."  # temp name: .<name>.<12 hex>.partial.<ext>
 PARTIAL_HEX = 12  # hex digits of the random part of a temp name
 
@@ -323,9 +323,9 @@ def _audio_array(audio: tuple[torch.Tensor, int]) -> tuple[np.ndarray, int]:
     finite = torch.isfinite(wave)
     if not bool(finite.all()):
         where = int((~finite).nonzero()[0, 1])
-        raise ValueError(f"audio has {int((~finite).sum())} NaN or infinite samples (first at {where / sr:.3f} "
-                         "s); nothing was written. Clean or re-export the audio, or leave the audio input "
-                         "unconnected")
+        raise ValueError(f"audio has {int((~finite).sum())} NaN or infinite samples (first at "
+                         f"{where / sr:.3f} s); nothing was written. Clean or re-export the audio, or leave "
+                         "the audio input unconnected")
     if wave.shape[0] > 2:
         log.warning("audio has %d channels; mixing down to mono", wave.shape[0])
         wave = wave.mean(0, keepdim=True)  # [1,T]

@@ -107,7 +107,8 @@ def test_wrong_dtype_tensor_names_file_key_dtype(golden, tmp_path, dtype):
 
 def test_dtype_check_accepts_other_float_precisions_and_int_buffers():
     model = torch.nn.BatchNorm1d(3)  # num_batches_tracked is int64
-    sd = {k: (v.half() if v.is_floating_point() else v.to(torch.int32)) for k, v in model.state_dict().items()}
+    sd = {k: (v.half() if v.is_floating_point() else v.to(torch.int32))
+          for k, v in model.state_dict().items()}
     check_keys(model, sd, "bn")  # fp16 into fp32, int32 into int64: fine
     sd["num_batches_tracked"] = torch.tensor(0.0)
     with pytest.raises(CheckpointError, match=r"num_batches_tracked float32 vs model int64"):
@@ -156,7 +157,8 @@ def test_negative_dimension_in_architecture_json_names_the_key(golden, tmp_path)
     path = _write(golden.weights("audio2bucket"), tmp_path / "a2b.pth", arch)
     with pytest.raises(CheckpointError) as e:
         load_audio2bucket(path)
-    assert "a2b.json" in str(e.value) and f"{key} = {arch[key]}" in str(e.value) and "negative" in str(e.value)
+    msg = str(e.value)
+    assert "a2b.json" in msg and f"{key} = {arch[key]}" in msg and "negative" in msg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def test_million_empty_tensors_are_refused_quickly(tmp_path):
     n = config.SAFETENSORS_MAX_TENSORS + 1
     entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
     path = _raw_safetensors(tmp_path / "many.safetensors", ("{" + entries + "}").encode())
-    assert path.stat().st_size < config.SAFETENSORS_MAX_HEADER_BYTES  # within the byte bound: the count decides
+    assert path.stat().st_size < config.SAFETENSORS_MAX_HEADER_BYTES  # the count decides
     t0 = time.perf_counter()
     with pytest.raises(CheckpointError, match=rf"many\.safetensors.*{n} tensors.*not a Sonic"):
         read_state_dict(path)
@@ -207,3 +209,71 @@ def test_ordinary_safetensors_still_load(tmp_path):
     sd = read_state_dict(path)
     assert torch.equal(sd["a"], torch.arange(4.0)) and sd["b"].numel() == 0
     assert os.path.getsize(path) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. length guard: the run's main tensors are estimated and logged; what cannot fit is refused
+# ----------------------------------------------------------------------------------------------
+def test_three_hour_estimate_matches_the_measured_sizes():
+    from sonic_core import budget
+
+    frames = int(3 * 3600 * config.GENERATED_FPS)
+    est = budget.add_audio(budget.MemoryEstimate(frames), torch.float16)
+    audio = est.parts["audio tokens (float16)"][0] + est.parts["whisper features"][0]
+    assert 12e9 < audio < 15e9  # issue 13 measured 13 GB of SONIC_AUDIO at 3 h
+    budget.add_sampler(est, (512, 512), torch.float16, on_device=True)
+    noise = est.parts["noise and returned latents (float32)"][0] / 2
+    assert 8e9 < noise < 9.5e9  # and 8 GB of sampler noise
+    assert est.total(budget.DEVICE) > 8e9
+
+
+def test_whisper_encode_refuses_audio_that_cannot_fit(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from sonic_core import audio, budget
+
+    monkeypatch.setattr(budget, "host_available_bytes", lambda: 2 * 2**20)
+    models = SimpleNamespace(dtype=torch.float16)  # nothing else of it is touched before the check
+    wave = torch.zeros(1, 1, 16000 * 60)  # one minute
+    with caplog.at_level(logging.INFO, logger="sonic_core.budget"), \
+            pytest.raises(budget.MemoryBudgetError) as e:
+        audio.encode_audio(models, wave, 16000)
+    msg = str(e.value)
+    assert "Whisper Audio Encode cannot fit: 750 frames (60 s of audio)" in msg and "2.0 MiB is free" in msg
+    assert "audio tokens (float16)" in msg and "set max_seconds to" in msg
+    assert "main tensors" in caplog.text  # said before refusing
+
+
+def test_sampler_refuses_before_drawing_noise(monkeypatch):
+    from types import SimpleNamespace
+
+    from sonic_core import budget, sampler
+
+    monkeypatch.setattr(budget, "host_available_bytes", lambda: 10 * 2**20)
+    drawn = []
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn.append(a) or pytest.fail("noise drawn"))
+    frames = 5000
+    audio = SimpleNamespace(num_frames=frames)
+    motion = SimpleNamespace(buckets=torch.zeros(frames, 2))
+    with pytest.raises(budget.MemoryBudgetError, match=r"Sonic sampler cannot fit: 5000 frames.*512x512.*"
+                                                      r"lower min_resolution"):
+        sampler.generate(torch.nn.Linear(1, 1), None, None, torch.zeros(1, 512, 512, 3),
+                         torch.ones(1, 512, 512), audio, motion)
+    assert not drawn
+
+
+def test_device_memory_is_checked_too():
+    from sonic_core import budget
+
+    est = budget.add_sampler(budget.MemoryEstimate(100000), (512, 512), torch.float16, on_device=True)
+    with pytest.raises(budget.MemoryBudgetError, match=r"memory on cuda:0.*1\.0 GiB is free"):
+        budget.check_fits(est, "cuda:0", "x", host_free=2**50, device_free=2**30)
+    budget.check_fits(est, "cuda:0", "x", host_free=2**50, device_free=2**50)  # fits: no error
+
+
+def test_host_memory_is_read_without_psutil():
+    from sonic_core import budget
+
+    free = budget.host_available_bytes()
+    assert free is None or 0 < free < 2**50

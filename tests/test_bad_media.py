@@ -204,7 +204,7 @@ def test_frames_far_beyond_255_are_refused(tmp_path):
 def test_nan_audio_into_video_combine(combine, tmp_path):
     audio = _tone(0.3)
     audio[0, 24000] = float("nan")
-    with pytest.raises(ValueError, match=r"1 NaN or infinite samples \(first at 0\.500 s\).*nothing was written"):
+    with pytest.raises(ValueError, match=r"1 NaN or infinite samples \(first at 0\.500 s\).*nothing was"):
         combine(_frames(25), {"waveform": audio[None], "sample_rate": 48000})
     assert _listing(tmp_path / "bad") == []
 
@@ -302,3 +302,101 @@ def test_truncated_audio_warns_with_declared_and_decoded_seconds(tmp_path, caplo
     assert got < seconds / 2
     assert f"declares {seconds:.2f} s" in caplog.text and f"only {got:.2f} s could be decoded" in caplog.text
     assert "truncated" in caplog.text and str(cut) in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the working size is bounded before any allocation, in every path that computes it
+# ----------------------------------------------------------------------------------------------
+def test_working_size_bound_names_the_size_and_what_to_do():
+    from sonic_core.face import working_size
+
+    with pytest.raises(ValueError) as e:
+        working_size(4000, 100, 512)
+    msg = str(e.value)
+    assert "4000x100 image gives a 20480x512 px working size (10.5 MP) at min_resolution 512" in msg
+    assert f"{config.MAX_WORKING_SIDE} px per side" in msg and "crop the image" in msg
+    assert "lower min_resolution to 64 or less" in msg
+    with pytest.raises(ValueError, match=r"4096x4096 px working size.*lower min_resolution to 2048 or less"):
+        working_size(1000, 1000, 4096)
+    assert working_size(1000, 1000, 2048) == (2048, 2048)  # the limit itself runs
+    assert working_size(1920, 1080, 512) == (896, 512)  # ordinary sizes are untouched
+
+
+def test_working_size_is_refused_in_motion_and_sampler_before_allocating(monkeypatch):
+    from types import SimpleNamespace
+
+    from sonic_core import motion, sampler
+
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("noise drawn"))
+    image = torch.full((1, 100, 4000, 3), 0.5)
+    with pytest.raises(ValueError, match="20480x512 px working size"):
+        motion.reference_embeds(None, image, 512)  # never reaches the CLIP encoder
+    with pytest.raises(ValueError, match="20480x512 px working size"):
+        sampler.generate(torch.nn.Linear(1, 1), None, None, image, torch.ones(1, 100, 4000),
+                         SimpleNamespace(num_frames=8), SimpleNamespace(buckets=torch.zeros(8, 2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 6 (continued). images and motion scales into the nodes
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def portrait(tmp_path) -> tuple[torch.Tensor, torch.Tensor]:
+    from sonic_core import selftest
+    from sonic_core.pipeline import read_image
+
+    return read_image(selftest.write_portrait(tmp_path / "p.png"))  # [1,H,W,3] in 0..1, [1,H,W]
+
+
+def test_nan_pixels_into_face_mask_detect(portrait):
+    from nodes.nodes_face import SonicFaceMaskDetect
+
+    image, mask = portrait
+    image[0, 10, 10, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"image has 1 NaN or infinite pixel values.*check the node"):
+        SonicFaceMaskDetect().detect(image, "none", False, 0.5, 1.1, 0.5, "error", mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["uint8", "float255"])
+def test_0_255_images_into_face_mask_detect_are_converted(portrait, caplog, kind):
+    from nodes.nodes_face import SonicFaceMaskDetect
+
+    image, mask = portrait
+    hostile = (image * 255).round().to(torch.uint8) if kind == "uint8" else image * 255
+    with caplog.at_level(logging.WARNING, logger="sonic_core.image"):
+        out, face_mask, _box = SonicFaceMaskDetect().detect(hostile, "none", False, 0.5, 1.1, 0.5, "error",
+                                                            mask=mask)
+    assert "divided by 255" in caplog.text
+    assert out.dtype == torch.float32 and float(out.max()) <= 1.0
+    assert float((out - image).abs().max()) < 1 / 255 + 1e-6  # the same picture, not a white one
+
+
+@pytest.mark.parametrize("field", ["head", "expression", "fixed"])
+def test_nan_motion_scales_are_refused(field):
+    from types import SimpleNamespace
+
+    from sonic_core.motion import predict_motion
+
+    kwargs = {"head": {"head_scale": float("nan")}, "expression": {"expression_scale": float("inf")},
+              "fixed": {"fixed_head": float("nan")}}[field]
+    audio = SimpleNamespace(num_frames=4)
+    with pytest.raises(ValueError, match=r"(head_scale|expression_scale|fixed_head)=(nan|inf) is not finite"):
+        predict_motion(torch.nn.Linear(1, 1), audio, torch.zeros(1, 8), **kwargs)
+
+
+def test_nan_scale_into_motion_node_names_the_widget():
+    from types import SimpleNamespace
+
+    from nodes.nodes_motion import SonicMotionBucketPredict
+
+    with pytest.raises(ValueError, match=r"head_motion_scale=nan must be a number >= 0"):
+        SonicMotionBucketPredict().predict(None, SimpleNamespace(bucket_windows=None), None, None,
+                                           head_motion_scale=float("nan"))
+
+
+@pytest.mark.parametrize("rate", [1, 300, 3999.5])
+def test_absurd_sample_rate_into_whisper_encode(rate):
+    from sonic_core import audio
+
+    with pytest.raises(ValueError, match=rf"sample_rate is {rate:g} Hz, below the 4000 Hz minimum"):
+        audio.check_waveform(torch.zeros(1, 300), rate)
+    audio.check_waveform(torch.zeros(1, 8000), 8000)  # telephone audio is fine

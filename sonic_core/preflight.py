@@ -1,0 +1,122 @@
+"""Checks the standalone run (``python -m sonic_core animate``) makes before it loads a model.
+
+Bad numbers, an output that cannot be written, a device this PyTorch cannot use and a run whose
+tensors cannot fit are all reported in a second, not after minutes of loading or rendering.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import RIFE_MULTIPLIER, SAMPLE_RATE, SAMPLER_DEFAULTS, SIZE_MULTIPLE
+
+OUTPUT_SUFFIXES = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+WRITE_PROBE_PREFIX = ".sonic-write-check-"
+
+
+def check_settings(settings, fps: float) -> None:
+    """Raise ValueError naming the first bad number of an ``AnimateSettings`` (and the crf's format)."""
+    from .video import _check_args
+
+    def whole(name: str, lo: int) -> None:
+        v = getattr(settings, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a whole number >= {lo}")
+
+    whole("steps", 1)
+    whole("window_batch", 1)
+    whole("frames_per_window", 1)
+    whole("min_resolution", SIZE_MULTIPLE)
+    for name, hint in (("max_seconds", "0 = the whole audio"),
+                       ("dynamic_scale", "0.5 mild, 1.0, 2.0 intense")):
+        v = getattr(settings, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a finite number >= 0 ({hint})")
+    _check_args(fps, "h264-mp4", settings.crf, "yuv420p")
+
+
+def _nearest_folder(path: Path) -> Path:
+    p = path.parent.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output(output: str | os.PathLike) -> Path:
+    """The output path, refused if it exists (or is a dangling symlink), has a wrong suffix, or its
+    folder cannot be written (tried with a probe file, removed at once; nothing is created)."""
+    from .video import _temp_overhead, check_name_length
+
+    output = Path(output)
+    if os.path.lexists(output):
+        if not output.exists():
+            raise FileExistsError(f"output {output} is a symlink to {os.readlink(output)!r}, which does not "
+                                  "exist; remove the link or choose another output name (nothing is "
+                                  "overwritten)")
+        raise FileExistsError(f"{output} exists; choose another output name (nothing is overwritten)")
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {output} must end in {', '.join(OUTPUT_SUFFIXES)}")
+    folder = _nearest_folder(output)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"output {output}: {folder} is a file, not a folder; choose another -o")
+    check_name_length(str(folder), output.name, _temp_overhead(output.suffix[1:]), "output file name")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE_PREFIX, dir=folder)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the output {output}: {folder} is not writable ({e.strerror}); "
+                               "choose a writable folder for -o") from e
+    os.close(fd)
+    os.unlink(probe)
+    return output
+
+
+def check_device(name: str) -> torch.device:
+    """``--device`` as a torch.device this build can use, or ValueError saying what to use instead."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"--device {name!r} is not supported here; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch build has no CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise ValueError(f"--device {name}: {why}; use --device cpu (or auto), or install a CUDA build "
+                             "of PyTorch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu or auto")
+    return device
+
+
+def estimate_run(image_hw: tuple[int, int], num_samples: int, sample_rate: int, settings,
+                 dtype: torch.dtype, device: torch.device):
+    """The run's main tensors (sonic_core.budget) from the input sizes, before any model loads.
+
+    Raises the working-size error (face.working_size) and returns a ``MemoryEstimate``. With crop
+    the face crop is a square of at most the short side, so that square's working size is used.
+    """
+    from .audio import check_sample_rate, frame_counts
+    from .budget import HOST, MemoryEstimate, add_audio, add_decode, add_sampler
+    from .face import working_size
+
+    h, w = image_hw
+    side = min(h, w)
+    size = working_size(side, side, settings.min_resolution) if settings.crop else \
+        working_size(w, h, settings.min_resolution)
+    check_sample_rate(sample_rate)
+    frames = frame_counts(math.ceil(num_samples * SAMPLE_RATE / sample_rate), settings.max_seconds)[1]
+    est = add_audio(MemoryEstimate(frames), dtype, HOST)
+    add_sampler(est, size, dtype, device.type != "cpu")
+    add_decode(est, size, SAMPLER_DEFAULTS.decode_chunk_size, RIFE_MULTIPLIER if settings.interpolate else 1)
+    return est
