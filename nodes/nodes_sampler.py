@@ -155,8 +155,9 @@ class SonicSampler:
                 ),
                 "i2i_strength": _float(
                     d.i2i_strength,
-                    "1.0 = start from noise (official). Lower skips the "
-                    "first steps and starts nearer the reference image.",
+                    "1.0 = start from noise (official). Lower skips the first steps and starts nearer "
+                    "the reference image: int(steps x strength) steps run, so it must be at least "
+                    "1/steps (0.04 at 25 steps, 0.1 at 10); lower values are refused before sampling.",
                     0.01,
                     1.0,
                     0.01,
@@ -252,6 +253,7 @@ class SonicSampler:
             audio_scale=float(audio_scale),
         )
         smp.validate(settings, int(sonic_audio.num_frames))
+        n_run = len(smp.make_schedule(settings.steps, settings.i2i_strength).timesteps)  # before loading
         unet = sonic_model.load("unet")
         device = next(unet.parameters()).device
         n_windows = smp.window_count(int(sonic_audio.num_frames), settings)
@@ -267,7 +269,6 @@ class SonicSampler:
                 sonic_model.dtype,
                 n_windows,
             )
-        n_run = len(smp.make_schedule(settings.steps, settings.i2i_strength).timesteps)
         log.info(
             "Sonic sampler: %d frames, %d windows x %d steps, %d window(s) per UNet call",
             sonic_audio.num_frames,

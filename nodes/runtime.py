@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import tempfile
 import threading
 from typing import Any, Callable
@@ -55,11 +56,21 @@ _interrupt = threading.Event()
 
 
 def request_interrupt() -> None:
-    """Ask the running job to stop at its next check (fallback mode; ComfyUI has its own)."""
+    """Ask the running job to stop at its next check (fallback mode; ComfyUI has its own).
+
+    Without ComfyUI a request made while nothing runs is dropped when the next job starts
+    (``start_job``), as ComfyUI clears its flag when a prompt starts."""
     if COMFY:
         _mm.interrupt_current_processing(True)
     else:
         _interrupt.set()
+
+
+def start_job() -> None:
+    """A job begins: drop a cancel requested while idle (ComfyUI clears its own flag per prompt)."""
+    if not COMFY and _interrupt.is_set():
+        log.info("a cancel requested while nothing ran is dropped: the new job runs")
+        _interrupt.clear()
 
 
 def check_interrupt() -> None:
@@ -81,6 +92,7 @@ class Progress:
     """
 
     def __init__(self, total: int, what: str = "Sonic"):
+        start_job()  # every node run reports progress: its bar is where a job starts
         self.total = max(int(total), 1)
         self.current = 0
         self.what = what
@@ -283,15 +295,29 @@ def list_subfolders(marker: str, folder: str = MODEL_FOLDER) -> list[str]:
 
 
 def resolve_path(name: str, folder: str = MODEL_FOLDER) -> str:
-    """Absolute path of ``name`` inside a model folder; absolute paths pass through if they exist."""
+    """Absolute path of ``name`` inside a model folder; absolute paths pass through if they exist.
+
+    A relative name may not climb out of the folder (``..``). Symlinks inside it are followed
+    wherever they point, as long as they reach a regular file or a folder: the model folders are
+    the user's own, and a Hugging Face cache (``hf download --local-dir`` or a linked snapshot)
+    is all symlinks. The path returned is the link's own, so its name and suffix stay.
+    """
     if os.path.isabs(name) and os.path.exists(name):
         return name
+    if os.path.isabs(name) or ".." in re.split(r"[\\/]+", name):
+        raise ValueError(f"{name!r} points outside the model folder {model_dirs(folder)[0]}: give a name "
+                         "relative to it, without '..' (symlinks inside the folder may point anywhere)")
     for root in model_dirs(folder):
-        full = os.path.realpath(os.path.join(root, name))
-        if os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
-            raise ValueError(f"{name!r} points outside the model folder {root}")
-        if os.path.exists(full):
+        full = os.path.abspath(os.path.join(root, name))
+        if os.path.isfile(full) or os.path.isdir(full):  # follows symlinks
             return full
+        if os.path.islink(full):
+            target = os.path.realpath(full)
+            what = "does not exist" if not os.path.exists(target) else "is not a regular file or a folder"
+            raise FileNotFoundError(f"{name!r} in {root} is a symlink to {target}, which {what}; fix or "
+                                    "remove the link (see README 'Weights')")
+        if os.path.exists(full):
+            raise ValueError(f"{name!r} in {root} is not a regular file or a folder")
     raise FileNotFoundError(
         f"{name!r} was not found in {model_dirs(folder)}: put the file there (see README 'Weights')"
     )

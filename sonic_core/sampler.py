@@ -65,7 +65,10 @@ def make_schedule(steps: int, i2i_strength: float = 1.0, config: dict | None = N
     init = min(int(steps * i2i_strength), steps)
     t_start = max(steps - init, 0)
     if t_start >= steps:
-        raise ValueError(f"i2i_strength={i2i_strength} with steps={steps} runs no step; raise either")
+        least = math.ceil(100 / steps) / 100  # the smallest two-decimal strength that runs a step
+        raise ValueError(f"i2i_strength={i2i_strength} with steps={steps} runs no step "
+                         f"(int({steps} x {i2i_strength}) = 0): use i2i_strength {least:g} or more at "
+                         f"{steps} steps, or raise steps to {math.ceil(1 / i2i_strength)} or more")
     sigmas = scheduler.sigmas.to(torch.float32)[t_start:]  # [n_run + 1]
     timesteps = scheduler.timesteps.to(torch.float32)[t_start:]  # [n_run]
     return Schedule(sigmas=sigmas, timesteps=timesteps, t_start=t_start)

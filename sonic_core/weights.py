@@ -343,7 +343,8 @@ def negative_dimensions(value: Any, where: str = "") -> list[str]:
     if isinstance(value, int):
         return [f"{where} = {value}"] if value < 0 else []
     if isinstance(value, dict):
-        return [b for k, v in value.items() for b in negative_dimensions(v, f"{where}.{k}" if where else str(k))]
+        return [b for k, v in value.items()
+                for b in negative_dimensions(v, f"{where}.{k}" if where else str(k))]
     if isinstance(value, list):
         return [b for i, v in enumerate(value) for b in negative_dimensions(v, f"{where}[{i}]")]
     return []

@@ -16,6 +16,7 @@ from nodes.nodes_audio import SonicWhisperAudioEncode
 from nodes.nodes_loader import SonicLoader
 from sonic_core import audio as A
 from tests._golden import assert_close_rel, assert_same_math, rel_err, same_math_tol
+from tests._interrupt import cancel_during_next_job
 
 TOL = 1e-5
 SPEECH = ("The quick brown fox jumps over the lazy dog. Sonic animates a portrait from speech, and every "
@@ -252,6 +253,5 @@ def test_progress_reaches_total_and_cancel_stops(sonic_model, speech):
     done = [d for d, _ in seen]
     assert len(totals) == 1 and done[-1] == seen[-1][1] and done == sorted(done)
     assert len(seen) == 3 + 3 + 7  # 3 mel chunks, 3 encoder windows, 7 token batches of 128 frames
-    runtime.request_interrupt()
-    with pytest.raises(runtime.InterruptProcessingException):
+    with cancel_during_next_job(), pytest.raises(runtime.InterruptProcessingException):
         encode(sonic_model, torch.from_numpy(x)[None, None], sr)

@@ -277,3 +277,81 @@ def test_host_memory_is_read_without_psutil():
 
     free = budget.host_available_bytes()
     assert free is None or 0 < free < 2**50
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. symlinked weights (a Hugging Face cache is all symlinks) load; '..' names stay refused
+# ----------------------------------------------------------------------------------------------
+def test_symlinked_weights_load_like_a_hugging_face_cache(model_dir, tmp_path, monkeypatch):
+    from nodes import runtime
+    from nodes.nodes_loader import SonicLoader
+
+    src, names = model_dir
+    blobs = tmp_path / "hub" / "blobs"  # content-addressed files without suffixes, outside the folder
+    blobs.mkdir(parents=True)
+    models = tmp_path / "models_sonic"
+    (models / "Sonic").mkdir(parents=True)
+    snapshot = tmp_path / "hub" / "snapshots" / "abc123" / "whisper-tiny"
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(p for p in src.rglob("*") if p.is_file())):
+        blob = blobs / f"{i:04x}deadbeef"
+        blob.write_bytes(f.read_bytes())
+        rel = f.relative_to(src)
+        if rel.parts[0] == names["whisper"]:
+            (snapshot / rel.name).symlink_to(blob)
+        else:
+            (models / "Sonic" / rel).symlink_to(blob)
+    (models / names["whisper"]).symlink_to(snapshot, target_is_directory=True)
+    monkeypatch.setenv(runtime.MODELS_ENV, str(models))
+    picked = {k: (f"Sonic/{v}" if k != "whisper" else v) for k, v in names.items()}
+    files = SonicLoader.INPUT_TYPES()["required"]["unet"][0]
+    assert picked["unet"] in files  # listed ...
+    (loaded,) = SonicLoader().load(**picked, dtype="fp32")  # ... and loaded, architecture JSON included
+    assert loaded.unet is not None
+    assert runtime.resolve_path(picked["unet"]) == str(models / picked["unet"])  # the link's name (suffix) kept
+
+    with pytest.raises(ValueError, match=r"outside the model folder.*without '\.\.'"):
+        runtime.resolve_path("Sonic/../../hub/blobs/0000deadbeef")
+    (models / "Sonic" / "gone.pth").symlink_to(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match=r"gone\.pth.*is a symlink to .*missing\.pth, which does not exist"):
+        runtime.resolve_path("Sonic/gone.pth")
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. outside ComfyUI, a cancel pressed while idle does not cancel the next job
+# ----------------------------------------------------------------------------------------------
+def test_idle_interrupt_does_not_cancel_the_next_job():
+    from nodes import runtime
+
+    runtime.request_interrupt()  # nothing runs
+    job = runtime.Progress(3, "next job")  # a job starts
+    job.update()  # not cancelled
+    runtime.request_interrupt()  # pressed while it runs
+    with pytest.raises(runtime.InterruptProcessingException):
+        job.update()
+    runtime.Progress(1, "after").update()  # the cancel was consumed by the job it stopped
+
+
+# ----------------------------------------------------------------------------------------------
+# 15. i2i_strength: the tooltip says what runs, too small a value is refused before any loading
+# ----------------------------------------------------------------------------------------------
+def test_i2i_strength_tooltip_and_early_refusal():
+    from types import SimpleNamespace
+
+    from nodes.nodes_sampler import SonicSampler
+
+    spec = SonicSampler.INPUT_TYPES()["required"]["i2i_strength"][1]
+    assert "1/steps" in spec["tooltip"] and "0.04 at 25 steps" in spec["tooltip"]
+
+    class Untouchable:
+        dtype = torch.float32
+
+        def load(self, name):
+            raise AssertionError("the UNet was loaded before the settings were checked")
+
+    audio = SimpleNamespace(cond_tokens=None, num_frames=8, fps=12.5)
+    motion = SimpleNamespace(buckets=torch.zeros(8, 2))
+    with pytest.raises(ValueError, match=r"i2i_strength=0\.01 with steps=25 runs no step.*use i2i_strength "
+                                         r"0\.04 or more at 25 steps, or raise steps to 100"):
+        SonicSampler().sample(Untouchable(), None, None, torch.zeros(1, 64, 64, 3), torch.ones(1, 64, 64), audio,
+                              motion, steps=25, i2i_strength=0.01)

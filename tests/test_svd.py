@@ -10,6 +10,7 @@ from sonic_core.config import VAE_SCALING_FACTOR
 from sonic_core.models import svd
 from sonic_core.weights import CheckpointError, save_safetensors
 from tests._golden import assert_close_rel, assert_same_math
+from tests._interrupt import cancel_during_next_job
 from tests._model_files import write_golden_svd_folder
 
 
@@ -132,6 +133,5 @@ def test_vae_decode_reports_progress_per_chunk(golden, tmp_path, monkeypatch):
     vae.decode(lat)  # as ComfyUI's VAEDecode calls it
     assert len(bars) == 1 and bars[0].current == bars[0].total == frames
     if frames > 1:
-        runtime.request_interrupt()
-        with pytest.raises(runtime.InterruptProcessingException):
+        with cancel_during_next_job(), pytest.raises(runtime.InterruptProcessingException):
             vae.decode(lat)
