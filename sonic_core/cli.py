@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -89,9 +90,20 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
+SIGTERM_EXIT = 128 + signal.SIGTERM  # the shell's status for a process ended by SIGTERM (143)
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    """SIGTERM (docker stop, systemd, kill) ends the run like Ctrl+C: cleanup code runs, so no
+    temporary video stays behind (a SIGKILL cannot be caught: sonic_core.video removes those later)."""
+    raise SystemExit(SIGTERM_EXIT)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    if argv is None:  # the real command line, not a call from Python (whose handlers stay its own)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(_resolve(args._run)(args) or 0)
     except (OSError, ValueError) as e:  # bad input: one clear line, no traceback (use -v for one)

@@ -400,3 +400,15 @@ def test_absurd_sample_rate_into_whisper_encode(rate):
     with pytest.raises(ValueError, match=rf"sample_rate is {rate:g} Hz, below the 4000 Hz minimum"):
         audio.check_waveform(torch.zeros(1, 300), rate)
     audio.check_waveform(torch.zeros(1, 8000), 8000)  # telephone audio is fine
+
+
+def test_sigterm_during_a_cli_encode_leaves_no_temp_file(tmp_path):
+    """docker stop sends SIGTERM: the CLI's handler turns it into SystemExit, so the temp file goes."""
+    script = "import signal; from sonic_core import cli; signal.signal(signal.SIGTERM, cli._exit_on_sigterm)\n"
+    proc = subprocess.Popen([sys.executable, "-c", script + _SLOW_ENCODE, str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "encoding"
+    assert _partials(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    assert _listing(tmp_path) == []
