@@ -24,7 +24,7 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SIDE = 512  # px, portrait side (working size 512x512 at min_resolution 512)
+SIDE = 512  # px, default portrait side (working size 512x512 at min_resolution 512)
 RATE = 16000  # Hz, the synthetic voice
 
 CHILD = textwrap.dedent("""
@@ -49,43 +49,58 @@ CHILD = textwrap.dedent("""
     def rss():
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
-    base = {}
+    import threading
+    base = {"after_sampling_peak": 0.0}
+    done = threading.Event()
+    def watch():  # peak RSS after the sampler: the decode -> RIFE -> encode stage alone
+        while not done.wait(0.05):
+            if "after_sampling" in base:
+                base["after_sampling_peak"] = max(base["after_sampling_peak"], rss())
+    threading.Thread(target=watch, daemon=True).start()
     generate = sampler.generate
     def timed(*a, **k):
         base["before_sampling"] = rss()
-        return generate(*a, **k)
+        out = generate(*a, **k)
+        base["after_sampling"] = rss()
+        return out
     sampler.generate = timed
     t0 = time.perf_counter()
     s = pipeline.AnimateSettings(steps=steps, min_resolution=%(side)d)
     pipeline.animate(work + "/face.png", work + "/voice.wav", work + "/out.mp4", models, s)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    done.set()
     print(json.dumps({"peak_rss_mb": round(peak, 1), "growth_mb": round(peak - base["before_sampling"], 1),
+                      "after_sampler_growth_mb": round(base["after_sampling_peak"] - base["after_sampling"], 1),
                       "wall_s": round(time.perf_counter() - t0, 1)}))
-""") % {"side": SIDE, "rate": RATE}
+""")
 
 
-def run(seconds: float, steps: int) -> dict:
+def run(seconds: float, steps: int, side: int = SIDE, repo: Path = REPO) -> dict:
+    child = CHILD % {"side": side, "rate": RATE}
     with tempfile.TemporaryDirectory() as work:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(REPO), work, str(seconds), str(steps)],
+        out = subprocess.run([sys.executable, "-c", child, str(repo), work, str(seconds), str(steps)],
                              capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"{seconds} s failed:\n{out.stderr[-3000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"path": "cli", "seconds": seconds, **row}
+    return {"path": "cli", "seconds": seconds, "side": side, **row}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, nargs="+", default=[20.0, 120.0])
     p.add_argument("--steps", type=int, default=1, help="denoising steps (memory does not depend on it)")
+    p.add_argument("--side", type=int, default=SIDE, help="portrait side in px (512 = the official size)")
+    p.add_argument("--repo", type=Path, default=REPO, help="checkout to measure (e.g. an older commit)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     args = p.parse_args()
     rows = []
     for s in args.seconds:
-        rows.append(run(s, args.steps))
+        rows.append(run(s, args.steps, args.side, args.repo))
         r = rows[-1]
-        print(f"{r['path']:8s} {r['seconds']:7.0f} s  peak {r['peak_rss_mb']:8.1f} MB  growth "
-              f"{r['growth_mb']:8.1f} MB  wall {r['wall_s']:7.1f} s", flush=True)
+        print(f"{r['path']:8s} {r['seconds']:7.0f} s {r['side']}px  peak {r['peak_rss_mb']:8.1f} MB  growth "
+              f"{r['growth_mb']:8.1f} MB  after sampler {r['after_sampler_growth_mb']:8.1f} MB  "
+              f"wall {r['wall_s']:7.1f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
