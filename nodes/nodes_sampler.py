@@ -254,13 +254,13 @@ class SonicSampler:
         )
         smp.validate(settings, int(sonic_audio.num_frames))
         n_run = len(smp.make_schedule(settings.steps, settings.i2i_strength).timesteps)  # before loading
+        w_img, h_img = core("face").working_size(  # refuses an oversized working size before loading
+            image.shape[-2], image.shape[-3], settings.min_resolution
+        )
         unet = sonic_model.load("unet")
         device = next(unet.parameters()).device
         n_windows = smp.window_count(int(sonic_audio.num_frames), settings)
         if int(window_batch) <= 0:
-            w_img, h_img = core("face").working_size(
-                image.shape[-2], image.shape[-3], settings.min_resolution
-            )
             window_batch = smp.auto_window_batch(
                 runtime.free_memory(device),
                 h_img // cfg.VAE_SCALE,

@@ -412,3 +412,20 @@ def test_sigterm_during_a_cli_encode_leaves_no_temp_file(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 128 + signal.SIGTERM
     assert _listing(tmp_path) == []
+
+
+def test_sampler_node_refuses_the_working_size_before_loading_the_unet():
+    from types import SimpleNamespace
+
+    from nodes.nodes_sampler import SonicSampler
+
+    class Untouchable:
+        dtype = torch.float32
+
+        def load(self, name):
+            raise AssertionError("the UNet was loaded before the working size was checked")
+
+    audio = SimpleNamespace(cond_tokens=None, num_frames=8, fps=12.5)
+    with pytest.raises(ValueError, match="20480x512 px working size"):
+        SonicSampler().sample(Untouchable(), None, None, torch.zeros(1, 100, 4000, 3), torch.ones(1, 100, 4000),
+                              audio, SimpleNamespace(buckets=torch.zeros(8, 2)))
