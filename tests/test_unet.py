@@ -166,12 +166,14 @@ def test_resize_face_mask_values_and_padding(caplog):
 # Semantics on a tiny random UNet
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 64 * 2**-23)])
 def test_stacked_windows_equal_separate_calls(dtype, tol):
     """The sampler stacks windows along B; each row must see only its own window.
 
     With ``groups=2`` the small projections run per window, so BLAS's row-count-dependent kernel
-    choice cannot change a window's rounding (without it float32 differs by ~10 ulp).
+    choice cannot change a window's rounding. oneDNN still picks convolution algorithms by batch
+    size with one thread (seen: 3.0e-6 on AMD EPYC, ATen default, 1 thread), so float32 is held to
+    SAME_MATH_ULPS (64 ulps at outputs of order 1); float64 stays strict and catches real mixing.
     """
     unet = _tiny_unet().to(dtype)
     a, b = _tiny_inputs(3, 3, seed=1, dtype=dtype), _tiny_inputs(3, 3, seed=2, dtype=dtype)
