@@ -412,62 +412,100 @@ def _add_video_stream(container, spec: VideoFormat, rate: Fraction, width: int, 
     return stream
 
 
-def _encode(frames, path: str, spec: VideoFormat, fps: float, audio: Audio, crf: int, pix_fmt: str,
-            metadata: dict[str, str] | None, callback: Callback, total: int) -> int:
-    import av
-    from av.video.reformatter import ColorRange, Colorspace
+class _Encoder:
+    """An open encode into ``path``: frames arrive in any number of ``add`` calls (a tensor or an
+    iterable each time), the audio follows them, and ``finish`` flushes both and closes the file.
+    ``close`` without ``finish`` just closes it (the caller removes the temp file)."""
 
-    rate = Fraction(round(fps * FPS_DENOMINATOR), FPS_DENOMINATOR)
-    deep = spec.codec != "gif" and pix_fmt.endswith("10le")
-    options = {"movflags": "use_metadata_tags"} if spec.container == "mp4" else {}
-    wave = _audio_array(audio) if audio is not None and spec.audio_codec else None
-    if audio is not None and not spec.audio_codec:
-        log.warning("%s has no audio track; the audio is left out", spec.container)
-    container = av.open(path, mode="w", format=spec.container, options=options)
-    with container:
+    def __init__(self, path: str, spec: VideoFormat, fps: float, audio: Audio, crf: int, pix_fmt: str,
+                 metadata: dict[str, str] | None):
+        import av
+
+        self.spec, self.crf, self.pix_fmt = spec, crf, pix_fmt
+        self.rate = Fraction(round(fps * FPS_DENOMINATOR), FPS_DENOMINATOR)
+        self.deep = spec.codec != "gif" and pix_fmt.endswith("10le")
+        self.pad = spec.codec != "gif" and _even_pad(pix_fmt)
+        options = {"movflags": "use_metadata_tags"} if spec.container == "mp4" else {}
+        self.wave = _audio_array(audio) if audio is not None and spec.audio_codec else None
+        if audio is not None and not spec.audio_codec:
+            log.warning("%s has no audio track; the audio is left out", spec.container)
+        self.container = av.open(path, mode="w", format=spec.container, options=options)
         if metadata and spec.container != "gif":
             for key, value in metadata.items():
-                container.metadata[key] = value
-        stream = track = size = None
-        count = 0
-        pad = spec.codec != "gif" and _even_pad(pix_fmt)
-        for arr in _frames(frames, deep):
-            if pad:
+                self.container.metadata[key] = value
+        self.stream = self.track = self.size = None
+        self.count = 0  # frames encoded so far
+
+    def add(self, frames, callback: Callback = None, total: int = 0) -> int:
+        """Encode ``frames`` after those already added; ``callback(done, total)`` counts this call's
+        frames. Returns how many were added."""
+        import av
+        from av.video.reformatter import ColorRange, Colorspace
+
+        spec, container = self.spec, self.container
+        added = 0
+        for arr in _frames(frames, self.deep):
+            if self.pad:
                 arr = _pad_even(arr)
-            if stream is None:  # the first frame fixes the size; streams exist before the first mux
-                size = arr.shape[:2]
-                if max(size) > spec.max_side:
+            if self.stream is None:  # the first frame fixes the size; streams exist before the first mux
+                self.size = arr.shape[:2]
+                if max(self.size) > spec.max_side:
                     raise ValueError(f"frames are {arr.shape[1]}x{arr.shape[0]} px; {spec.codec} "
                                      f"({spec.container}) encodes at most {spec.max_side} px per side: "
                                      "downscale the frames (e.g. a lower min_resolution) or choose "
                                      f"{'h265-mp4 or ' if spec.max_side < 65534 else ''}vp9-webm")
-                stream = _add_video_stream(container, spec, rate, arr.shape[1], arr.shape[0], crf, pix_fmt)
-                if wave is not None:
-                    track = _AudioTrack(container, spec.audio_codec, wave[0], wave[1], rate)
-            if arr.shape[:2] != size:
-                raise ValueError(f"frame {count} is {arr.shape[1]}x{arr.shape[0]} but the first frame is "
-                                 f"{size[1]}x{size[0]}: all frames of a video must have one size")
+                self.stream = _add_video_stream(container, spec, self.rate, arr.shape[1], arr.shape[0],
+                                                self.crf, self.pix_fmt)
+                if self.wave is not None:
+                    self.track = _AudioTrack(container, spec.audio_codec, self.wave[0], self.wave[1], self.rate)
+            if arr.shape[:2] != self.size:
+                raise ValueError(f"frame {self.count} is {arr.shape[1]}x{arr.shape[0]} but the first frame "
+                                 f"is {self.size[1]}x{self.size[0]}: all frames of a video must have one size")
             if spec.codec == "gif":
                 frame = _gif_frame(arr)
             else:
-                frame = av.VideoFrame.from_ndarray(arr, format="rgb48le" if deep else "rgb24")
-                frame = frame.reformat(format=pix_fmt, src_colorspace=Colorspace.ITU709,
+                frame = av.VideoFrame.from_ndarray(arr, format="rgb48le" if self.deep else "rgb24")
+                frame = frame.reformat(format=self.pix_fmt, src_colorspace=Colorspace.ITU709,
                                        dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
-            frame.pts = count
-            for packet in stream.encode(frame):
+            frame.pts = self.count
+            for packet in self.stream.encode(frame):
                 container.mux(packet)
-            count += 1
-            if track is not None:
-                track.advance(count, container)
+            self.count += 1
+            added += 1
+            if self.track is not None:
+                self.track.advance(self.count, container)
             if callback is not None:
-                callback(count, max(total, count))
-        if stream is None:
+                callback(added, max(total, added))
+        return added
+
+    def finish(self) -> int:
+        """Flush the encoders and close the file; returns the number of frames."""
+        if self.stream is None:
+            self.close()
             raise ValueError("no frames to encode: the IMAGE batch is empty")
-        for packet in stream.encode(None):
-            container.mux(packet)
-        if track is not None:
-            track.finish(container)
-    return count
+        try:
+            for packet in self.stream.encode(None):
+                self.container.mux(packet)
+            if self.track is not None:
+                self.track.finish(self.container)
+        finally:
+            self.close()
+        return self.count
+
+    def close(self) -> None:
+        if self.container is not None:
+            container, self.container = self.container, None
+            container.close()
+
+
+def _encode(frames, path: str, spec: VideoFormat, fps: float, audio: Audio, crf: int, pix_fmt: str,
+            metadata: dict[str, str] | None, callback: Callback, total: int) -> int:
+    enc = _Encoder(path, spec, fps, audio, crf, pix_fmt, metadata)
+    try:
+        enc.add(frames, callback, total)
+        return enc.finish()
+    finally:
+        enc.close()
 
 
 _PARTIAL_NAME = re.compile(r"^\..+\.[0-9a-f]{%d}%s(?:%s)$" % (
@@ -586,20 +624,82 @@ def save_video(frames: torch.Tensor | Iterable, output_dir: str, filename_prefix
     is taken when the file is complete and the name is claimed atomically, so concurrent or
     repeated runs never overwrite each other. Returns (path, subfolder, filename).
     """
-    spec = _check_args(fps, format, crf, pix_fmt)
-    check_name_length(output_dir, split_prefix(filename_prefix)[1], _temp_overhead(spec.ext),
-                      "filename_prefix: the file name")
-    folder, subfolder, stem = output_folder(output_dir, filename_prefix)
-    total = len(frames) if hasattr(frames, "__len__") else 0
-    with _partial_file(folder, stem, spec.ext) as tmp:
-        count = _encode(frames, tmp, spec, fps, audio, crf, pix_fmt, metadata, callback, total)
-        while True:
-            name = counter_name(stem, next_counter(folder, stem), spec.ext)
-            path = os.path.join(folder, name)
-            try:
-                _publish(tmp, path)
-                break
-            except FileExistsError:
-                continue  # another run took this number meanwhile
-    log.info("video: %d frames at %g fps -> %s", count, fps, path)
-    return path, subfolder, name
+    writer = VideoWriter(output_dir, filename_prefix, fps, audio, format, crf, pix_fmt, metadata)
+    writer.write(frames, callback)
+    return writer.close()
+
+
+class VideoWriter:
+    """One video written in parts (``save_video``'s file, named the same way): ``write`` frames as
+    often as needed, then ``close`` publishes the file under the next free counter name, or
+    ``abort`` removes it. Until then it is a locked hidden temp file in the target folder; an error
+    or a cancel inside ``write`` aborts, and a process killed outright leaves only a stale temp file
+    that the next encode in that folder removes. The audio (the whole track) is given once and
+    follows the frames: each part muxes the sound under its frames, so parts join without a seam.
+    """
+
+    def __init__(self, output_dir: str, filename_prefix: str, fps: float, audio: Audio = None,
+                 format: str = "h264-mp4", crf: int = VIDEO_CRF, pix_fmt: str = "yuv420p",
+                 metadata: dict[str, str] | None = None):
+        spec = _check_args(fps, format, crf, pix_fmt)
+        check_name_length(output_dir, split_prefix(filename_prefix)[1], _temp_overhead(spec.ext),
+                          "filename_prefix: the file name")
+        self.spec, self.fps = spec, fps
+        self.folder, self.subfolder, self.stem = output_folder(output_dir, filename_prefix)
+        self._stack = contextlib.ExitStack()
+        self.temp_path = self._stack.enter_context(_partial_file(self.folder, self.stem, spec.ext))
+        try:
+            self._enc: _Encoder | None = _Encoder(self.temp_path, spec, fps, audio, crf, pix_fmt, metadata)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    @property
+    def frames(self) -> int:
+        """Frames written so far."""
+        return self._enc.count if self._enc is not None else 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._enc is not None
+
+    def write(self, frames: torch.Tensor | Iterable, callback: Callback = None) -> int:
+        """Append ``frames`` (``[N,H,W,3]`` in 0..1 or an iterable of ``[H,W,3]``); returns how many.
+        ``callback(done, total)`` counts this call's frames and may raise to cancel (which aborts)."""
+        if self._enc is None:
+            raise ValueError("this video is already closed; start a new one")
+        try:
+            return self._enc.add(frames, callback, len(frames) if hasattr(frames, "__len__") else 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def close(self) -> tuple[str, str, str]:
+        """Finish the file and publish it; returns (path, subfolder, filename)."""
+        if self._enc is None:
+            raise ValueError("this video is already closed")
+        enc, self._enc = self._enc, None
+        try:
+            count = enc.finish()
+            while True:
+                name = counter_name(self.stem, next_counter(self.folder, self.stem), self.spec.ext)
+                path = os.path.join(self.folder, name)
+                try:
+                    _publish(self.temp_path, path)
+                    break
+                except FileExistsError:
+                    continue  # another run took this number meanwhile
+        finally:
+            enc.close()
+            self._stack.close()  # removes the temp file unless it was published
+        log.info("video: %d frames at %g fps -> %s", count, self.fps, path)
+        return path, self.subfolder, name
+
+    def abort(self) -> None:
+        """Stop and remove the temp file; nothing is published. Safe to call twice."""
+        enc, self._enc = self._enc, None
+        try:
+            if enc is not None:
+                enc.close()
+        finally:
+            self._stack.close()
