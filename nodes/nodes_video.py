@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import time
 
 from . import runtime
 from .runtime import core
 
+log = logging.getLogger(__name__)
 _config = core("config")
 _video = core("video")
 _RIFE_DEFAULT = "RIFE/flownet.pkl"  # where the official checkpoint goes under models/sonic
@@ -55,6 +59,102 @@ def frontend_safe_workflow(value):
             continue
         out[key] = v if key in _OPAQUE_KEYS else frontend_safe_workflow(v)
     return out
+
+
+def audio_track(audio):
+    """ComfyUI AUDIO -> (waveform [C, T], sample rate) for sonic_core.video, or None."""
+    if audio is None:
+        return None
+    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+        raise ValueError("audio: expected ComfyUI AUDIO {'waveform': [B, C, T], 'sample_rate': Hz}; "
+                         "connect a Load Audio node")
+    return (audio["waveform"][0], int(audio["sample_rate"]))
+
+
+def file_metadata(prompt, extra_pnginfo) -> dict:
+    """The workflow and prompt as container tags (none with --disable-metadata)."""
+    if not runtime.metadata_enabled():
+        return {}
+    metadata = {k: json.dumps(frontend_safe_workflow(v) if k == "workflow" else v)
+                for k, v in (extra_pnginfo or {}).items()}
+    if prompt is not None:
+        metadata["prompt"] = json.dumps(prompt)
+    return metadata
+
+
+# ----------------------------------------------------------------------------------------------
+# Segments of a long clip: appended to one open file across queue runs
+# ----------------------------------------------------------------------------------------------
+SEGMENT_IDLE_S = 3600.0  # an unfinished segmented video untouched this long is given up (its temp file removed)
+
+
+@dataclasses.dataclass
+class _LiveVideo:
+    writer: object  # sonic_core.video.VideoWriter
+    settings: tuple  # (fps, prefix, format, crf, pix_fmt): the same for every segment
+    next_index: int
+    count: int
+    touched: float
+
+
+_live: dict[str, _LiveVideo] = {}  # SONIC_SEGMENT job -> its open video
+
+
+def _drop_live(job: str, why: str) -> None:
+    live = _live.pop(job, None)
+    if live is not None:
+        log.info("Video Combine: %s; its unfinished video (%d frames) is removed", why, live.writer.frames)
+        live.writer.abort()
+
+
+def _append_segment(images, segment, fps, prefix, format, crf, pix_fmt, sound, metadata):
+    """Write one segment's frames (after its leading frame) to the clip's open video; publish it after
+    the last segment, else queue the next segment. Segment 0 always starts a new file."""
+    if not hasattr(segment, "segment") or not hasattr(segment, "job"):
+        raise ValueError(f"segment is a {type(segment).__name__}; connect Latent Segment (long clips)")
+    seg, job = segment.segment, segment.job
+    now = time.monotonic()
+    for other in [j for j, v in _live.items() if now - v.touched > SEGMENT_IDLE_S]:
+        _drop_live(other, f"no segment arrived for {SEGMENT_IDLE_S / 60:.0f} min")
+    settings = (fps, prefix, format, crf, pix_fmt)
+    if seg.index == 0:
+        _drop_live(job, "the clip starts again from segment 1")
+        writer = _video.VideoWriter(runtime.output_dir(), prefix, fps, audio=sound, format=format, crf=crf,
+                                    pix_fmt=pix_fmt, metadata=metadata)
+        _live[job] = _LiveVideo(writer, settings, 0, seg.count, now)
+    live = _live.get(job)
+    if live is None or live.next_index != seg.index:
+        want = "segment 1" if live is None else f"segment {live.next_index + 1}"
+        raise ValueError(f"segment {seg.index + 1} of {seg.count} arrived, but this clip's video expects {want}: "
+                         "set Latent Segment's segment_index to 0 and queue again (the segments render "
+                         "in order into one file)")
+    if live.settings != settings:
+        _drop_live(job, "its settings changed between segments")
+        raise ValueError("frame_rate, filename_prefix, format, crf or pix_fmt changed between segments of "
+                         "one clip: set segment_index to 0 and queue again")
+    frames = images[seg.leading:]
+    if frames.shape[0] == 0:
+        raise ValueError(f"segment {seg.index + 1} has no frames after its leading frame: the nodes between "
+                         "Latent Segment and Video Combine must keep every frame")
+    progress = runtime.Progress(frames.shape[0], f"Video Combine (segment {seg.index + 1}/{seg.count})")
+    try:
+        live.writer.write(frames, callback=progress.callback())  # aborts the file on an error or cancel
+    except BaseException:
+        _live.pop(job, None)
+        raise
+    live.next_index, live.touched = seg.index + 1, time.monotonic()
+    if not seg.last:
+        if runtime.cache_forgets_outputs():
+            log.warning("ComfyUI runs with --cache-none: the sampler runs again for every segment")
+        queued = runtime.queue_prompt_again(segment.node_id, "segment_index", seg.index + 1)
+        log.info("Video Combine: segment %d/%d appended (%d frames so far); %s", seg.index + 1, seg.count,
+                 live.writer.frames, "the next one is queued" if queued else
+                 f"run segment_index {seg.index + 1} next")
+        return {"ui": {"text": [f"segment {seg.index + 1}/{seg.count}"]}, "result": ("",)}
+    del _live[job]
+    path, subfolder, name = live.writer.close()
+    preview = {"filename": name, "subfolder": subfolder, "type": "output"}
+    return {"ui": {"images": [preview], "animated": (True,)}, "result": (path,)}
 
 
 def _check_images(images, what: str):
@@ -147,25 +247,22 @@ class SonicVideoCombine:
             "optional": {
                 "audio": ("AUDIO", {"tooltip": "Sound to mux (AAC in mp4, Opus in webm); trimmed or padded "
                                                "with silence to the video's length."}),
+                "segment": ("SONIC_SEGMENT", {"tooltip": "From Latent Segment (long clips): the frames are one "
+                                                         "segment of a clip; each is appended to one video "
+                                                         "file and the next segment is queued by itself. "
+                                                         "Leave unconnected for a whole clip."}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
     def combine(self, images, frame_rate, filename_prefix, format="h264-mp4", crf=_config.VIDEO_CRF,
-                pix_fmt="yuv420p", audio=None, prompt=None, extra_pnginfo=None):
+                pix_fmt="yuv420p", audio=None, segment=None, prompt=None, extra_pnginfo=None):
         images = _check_images(images, "Video Combine")
-        sound = None
-        if audio is not None:
-            if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
-                raise ValueError("audio: expected ComfyUI AUDIO {'waveform': [B, C, T], 'sample_rate': Hz}; "
-                                 "connect a Load Audio node")
-            sound = (audio["waveform"][0], int(audio["sample_rate"]))
-        metadata = {}
-        if runtime.metadata_enabled():
-            metadata = {k: json.dumps(frontend_safe_workflow(v) if k == "workflow" else v)
-                        for k, v in (extra_pnginfo or {}).items()}
-            if prompt is not None:
-                metadata["prompt"] = json.dumps(prompt)
+        sound = audio_track(audio)
+        metadata = file_metadata(prompt, extra_pnginfo)
+        if segment is not None:
+            return _append_segment(images, segment, float(frame_rate), filename_prefix, format, int(crf),
+                                   pix_fmt, sound, metadata)
         progress = runtime.Progress(images.shape[0], "Video Combine")
         path, subfolder, name = _video.save_video(
             images, runtime.output_dir(), filename_prefix, float(frame_rate), audio=sound, format=format,

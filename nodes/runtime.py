@@ -349,3 +349,81 @@ def metadata_enabled() -> bool:
     from comfy.cli_args import args  # type: ignore
 
     return not getattr(args, "disable_metadata", False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Long clips: segments queued one after another, decoding either kind of VAE chunk by chunk
+# ----------------------------------------------------------------------------------------------
+def cache_forgets_outputs() -> bool:
+    """True when ComfyUI runs with --cache-none: then nothing (the sampler's latents included) is
+    kept between two queued prompts, so a clip rendered in segments would be sampled again for each."""
+    if not COMFY:
+        return False
+    from comfy.cli_args import args  # type: ignore
+
+    return bool(getattr(args, "cache_none", False))
+
+
+def queue_prompt_again(node_id: str, input_name: str, value: Any) -> bool:
+    """Queue the prompt that is running now once more, first in line, with one input of one node
+    changed (``prompt[node_id]["inputs"][input_name] = value``): the way a clip's next segment runs
+    while ComfyUI's cache keeps every unchanged node's output (the sampler's latents). Returns False
+    without ComfyUI's server (tests, scripts drive the segments themselves)."""
+    if not COMFY:
+        return False
+    import copy
+    import uuid
+
+    try:
+        import server  # type: ignore  # ComfyUI's server module
+
+        srv = server.PromptServer.instance
+        queue = srv.prompt_queue
+    except (ImportError, AttributeError):
+        return False
+    with queue.mutex:
+        running = list(queue.currently_running.values())
+    # a queue item is (number, prompt_id, prompt, extra_data, outputs_to_execute, ...)
+    item = next((it for it in running if it[1] == getattr(srv, "last_prompt_id", None)), None)
+    if item is None and len(running) == 1:
+        item = running[0]
+    if item is None:
+        log.warning("cannot find the running prompt to queue the next segment; queue it by hand with "
+                    "%s = %r", input_name, value)
+        return False
+    prompt = copy.deepcopy(item[2])
+    if node_id not in prompt:
+        log.warning("node %s is not in the running prompt; queue the next segment by hand", node_id)
+        return False
+    prompt[node_id]["inputs"][input_name] = value
+    number = -srv.number  # negative numbers run before the ones the UI queued ("front")
+    srv.number += 1
+    queue.put((number, str(uuid.uuid4()), prompt, copy.deepcopy(item[3]), list(item[4]), *item[5:]))
+    return True
+
+
+class ChunkDecoder:
+    """``decode(latents, chunk_size)`` for sonic_core.stream on either VAE: sonic_core's SVD VAE is
+    told the chunk; ComfyUI's VAE is handed exactly one chunk per call, so its temporal decoder
+    sees the same consecutive frames as in one pass of that chunk size (it may split further only
+    when memory is short). Frames come back ``[c, H, W, 3]`` on the intermediate device."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.ours = isinstance(vae, core("models.svd").SVDVAE)
+
+    def chunk_size(self, requested: int) -> int:
+        """``requested`` if > 0, else the VAE's own decode_chunk_size (official 8)."""
+        if requested > 0:
+            return int(requested)
+        return int(getattr(self.vae, "decode_chunk_size", 0) or core("config").SAMPLER_DEFAULTS.decode_chunk_size)
+
+    def decode(self, latents: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        if self.ours:
+            out = self.vae.decode(latents, chunk_size, callback=lambda *_: check_interrupt())
+        else:
+            if latents.shape[0] > chunk_size:
+                raise ValueError(f"{latents.shape[0]} latents in one chunk of {chunk_size}")
+            out = self.vae.decode(latents)
+        check_interrupt()
+        return out[..., :3].to(intermediate_device())

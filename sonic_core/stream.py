@@ -11,12 +11,22 @@ The result equals the all-at-once path (``vae.decode`` of every latent, then
   the last one shorter), because the decoder mixes frames only inside a chunk (SPEC §11);
 * RIFE keeps the last frame of the previous chunk, so the pair that straddles a chunk border is
   interpolated from the same two frames as in one pass, and each original frame is emitted once.
+
+Segments (``plan_segments`` / ``decode_segment``) are the same idea across separate runs, for a
+chain of other nodes that each need a whole IMAGE batch: a segment is a run of whole decoder
+chunks, and every segment after the first starts with one *leading* frame, the last decoded frame
+of the segment before. Any frame-by-frame chain (RIFE, an upscaler, a face restorer) then sees at
+the border exactly what it sees in one pass, and dropping the first output frame of every later
+segment leaves the one-pass video: RIFE over ``[prev, s0, s1, ...]`` gives
+``prev, mid(prev, s0), s0, ...``, and ``prev`` was already written as the previous segment's end.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -115,3 +125,52 @@ def video_frames(vae, latents: torch.Tensor, chunk_size: int, rife: nn.Module | 
         chunks = interpolate_chunks(rife, chunks, multiplier, batch_size, callback, pairs)
     log.info("streaming %d latents -> %d frames in chunks of %d", num, length, chunk_size)
     return FrameStream(chunks, length)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Latent frames ``[start, stop)`` of a clip rendered in ``count`` segments (``index`` from 0)."""
+
+    index: int
+    count: int
+    start: int
+    stop: int
+    total: int  # latent frames of the whole clip
+    leading: int  # frames before the segment's own (1 after the first segment: the previous last frame)
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
+def segment_length(segment_frames: int, chunk_size: int) -> int:
+    """``segment_frames`` rounded up to whole decoder chunks (at least one chunk)."""
+    if segment_frames < 1:
+        raise ValueError(f"segment_frames {segment_frames} must be at least 1")
+    if chunk_size < 1:
+        raise ValueError(f"decode chunk size {chunk_size} must be at least 1")
+    return max(1, math.ceil(segment_frames / chunk_size)) * chunk_size
+
+
+def plan_segments(num_frames: int, segment_frames: int, chunk_size: int) -> list[Segment]:
+    """The segments of a clip of ``num_frames`` latents: whole decoder chunks each, the last shorter."""
+    if num_frames < 1:
+        raise ValueError(f"the latent has {num_frames} frames; connect the sampler's latent")
+    length = segment_length(segment_frames, chunk_size)
+    starts = list(range(0, num_frames, length))
+    return [Segment(index=k, count=len(starts), start=s, stop=min(s + length, num_frames), total=num_frames,
+                    leading=1 if k else 0) for k, s in enumerate(starts)]
+
+
+def decode_segment(vae, latents: torch.Tensor, segment: Segment, chunk_size: int) -> torch.Tensor:
+    """Frames ``[leading + stop - start, H, W, 3]`` of one segment: its decoded latents, after the
+    previous segment's last frame when ``segment.leading`` (decoded within its own chunk, so it is
+    the very frame the previous segment ended with). ``vae.decode(latents, chunk_size)`` is called
+    once per decoder chunk, the chunks of a one-pass decode."""
+    if segment.start % chunk_size:
+        raise ValueError(f"segment start {segment.start} is not on a decoder chunk border ({chunk_size})")
+    parts = []
+    if segment.leading:
+        parts.append(vae.decode(latents[segment.start - chunk_size:segment.start], chunk_size)[-1:])  # [1,H,W,3]
+    parts.extend(decode_chunks(vae, latents[segment.start:segment.stop], chunk_size))
+    return torch.cat(parts)  # [leading + n, H, W, 3]

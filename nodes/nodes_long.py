@@ -1,0 +1,205 @@
+"""Long clips: SonicLatentToVideo (decode + RIFE + save, streaming) and SonicLatentSegment (one
+segment of a clip at a time through any chain of IMAGE nodes, appended by Video Combine).
+
+The sampler's LATENT is small (64 KB a frame at 512x512); decoded frames are not (3 MB a frame as
+float32, and ComfyUI keeps every node's output). Both nodes decode in the temporal decoder's own
+chunks (sonic_core/stream.py), so the frames equal a one-pass decode of that chunk size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+
+import torch
+
+from . import runtime
+from .nodes_video import _load_rife, _rife_files, audio_track, file_metadata
+from .runtime import core
+
+log = logging.getLogger(__name__)
+
+_config = core("config")
+_video = core("video")
+NO_RIFE = "none"
+SEGMENT_FRAMES_DEFAULT = 96  # latent frames per segment: 7.7 s at 12.5 fps, ~0.6 GB of 512x512 frames after RIFE
+SEGMENT_FRAMES_MAX = 100_000
+SEGMENT_INDEX_MAX = 100_000
+CHUNK_MAX = 1024
+KEY_SAMPLES = 4096  # latent values hashed to tell one clip from another
+
+
+def _latents(latent, what: str) -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[0] < 1:
+        got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
+        raise ValueError(f"{what}: expected the Sonic Sampler's LATENT (samples [frames, 4, h, w]), got {got}")
+    return samples
+
+
+def _chunk_input(tip_extra: str = "") -> tuple:
+    return ("INT", {"default": 0, "min": 0, "max": CHUNK_MAX,
+                    "tooltip": "Frames the temporal VAE decodes together; 0 = the VAE's own setting (SVD VAE "
+                               "Loader's decode_chunk_size, else the official 8)." + tip_extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class SonicSegment:
+    """What Latent Segment tells Video Combine (the SONIC_SEGMENT type)."""
+
+    segment: object  # sonic_core.stream.Segment
+    job: str  # one clip: its latents and segment settings
+    node_id: str  # the Latent Segment node in the prompt, whose segment_index the next run changes
+
+
+class SonicLatentToVideo:
+    DESCRIPTION = ("Decodes the Sonic Sampler's latent, doubles the frame rate with RIFE and saves the video, "
+                   "all in chunks: memory stays the same for a 10-minute clip as for 10 seconds. Use it "
+                   "instead of VAE Decode -> Frame Interpolate -> Video Combine when nothing else goes in "
+                   "between; for upscalers or face restorers on long clips use Latent Segment.")
+    CATEGORY = "Sonic"
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("filename",)
+    OUTPUT_TOOLTIPS = ("Full path of the saved video file.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "latent": ("LATENT", {"tooltip": "From Sonic Sampler: one latent per generated frame."}),
+                "vae": ("VAE", {"tooltip": "The SVD-xt VAE the sampler used (SVD VAE + Image Encoder Loader or "
+                                           "the svd_xt checkpoint)."}),
+                "fps": ("FLOAT", {"default": _config.GENERATED_FPS, "min": 0.01, "max": _video.MAX_FPS,
+                                  "step": 0.01, "tooltip": "Frame rate of the generated frames: connect the "
+                                                           "sampler's fps (12.5). The file plays at this "
+                                                           "times the multiplier."}),
+                "rife_model": ([NO_RIFE, *_rife_files()], {
+                    "default": _rife_files()[0],
+                    "tooltip": "RIFE weights under models/sonic (the official RIFE/flownet.pkl), or none to "
+                               "save the generated frames as they are."}),
+                "multiplier": ("INT", {"default": _config.RIFE_MULTIPLIER, "min": 2, "max": 4, "step": 2,
+                                       "tooltip": "2: one new frame per pair (12.5 -> 25 fps); 4: twice."}),
+                "filename_prefix": ("STRING", {"default": "Sonic/sonic",
+                                               "tooltip": "Name inside the output folder; 'Sonic/clip' -> "
+                                                          "output/Sonic/clip_00001_.mp4. Cannot leave the "
+                                                          "output folder."}),
+                "format": (list(_video.FORMATS), {"default": "h264-mp4",
+                                                  "tooltip": "h264-mp4 plays everywhere; h265 is smaller; "
+                                                             "vp9-webm for the web; gif has no audio."}),
+                "crf": ("INT", {"default": _config.VIDEO_CRF, "min": 0, "max": _config.VIDEO_CRF_MAX,
+                                "tooltip": "Quality: lower is better and larger (18 is visually lossless "
+                                           "for h264; h264/h265 accept 0-51, vp9 0-63). Ignored for gif."}),
+                "pix_fmt": (list(_video.PIX_FMTS), {"default": "yuv420p",
+                                                    "tooltip": "yuv420p plays everywhere (odd sizes are "
+                                                               "padded by one pixel); yuv444p keeps full "
+                                                               "colour; yuv420p10le is 10-bit (not vp9)."}),
+            },
+            "optional": {
+                "audio": ("AUDIO", {"tooltip": "Sound to mux (AAC in mp4, Opus in webm); trimmed or padded "
+                                               "with silence to the video's length."}),
+                "decode_chunk_size": _chunk_input(),
+                "rife_batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 1, "max": 256,
+                                            "tooltip": "Frame pairs RIFE computes together; lower it if "
+                                                       "memory runs out."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    def save(self, latent, vae, fps, rife_model, multiplier, filename_prefix, format="h264-mp4",
+             crf=_config.VIDEO_CRF, pix_fmt="yuv420p", audio=None, decode_chunk_size=0,
+             rife_batch_size=_config.RIFE_BATCH, prompt=None, extra_pnginfo=None):
+        stream, interp = core("stream"), core("interpolate")
+        latents = _latents(latent, "Latent To Video")
+        multiplier = int(multiplier)
+        if multiplier not in interp.MULTIPLIERS:
+            raise ValueError(f"multiplier {multiplier} is not supported: use one of {interp.MULTIPLIERS}")
+        out_fps = float(fps) * (multiplier if rife_model != NO_RIFE else 1)
+        _video._check_args(out_fps, format, int(crf), pix_fmt)  # before any decode
+        sound = audio_track(audio)
+        decoder = runtime.ChunkDecoder(vae)
+        chunk = decoder.chunk_size(int(decode_chunk_size))
+        rife = _load_rife(rife_model).load() if rife_model != NO_RIFE else None
+        frames = stream.video_frames(decoder, latents, chunk, rife, multiplier, int(rife_batch_size))
+        log.info("Latent To Video: %d latents -> %d frames at %g fps; holds one decode chunk of %d and one "
+                 "RIFE batch at a time", latents.shape[0], len(frames), out_fps, chunk)
+        progress = runtime.Progress(len(frames), "Latent To Video")
+        path, subfolder, name = _video.save_video(
+            frames, runtime.output_dir(), filename_prefix, out_fps, audio=sound, format=format, crf=int(crf),
+            pix_fmt=pix_fmt, metadata=file_metadata(prompt, extra_pnginfo), callback=progress.callback())
+        preview = {"filename": name, "subfolder": subfolder, "type": "output"}
+        return {"ui": {"images": [preview], "animated": (True,)}, "result": (path,)}
+
+
+def _job_key(samples: torch.Tensor, length: int, chunk: int) -> str:
+    """Tells one clip's latents from another's without hashing all of them (490 MB at 10 min)."""
+    flat = samples.reshape(-1)
+    step = max(1, flat.numel() // KEY_SAMPLES)
+    picked = flat[::step][:KEY_SAMPLES].to("cpu", torch.float32).contiguous()
+    h = hashlib.blake2b(digest_size=12)
+    h.update(repr((tuple(samples.shape), str(samples.dtype), length, chunk)).encode())
+    h.update(picked.numpy().tobytes())
+    return h.hexdigest()
+
+
+class SonicLatentSegment:
+    DESCRIPTION = ("Long clips through any IMAGE nodes (upscalers, face restorers, ...): decodes one segment of "
+                   "the sampler's latent at a time. Connect its segment to Sonic Video Combine, which appends "
+                   "every segment to one video and queues the next by itself while ComfyUI keeps the "
+                   "sampler's result, so only one segment of frames is ever in memory. Every segment after "
+                   "the first starts with the previous one's last frame, so RIFE joins them exactly; "
+                   "Video Combine drops it.")
+    CATEGORY = "Sonic"
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE", "SONIC_SEGMENT")
+    RETURN_NAMES = ("images", "segment")
+    OUTPUT_TOOLTIPS = ("This segment's frames (after the first segment, led by the previous segment's last "
+                       "frame), for frame-by-frame nodes such as Frame Interpolate or an upscaler.",
+                       "Which segment this is: connect to Sonic Video Combine's segment input.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "latent": ("LATENT", {"tooltip": "From Sonic Sampler: one latent per generated frame."}),
+                "vae": ("VAE", {"tooltip": "The SVD-xt VAE the sampler used."}),
+                "segment_frames": ("INT", {"default": SEGMENT_FRAMES_DEFAULT, "min": 1, "max": SEGMENT_FRAMES_MAX,
+                                           "tooltip": "Generated frames per segment (rounded up to whole decode "
+                                                      "chunks; 96 is 7.7 s). Memory grows with it: lower it "
+                                                      "for big upscales, raise it for fewer queue runs."}),
+                "segment_index": ("INT", {"default": 0, "min": 0, "max": SEGMENT_INDEX_MAX,
+                                          "tooltip": "Leave at 0: queueing renders segment 0 and each later one "
+                                                     "is queued by itself. The next runs change it "
+                                                     "server-side; the widget stays 0."}),
+            },
+            "optional": {"decode_chunk_size": _chunk_input(" Must stay the same for every segment.")},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def decode(self, latent, vae, segment_frames, segment_index, decode_chunk_size=0, unique_id=None):
+        stream = core("stream")
+        latents = _latents(latent, "Latent Segment")
+        decoder = runtime.ChunkDecoder(vae)
+        chunk = decoder.chunk_size(int(decode_chunk_size))
+        plan = stream.plan_segments(latents.shape[0], int(segment_frames), chunk)
+        index = int(segment_index)
+        if not 0 <= index < len(plan):
+            raise ValueError(f"segment_index {index} is past the last segment: this clip has {len(plan)} "
+                             f"segment(s) of {plan[0].stop - plan[0].start} frames; set it to 0")
+        if len(plan) > 1 and runtime.cache_forgets_outputs():
+            raise ValueError("ComfyUI runs with --cache-none, which forgets the sampler's result between "
+                             f"segments, so all {len(plan)} segments would sample the clip again: start "
+                             "ComfyUI without --cache-none, or use Latent To Video (streaming)")
+        seg = plan[index]
+        log.info("Latent Segment %d/%d: latent frames %d-%d of %d", index + 1, len(plan), seg.start, seg.stop - 1,
+                 seg.total)
+        images = stream.decode_segment(decoder, latents, seg, chunk)  # [leading + n, H, W, 3]
+        key = _job_key(latents, plan[0].stop - plan[0].start, chunk)
+        return (images, SonicSegment(seg, key, str(unique_id) if unique_id is not None else ""))
+
+
+NODE_CLASS_MAPPINGS = {"SonicLatentToVideo": SonicLatentToVideo, "SonicLatentSegment": SonicLatentSegment}
+NODE_DISPLAY_NAME_MAPPINGS = {"SonicLatentToVideo": "Latent To Video (streaming decode + RIFE + save)",
+                              "SonicLatentSegment": "Latent Segment (long clips)"}
