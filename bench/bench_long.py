@@ -1,4 +1,4 @@
-"""Long clips: peak RSS, its growth and wall time of the CLI path against audio length.
+"""Long clips: peak RSS, its growth and wall time of the CLI and ComfyUI paths against audio length.
 
 Tiny random models in the official formats (sonic_core.selftest.write_tiny_models), a 512x512
 portrait, RIFE 2x, the CLI chain (``pipeline.animate``: sampler, then decode -> RIFE -> encode
@@ -7,10 +7,19 @@ streamed in temporal-decoder chunks). Each length runs in a fresh subprocess, so
 what grows with length when frames are held. Weights are negligible here, so the figures are the
 pipeline's own buffers. ``--steps`` keeps the sampler short: memory does not depend on it.
 
-    python bench/bench_long.py --seconds 20 120 [--json FILE] [--steps 1]
+Paths (``--paths``, default cli and comfyui):
 
-Writes a JSON list of {"path": "cli", "seconds": S, "peak_rss_mb": X, "growth_mb": Y, "wall_s": Z}.
-The ComfyUI segment path of issue 14 is not built yet, so only "cli" rows are produced.
+* ``cli``: ``pipeline.animate`` as the CLI runs it.
+* ``comfyui``: the same sampler, then the node classes of the long-clip segment path driven as
+  ComfyUI's queue runs them: per segment Latent Segment -> Frame Interpolate -> Video Combine
+  (``segment`` connected), each node's output kept until the next segment replaces it, as
+  ComfyUI's cache keeps it.
+* ``comfyui-stream``: the same sampler, then the Latent To Video node (the basic workflow).
+
+    python bench/bench_long.py --seconds 20 120 [--json FILE] [--steps 1] [--paths cli comfyui]
+
+Writes a JSON list of {"path": "cli" | "comfyui" | "comfyui-stream", "seconds": S, "peak_rss_mb": X,
+"growth_mb": Y, "wall_s": Z, ...}.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 512  # px, default portrait side (working size 512x512 at min_resolution 512)
 RATE = 16000  # Hz, the synthetic voice
+PATHS = ("cli", "comfyui", "comfyui-stream")
 
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
@@ -33,7 +43,7 @@ CHILD = textwrap.dedent("""
     from PIL import Image
     sys.path.insert(0, sys.argv[1])
     from sonic_core import pipeline, sampler, selftest
-    work, seconds, steps = sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    work, seconds, steps, path = sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     models = selftest.write_tiny_models(work + "/models")
     img = np.full((%(side)d, %(side)d, 4), 255, np.uint8); img[..., :3] = 120
     img[%(side)d // 4:3 * %(side)d // 4, %(side)d // 4:3 * %(side)d // 4, 3] = 0  # transparent face
@@ -59,31 +69,64 @@ CHILD = textwrap.dedent("""
     threading.Thread(target=watch, daemon=True).start()
     generate = sampler.generate
     def timed(*a, **k):
-        base["before_sampling"] = rss()
+        base["before_sampling"], base["t_sampling"] = rss(), time.perf_counter()
         out = generate(*a, **k)
-        base["after_sampling"] = rss()
+        base["after_sampling"], base["sampler_s"] = rss(), time.perf_counter() - base["t_sampling"]
         return out
     sampler.generate = timed
+    class Sampled(Exception):
+        pass
+    if path != "cli":  # the same sampler, then the ComfyUI node classes on its latents
+        def sample_then_stop(*a, **k):
+            base["latents"] = timed(*a, **k)
+            raise Sampled
+        sampler.generate = sample_then_stop
     t0 = time.perf_counter()
     s = pipeline.AnimateSettings(steps=steps, min_resolution=%(side)d)
-    pipeline.animate(work + "/face.png", work + "/voice.wav", work + "/out.mp4", models, s)
+    try:
+        pipeline.animate(work + "/face.png", work + "/voice.wav", work + "/out.mp4", models, s)
+    except Sampled:
+        import os
+        os.environ["SONIC_MODELS_DIR"], os.environ["SONIC_OUTPUT_DIR"] = str(models), work + "/output"
+        from nodes import nodes_long, nodes_video
+        from sonic_core.models import svd
+        vae, _clip = svd.load_svd(str(models / pipeline.SVD_FOLDER), __import__("torch").float32, "cpu")
+        wave, rate = pipeline.read_audio(work + "/voice.wav")
+        audio = {"waveform": wave[None], "sample_rate": rate}
+        latent = {"samples": base.pop("latents")}
+        if path == "comfyui-stream":
+            nodes_long.SonicLatentToVideo().save(latent, vae, 12.5, "RIFE/flownet.pkl", 2, "bench/long",
+                                                 audio=audio)
+        else:
+            seg_node, rife_node = nodes_long.SonicLatentSegment(), nodes_video.SonicFrameInterpolate()
+            combine, k, cache = nodes_video.SonicVideoCombine(), 0, None
+            while True:
+                cache = None  # ComfyUI replaces a node's cached output when the node runs again
+                images, info = seg_node.decode(latent, vae, 96, k, unique_id="9")
+                frames, fps = rife_node.interpolate(images, "RIFE/flownet.pkl", 2, 12.5, 4)
+                combine.combine(frames, fps, "bench/long", audio=audio, segment=info)
+                cache = (images, frames)  # what the cache holds until the next segment
+                k += 1
+                if info.segment.last:
+                    break
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     done.set()
     print(json.dumps({"peak_rss_mb": round(peak, 1), "growth_mb": round(peak - base["before_sampling"], 1),
                       "after_sampler_growth_mb": round(base["after_sampling_peak"] - base["after_sampling"], 1),
-                      "wall_s": round(time.perf_counter() - t0, 1)}))
+                      "wall_s": round(time.perf_counter() - t0, 1), "sampler_s": round(base["sampler_s"], 1),
+                      "after_sampler_s": round(time.perf_counter() - base["t_sampling"] - base["sampler_s"], 1)}))
 """)
 
 
-def run(seconds: float, steps: int, side: int = SIDE, repo: Path = REPO) -> dict:
+def run(seconds: float, steps: int, side: int = SIDE, repo: Path = REPO, path: str = "cli") -> dict:
     child = CHILD % {"side": side, "rate": RATE}
     with tempfile.TemporaryDirectory() as work:
-        out = subprocess.run([sys.executable, "-c", child, str(repo), work, str(seconds), str(steps)],
+        out = subprocess.run([sys.executable, "-c", child, str(repo), work, str(seconds), str(steps), path],
                              capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"{seconds} s failed:\n{out.stderr[-3000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"path": "cli", "seconds": seconds, "side": side, **row}
+    return {"path": path, "seconds": seconds, "side": side, **row}
 
 
 def main() -> None:
@@ -92,17 +135,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="denoising steps (memory does not depend on it)")
     p.add_argument("--side", type=int, default=SIDE, help="portrait side in px (512 = the official size)")
     p.add_argument("--repo", type=Path, default=REPO, help="checkout to measure (e.g. an older commit)")
-    p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--paths", nargs="+", default=["cli", "comfyui"], choices=PATHS)
+    p.add_argument("--json", default=None, help="write the rows to this file (after every row)")
     args = p.parse_args()
     rows = []
-    for s in args.seconds:
-        rows.append(run(s, args.steps, args.side, args.repo))
+    for s, path in [(s, path) for s in args.seconds for path in args.paths]:
+        rows.append(run(s, args.steps, args.side, args.repo, path))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         r = rows[-1]
         print(f"{r['path']:8s} {r['seconds']:7.0f} s {r['side']}px  peak {r['peak_rss_mb']:8.1f} MB  growth "
               f"{r['growth_mb']:8.1f} MB  after sampler {r['after_sampler_growth_mb']:8.1f} MB  "
-              f"wall {r['wall_s']:7.1f} s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+              f"wall {r['wall_s']:7.1f} s (sampler {r['sampler_s']:.1f} s, after it {r['after_sampler_s']:.1f} s)",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -428,6 +428,9 @@ def _widget_values(s: Server) -> dict[str, dict]:
         "SonicSampler": dict(c.sampler),
         "SonicFrameInterpolate": {"*files": [RIFE_NAME], "multiplier": 2},
         "SonicVideoCombine": {"filename_prefix": f"basic/{VIDEO_PREFIX}"},
+        "SonicLatentToVideo": {"*files": [RIFE_NAME], "multiplier": 2, "filename_prefix": f"basic/{VIDEO_PREFIX}",
+                               "decode_chunk_size": c.decode_chunk_size},
+        "SonicLatentSegment": {"decode_chunk_size": c.decode_chunk_size},
     }
 
 
@@ -592,11 +595,61 @@ def test_basic_workflow_renders_a_video(comfy):
         prompt = _chain_prompt(specs, values, CHAIN)
     entry = _run(comfy, prompt)
     video = _saved_video(comfy, entry, "basic")
-    interpolated = any(n["class_type"] == "SonicFrameInterpolate" for n in prompt.values())
+    interpolated = any(n["class_type"] == "SonicFrameInterpolate" or
+                       (n["class_type"] == "SonicLatentToVideo" and n["inputs"].get("rife_model") == RIFE_NAME)
+                       for n in prompt.values())
     frames = 2 * comfy.case.frames - 1 if interpolated else comfy.case.frames
     _check_video(video, comfy.case, frames)
     loads = set(re.findall(r"Requested to load (\w+)", comfy.log_text()))  # ComfyUI names the module class
     assert "_Holder" not in loads and {"SonicUNet", "SonicAudio2Token", "WhisperEncoder"} <= loads, loads
+
+
+SEGMENT_CHUNK = 2  # decode chunk of the segment test: several segments from a few frames
+
+
+def test_segments_queue_themselves_into_one_video(comfy):
+    """Latent Segment -> RIFE -> a core IMAGE node (standing in for an upscaler) -> Video Combine with
+    ``segment``: one Queue renders every segment into one file with the whole soundtrack, each next
+    segment queued by Video Combine, and the sampler runs once (ComfyUI's cache keeps its latents)."""
+    chain = ("LoadImage", "LoadAudio", "SonicLoader", "SonicSVDLoader", "SonicFaceMaskDetect",
+             "SonicWhisperAudioEncode", "SonicMotionBucketPredict", "SonicSampler", "SonicLatentSegment",
+             "SonicFrameInterpolate", "ImageScaleBy", "SonicVideoCombine")
+    specs = _specs_with(comfy, chain)
+    values = _widget_values(comfy)
+    frames = comfy.case.frames
+    per_segment = max(SEGMENT_CHUNK, -(-frames // 3))  # about three segments
+    values["SonicLatentSegment"] = {"segment_frames": per_segment, "decode_chunk_size": SEGMENT_CHUNK}
+    values["ImageScaleBy"] = {"upscale_method": "nearest-exact", "scale_by": 2.0}
+    values["SonicVideoCombine"] = {"filename_prefix": f"segments/{VIDEO_PREFIX}"}
+    prompt = _chain_prompt(specs, values, chain)
+    seg_id = next(k for k, n in prompt.items() if n["class_type"] == "SonicLatentSegment")
+    combine = next(n for n in prompt.values() if n["class_type"] == "SonicVideoCombine")
+    combine["inputs"]["segment"] = [seg_id, specs["SonicLatentSegment"]["output"].index("SONIC_SEGMENT")]
+    expected_segments = -(-frames // (-(-per_segment // SEGMENT_CHUNK) * SEGMENT_CHUNK))
+    assert expected_segments >= 2, f"{frames} frames make a single segment: the test needs several"
+    sampled_before = comfy.log_text().count(SAMPLER_STARTED)
+    history_before = set(_request(f"{comfy.url}/history"))
+    _run(comfy, prompt)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:  # the queued segments run one after another
+        queue = _request(f"{comfy.url}/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            break
+        assert time.monotonic() < deadline, f"the segments did not finish:\n{comfy.log_tail()}"
+        time.sleep(POLL_S)
+    runs = {k: v for k, v in _request(f"{comfy.url}/history").items() if k not in history_before}
+    failed = [v["status"] for v in runs.values() if v["status"].get("status_str") != "success"]
+    assert not failed, f"a segment run failed: {failed}\n{comfy.log_tail()}"
+    assert len(runs) == expected_segments, f"{len(runs)} runs for {expected_segments} segments"
+    last = next(v for v in runs.values() if any("images" in o for o in v["outputs"].values()))
+    video = _saved_video(comfy, last, "segments")
+    _check_video(video, comfy.case, 2 * frames - 1)
+    import av
+
+    with av.open(str(video)) as c:
+        width = c.streams.video[0].width
+    assert width >= 2 * comfy.case.min_resolution, f"{width} px: the IMAGE node between did not run"
+    assert comfy.log_text().count(SAMPLER_STARTED) == sampled_before + 1, "the sampler ran more than once"
 
 
 def test_interrupt_stops_the_sampler(comfy):
