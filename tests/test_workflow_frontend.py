@@ -204,7 +204,7 @@ LOADED_SIZE = {
     "SonicLoader": (210, 154), "SonicFaceMaskDetect": (210, 218), "SonicWhisperAudioEncode": (210, 78),
     "SonicMotionBucketPredict": (244, 214), "SonicSampler": (259, 538), "VAEDecode": (140, 46),
     "SonicFrameInterpolate": (210, 150), "SonicVideoCombine": (210, 194),
-    "SonicLatentToVideo": (290, 290), "SonicLatentSegment": (250, 126), "UpscaleModelLoader": (210, 58),
+    "SonicLatentToVideo": (372, 290), "SonicLatentSegment": (211, 126), "UpscaleModelLoader": (210, 58),
     "ImageUpscaleWithModel": (222, 46), "FaceRestoreCFWithModel": (210, 102),
     "FaceRestoreModelLoader": (210, 58),
 }
