@@ -15,7 +15,7 @@ import logging
 import torch
 
 from . import runtime
-from .nodes_video import _load_rife, _rife_files, audio_track, file_metadata
+from .nodes_video import AUDIO_INPUT, _load_rife, _rife_files, audio_track, file_inputs, file_metadata
 from .runtime import core
 
 log = logging.getLogger(__name__)
@@ -82,24 +82,10 @@ class SonicLatentToVideo:
                                "save the generated frames as they are."}),
                 "multiplier": ("INT", {"default": _config.RIFE_MULTIPLIER, "min": 2, "max": 4, "step": 2,
                                        "tooltip": "2: one new frame per pair (12.5 -> 25 fps); 4: twice."}),
-                "filename_prefix": ("STRING", {"default": "Sonic/sonic",
-                                               "tooltip": "Name inside the output folder; 'Sonic/clip' -> "
-                                                          "output/Sonic/clip_00001_.mp4. Cannot leave the "
-                                                          "output folder."}),
-                "format": (list(_video.FORMATS), {"default": "h264-mp4",
-                                                  "tooltip": "h264-mp4 plays everywhere; h265 is smaller; "
-                                                             "vp9-webm for the web; gif has no audio."}),
-                "crf": ("INT", {"default": _config.VIDEO_CRF, "min": 0, "max": _config.VIDEO_CRF_MAX,
-                                "tooltip": "Quality: lower is better and larger (18 is visually lossless "
-                                           "for h264; h264/h265 accept 0-51, vp9 0-63). Ignored for gif."}),
-                "pix_fmt": (list(_video.PIX_FMTS), {"default": "yuv420p",
-                                                    "tooltip": "yuv420p plays everywhere (odd sizes are "
-                                                               "padded by one pixel); yuv444p keeps full "
-                                                               "colour; yuv420p10le is 10-bit (not vp9)."}),
+                **file_inputs(),
             },
             "optional": {
-                "audio": ("AUDIO", {"tooltip": "Sound to mux (AAC in mp4, Opus in webm); trimmed or padded "
-                                               "with silence to the video's length."}),
+                "audio": AUDIO_INPUT,
                 "decode_chunk_size": _chunk_input(),
                 "rife_batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 1, "max": 256,
                                             "tooltip": "Frame pairs RIFE computes together; lower it if "

@@ -61,6 +61,30 @@ def frontend_safe_workflow(value):
     return out
 
 
+AUDIO_INPUT = ("AUDIO", {"tooltip": "Sound to mux (AAC in mp4, Opus in webm); trimmed or padded with silence "
+                                     "to the video's length."})
+
+
+def file_inputs() -> dict:
+    """The video file's widgets (name, format, quality, pixel format), shared by every node that saves."""
+    return {
+        "filename_prefix": ("STRING", {"default": "Sonic/sonic",
+                                       "tooltip": "Name inside the output folder; 'Sonic/clip' -> "
+                                                  "output/Sonic/clip_00001_.mp4. Cannot leave the "
+                                                  "output folder."}),
+        "format": (list(_video.FORMATS), {"default": "h264-mp4",
+                                          "tooltip": "h264-mp4 plays everywhere; h265 is smaller; "
+                                                     "vp9-webm for the web; gif has no audio."}),
+        "crf": ("INT", {"default": _config.VIDEO_CRF, "min": 0, "max": _config.VIDEO_CRF_MAX,
+                        "tooltip": "Quality: lower is better and larger (18 is visually lossless "
+                                   "for h264; h264/h265 accept 0-51, vp9 0-63). Ignored for gif."}),
+        "pix_fmt": (list(_video.PIX_FMTS), {"default": "yuv420p",
+                                            "tooltip": "yuv420p plays everywhere (odd sizes are "
+                                                       "padded by one pixel); yuv444p keeps full "
+                                                       "colour; yuv420p10le is 10-bit (not vp9)."}),
+    }
+
+
 def audio_track(audio):
     """ComfyUI AUDIO -> (waveform [C, T], sample rate) for sonic_core.video, or None."""
     if audio is None:
@@ -229,24 +253,10 @@ class SonicVideoCombine:
                 "frame_rate": ("FLOAT", {"default": _config.OUTPUT_FPS, "min": 0.01, "max": _video.MAX_FPS,
                                          "step": 0.01, "tooltip": "Frames per second of the file (25 after "
                                                                   "RIFE 2x of Sonic's 12.5 fps)."}),
-                "filename_prefix": ("STRING", {"default": "Sonic/sonic",
-                                               "tooltip": "Name inside the output folder; 'Sonic/clip' -> "
-                                                          "output/Sonic/clip_00001_.mp4. Cannot leave the "
-                                                          "output folder."}),
-                "format": (list(_video.FORMATS), {"default": "h264-mp4",
-                                                  "tooltip": "h264-mp4 plays everywhere; h265 is smaller; "
-                                                             "vp9-webm for the web; gif has no audio."}),
-                "crf": ("INT", {"default": _config.VIDEO_CRF, "min": 0, "max": _config.VIDEO_CRF_MAX,
-                                "tooltip": "Quality: lower is better and larger (18 is visually lossless "
-                                           "for h264; h264/h265 accept 0-51, vp9 0-63). Ignored for gif."}),
-                "pix_fmt": (list(_video.PIX_FMTS), {"default": "yuv420p",
-                                                    "tooltip": "yuv420p plays everywhere (odd sizes are "
-                                                               "padded by one pixel); yuv444p keeps full "
-                                                               "colour; yuv420p10le is 10-bit (not vp9)."}),
+                **file_inputs(),
             },
             "optional": {
-                "audio": ("AUDIO", {"tooltip": "Sound to mux (AAC in mp4, Opus in webm); trimmed or padded "
-                                               "with silence to the video's length."}),
+                "audio": AUDIO_INPUT,
                 "segment": ("SONIC_SEGMENT", {"tooltip": "From Latent Segment (long clips): the frames are one "
                                                          "segment of a clip; each is appended to one video "
                                                          "file and the next segment is queued by itself. "

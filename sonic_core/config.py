@@ -174,3 +174,11 @@ SAMPLER_DEFAULTS = SamplerDefaults()
 RESUME_FORMAT_VERSION = 1  # bump when the saved state's meaning changes (old states are then ignored)
 RESUME_MAX_AGE_S = 7 * 24 * 3600  # s; states of other runs older than a week are deleted
 RESUME_FOLDER = "sonic_resume"  # folder name under ComfyUI's user directory
+
+# Several processes on one clip (sonic_core/distributed.py, torchrun)
+# s; bound on every collective (and the start-up rendezvous): a rank that died or stalls makes the
+# others fail after this long instead of hanging. Must exceed the longest gap between two exchanges:
+# model loading + audio encoding before the first one (minutes for a 10-minute clip on a CPU), one
+# UNet call per window between later ones.
+DIST_TIMEOUT_S = 900.0
+DIST_ERROR_EXIT = 4  # CLI exit status when another rank failed (2: bad input, 3: missing weights)

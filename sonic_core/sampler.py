@@ -8,7 +8,9 @@ Windows of one outer step are independent (they all read the latents of the prev
 several windows share one UNet call (``window_batch``); the Euler step and the accumulation
 still run window by window in the official order, so the computation is that of one window per
 call (float32 results can differ by rounding: BLAS rounds small-row GEMMs, e.g. the time
-embeddings, differently when more rows share a call).
+embeddings, differently when more rows share a call). With a torch.distributed process group the
+windows of every step are shared across ranks and their results added up in the same order
+(sonic_core/distributed.py).
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ def sample(
     on_step: StepFn | None = None,
     scheduler_config: dict | None = None,
     resume=None,
+    group=None,
 ) -> torch.Tensor:
     """Denoise the whole clip with position-shifted windows; returns latents [F,4,h,w] (x 0.18215).
 
@@ -177,6 +180,9 @@ def sample(
     on_step(i, latents) after every outer step (latents [F,4,h,w], a copy is not made).
     resume: a sonic_core.resume.ResumeStore: the state is saved after every outer step and a saved
     state of the same inputs (fingerprint) is continued from; removed once the run finishes.
+    group: a torch.distributed process group: every rank runs a share of each step's windows,
+    all ranks return the same latents, equal to one process's (sonic_core/distributed.py); only
+    rank 0 reads and writes ``resume``; ``callback`` counts this rank's windows.
     """
     device = device or noise.device
     if noise.dim() == 5:
@@ -204,19 +210,29 @@ def sample(
     mb = buckets.to(device, torch.float32)  # [F,2]
     mask = face_mask.to(**to) if face_mask is not None else None
 
+    from .distributed import Shard, plan_rounds
+
     w, ov = settings.frames_per_window, settings.overlap
     n_windows = len(range(0, num_frames, w - ov))
-    total = n_run * n_windows
+    shard = Shard.of(group)
+    # rounds of consecutive windows, a block of each per rank (one rank: one UNet call per round)
+    rounds = plan_rounds(n_windows, shard.world, window_batch)
+    mine = sum(plan[shard.rank][1] - plan[shard.rank][0] for plan in rounds)  # this rank's windows a step
+    total = n_run * mine
     start = 0
     fp = None
-    if resume is not None:
+    if resume is not None and shard.is_main:  # one writer, one reader; the others get rank 0's state
         fp = _fingerprint(image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets,
                           face_mask, noise, settings, dtype, sched, scheduler_config)
         state = resume.load(fp, latents, n_run)
         if state is not None:
             start, latents = state
             log.info("resuming at step %d of %d from %s", start + 1, n_run, resume.path(fp))
-    done = start * n_windows
+    if shard.world > 1:
+        shard.check_same_run([num_frames, *latents.shape[1:], n_run, n_windows, window_batch,
+                              latents.element_size()], device)
+        start, latents = shard.broadcast_state(start, latents)  # every rank starts where rank 0 does
+    done = start * mine
     shift = start * settings.shift_offset
     batch = min(window_batch, n_windows)
     for i in range(start, n_run):
@@ -225,50 +241,60 @@ def sample(
         wins = window_indices(num_frames, w, ov, shift)
         acc = torch.zeros_like(latents)  # [F,4,h,w] in the latent dtype (SPEC §9)
         cnt = torch.zeros(num_frames, 1, 1, 1, **to)  # [F,1,1,1]
-        b0 = 0
-        while b0 < n_windows:
-            chunk = wins[b0 : b0 + batch]
-            try:
-                v = _guided_velocity(
-                    unet,
-                    latents,
-                    chunk,
-                    t,
-                    sigma,
-                    img_lat,
-                    clip,
-                    cond,
-                    uncond,
-                    mb,
-                    mask,
-                    g1[i],
-                    g2[i],
-                    settings,
-                )  # [nb,W,4,h,w]
-            except torch.OutOfMemoryError:
-                if batch == 1:
-                    raise
-                batch = max(1, batch // 2)
-                log.warning(
-                    "out of memory with %d windows per UNet call; retrying with %d", len(chunk), batch
-                )
-                continue
-            for k, idx in enumerate(chunk):
+        for plan in rounds:
+            lo, hi = plan[shard.rank]  # this rank's windows of the round
+            outs = []  # their Euler outputs [W,4,h,w], in window order
+            b0 = lo
+            while b0 < hi:
+                chunk = wins[b0 : min(b0 + batch, hi)]
+                try:
+                    v = _guided_velocity(
+                        unet,
+                        latents,
+                        chunk,
+                        t,
+                        sigma,
+                        img_lat,
+                        clip,
+                        cond,
+                        uncond,
+                        mb,
+                        mask,
+                        g1[i],
+                        g2[i],
+                        settings,
+                    )  # [nb,W,4,h,w]
+                except torch.OutOfMemoryError:
+                    if batch == 1:
+                        raise
+                    batch = max(1, batch // 2)
+                    log.warning(
+                        "out of memory with %d windows per UNet call; retrying with %d", len(chunk), batch
+                    )
+                    continue
+                for k, idx in enumerate(chunk):
+                    index = torch.tensor(idx, device=device)  # [W]
+                    x_out = euler_step(v[k], latents[index], sigma, sigma_next)  # [W,4,h,w]
+                    outs.append(x_out)
+                    done += 1
+                    if callback is not None:
+                        callback(done, total, x_out)
+                b0 += len(chunk)
+            if shard.world > 1:  # every rank's outputs of the round, by copy: no float op in the exchange
+                outs = shard.gather_round(outs, plan, w, latents, i)
+            # accumulate in the official window order on every rank: each frame's sum is added in the
+            # order of one process, so all ranks hold the single-process latents (distributed.py)
+            for idx, x_out in zip(wins[plan[0][0] : plan[-1][1]], outs):
                 index = torch.tensor(idx, device=device)  # [W]
-                x_out = euler_step(v[k], latents[index], sigma, sigma_next)  # [W,4,h,w]
                 acc.index_add_(0, index, x_out)
                 cnt.index_add_(0, index, torch.ones(len(idx), 1, 1, 1, **to))
-                done += 1
-                if callback is not None:
-                    callback(done, total, x_out)
-            b0 += len(chunk)
         shift += settings.shift_offset
         latents = acc / cnt  # [F,4,h,w]
-        if resume is not None and i + 1 < n_run:
+        if resume is not None and shard.is_main and i + 1 < n_run:
             resume.save(fp, i + 1, latents)
         if on_step is not None:
             on_step(i, latents)
-    if resume is not None:
+    if resume is not None and shard.is_main:
         resume.clear(fp)
     return latents
 
@@ -443,6 +469,7 @@ def generate(
     callback: ProgressFn | None = None,
     on_step: StepFn | None = None,
     resume=None,
+    group=None,
 ) -> torch.Tensor:
     """Everything the sampler node does; returns VAE-space latents ``[F,4,h,w]`` float32 on the CPU.
 
@@ -450,6 +477,7 @@ def generate(
     ``noise``: optional unit normal ``[F,4,h,w]`` / ``[1,F,4,h,w]`` replacing the seeded noise.
     Noise comes from a CPU generator seeded with ``seed``: first the latent noise, then (only
     with ``noise_aug_strength > 0``) the pixel noise, so results do not depend on the device.
+    ``group``: a torch.distributed process group to share the windows across ranks (see ``sample``).
     """
     from .config import LATENT_CHANNELS
 
@@ -495,5 +523,6 @@ def generate(
         callback=callback,
         on_step=on_step,
         resume=resume,
+        group=group,
     )  # [F,4,h,w]
     return to_vae_space(latents.float()).cpu()
