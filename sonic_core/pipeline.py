@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from .config import (
+    DIST_ERROR_EXIT,
+    DIST_TIMEOUT_S,
     GENERATED_FPS,
     OUTPUT_FPS,
     RIFE_BATCH,
@@ -318,16 +320,19 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
             models_dir: str | os.PathLike, settings: AnimateSettings | None = None, *,
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
             svd_dir: str | os.PathLike | None = None, progress: Progress | None = None,
-            state_dir: str | os.PathLike | None = None, resume: bool = False) -> Path:
+            state_dir: str | os.PathLike | None = None, resume: bool = False, group=None) -> Path | None:
     """Image + audio files -> ``output`` (.mp4 with the audio). Returns the output path.
 
     The sampler's state is saved after every denoising step in ``state_dir`` (default: a hidden
     ``.<output name>.resume`` folder beside the output); with ``resume`` a run with the same inputs
     continues from the last saved step (sonic_core/resume.py). The state goes once sampling ends.
+    ``group``: a torch.distributed process group (torchrun): the ranks share the sampler's windows
+    (sonic_core/distributed.py); rank 0 alone decodes and writes the video, the others return None
+    once sampling ends.
     """
     settings = settings or AnimateSettings()
     from . import audio as audio_mod
-    from . import face, motion, sampler, stream, video, weights
+    from . import distributed, face, motion, sampler, stream, video, weights
     from .models import svd
     from .models.rife import load_rife
 
@@ -375,7 +380,10 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
                               frames_per_window=settings.frames_per_window)
     latents = sampler.generate(models.load("unet"), vae, clip, ref_image, ref_mask, sonic_audio, sonic_motion,
                                settings=run, seed=settings.seed, dtype=dtype, window_batch=settings.window_batch,
-                               callback=stage("sampling"), resume=store)  # [F,4,h,w] VAE space
+                               callback=stage("sampling"), resume=store,
+                               group=group)  # [F,4,h,w] VAE space
+    if group is not None and distributed.rank_of(group) != 0:
+        return None  # rank 0 decodes and writes the video (the state folder is rank 0's too)
     store.remove_folder_if_empty()
     fps = sonic_audio.fps
     rife = None
@@ -462,6 +470,9 @@ def configure_cli(p) -> None:
                    help="where the sampler saves its state after every step (default: .OUTPUT.resume beside -o)")
     p.add_argument("--download", action="store_true",
                    help="download the missing weights (only the files used) with huggingface_hub first")
+    p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
+                   help=f"under torchrun: seconds a rank waits for the others at an exchange before it fails "
+                        f"({DIST_TIMEOUT_S:g}; covers model loading and audio encoding before the first one)")
 
 
 def run_cli(args) -> int:
@@ -474,18 +485,36 @@ def run_cli(args) -> int:
     check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)  # before any download
     check_output(args.output)
     device = pick_device(args.device)
+    from . import distributed
+
+    several = distributed.world_size_from_env() > 1  # started by torchrun with more than one rank
+    if several and args.download:
+        raise ValueError("--download under torchrun would download once per rank: run it once without "
+                         "torchrun (or hf download, see README 'Weights'), then start torchrun")
     if args.download and missing_weights(args.models, need_rife=not args.no_interpolate):
         try:
             download_weights(args.models, need_rife=not args.no_interpolate)
         except MissingWeights as e:
             print(str(e), file=sys.stderr)
             return 3
+    group = None
     try:
+        group, device = distributed.init_from_env(device, args.dist_timeout)  # (None, device): one process
+        main = distributed.rank_of(group) == 0
+        if not main and not getattr(args, "verbose", False):  # one rank speaks; the others only warn
+            logging.getLogger(__package__).setLevel(logging.WARNING)
         out = animate(args.image, args.audio, args.output, args.models, settings, device=device,
-                      dtype=pick_dtype(args.dtype, device), svd_dir=args.svd, progress=TextProgress(),
-                      state_dir=args.state_dir, resume=args.resume)
+                      dtype=pick_dtype(args.dtype, device), svd_dir=args.svd,
+                      progress=TextProgress() if main else None, state_dir=args.state_dir,
+                      resume=args.resume, group=group)
     except MissingWeights as e:
         print(str(e), file=sys.stderr)
         return 3
-    print(f"wrote {out}")
+    except distributed.DistributedError as e:  # another rank died or stalled: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return DIST_ERROR_EXIT
+    finally:
+        distributed.shutdown(group)
+    if out is not None:
+        print(f"wrote {out}")
     return 0
