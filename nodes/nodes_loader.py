@@ -37,7 +37,8 @@ def _signature(paths: list[str]) -> tuple:
     return tuple(sig)
 
 
-def load_models(unet: str, audio2token: str, audio2bucket: str, whisper: str, dtype: str = "auto"):
+def load_models(unet: str, audio2token: str, audio2bucket: str, whisper: str, dtype: str = "auto",
+                weight_dtype: str = "default"):
     """SonicModels under model management, loaded once per (files, mtimes, dtype) and reused."""
     paths = [runtime.resolve_path(n) for n in (unet, audio2token, audio2bucket, whisper)]
     if not os.path.isdir(paths[3]):
@@ -49,14 +50,17 @@ def load_models(unet: str, audio2token: str, audio2bucket: str, whisper: str, dt
                              f"({', '.join(WEIGHT_SUFFIXES)})")
     load_dev, offload_dev = runtime.load_device(), runtime.offload_device()
     torch_dtype = runtime.resolve_dtype(dtype, load_dev)
-    key = (_signature(paths), str(torch_dtype), str(load_dev), str(offload_dev))
+    storage = core("lowvram").WEIGHT_DTYPES.get(weight_dtype, "?")
+    if storage == "?":
+        raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {list(core('lowvram').WEIGHT_DTYPES)}")
+    key = (_signature(paths), str(torch_dtype), str(storage), str(load_dev), str(offload_dev))
     if key in _cache:
         log.info("Sonic models: reusing the loaded models (%s)", torch_dtype)
         return _cache[key]
     _cache.clear()  # drop the previous models before loading new ones (one UNet in memory)
 
     models = core("weights").load_sonic_models(*paths, dtype=torch_dtype, device=load_dev,
-                                               load_device=offload_dev)
+                                               load_device=offload_dev, weight_dtype=storage)
     managed = {name: runtime.ManagedModel(getattr(models, name), load_dev, offload_dev, name=LOG_NAMES[name])
                for name in core("models").MODEL_NAMES}
     models.load_hook = lambda name: managed[name].load()  # the closure keeps the patchers alive
@@ -131,11 +135,19 @@ class SonicLoader:
                     "default": "auto",
                     "tooltip": "UNet compute dtype; auto lets ComfyUI pick (fp16/bf16 on GPU). Whisper "
                                "and the audio heads always run in fp32 like the official code."}),
-            }
+            },
+            "optional": {
+                "weight_dtype": (list(core("lowvram").WEIGHT_DTYPES), {
+                    "default": "default",
+                    "tooltip": "How the UNet's weights are stored. default: in dtype (3.0 GB in fp16). "
+                               "fp8_e4m3fn: 8-bit floats with a scale per channel, 1.5 GB, upcast to dtype "
+                               "layer by layer while computing (like ComfyUI's weight_dtype fp8): for GPUs "
+                               "with little memory; results differ slightly (README 'Low VRAM')."}),
+            },
         }
 
-    def load(self, unet, audio2token, audio2bucket, whisper, dtype="auto"):
-        return (load_models(unet, audio2token, audio2bucket, whisper, dtype),)
+    def load(self, unet, audio2token, audio2bucket, whisper, dtype="auto", weight_dtype="default"):
+        return (load_models(unet, audio2token, audio2bucket, whisper, dtype, weight_dtype),)
 
 
 NODE_CLASS_MAPPINGS = {"SonicLoader": SonicLoader}

@@ -15,7 +15,8 @@ import logging
 import torch
 
 from . import runtime
-from .nodes_video import AUDIO_INPUT, _load_rife, _rife_files, audio_track, file_inputs, file_metadata
+from .nodes_video import (AUDIO_INPUT, RIFE_BATCH_TIP, _load_rife, _rife_files, audio_track, file_inputs,
+                          file_metadata, rife_batch)
 from .runtime import core
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,8 @@ class SonicLatentToVideo:
             "optional": {
                 "audio": AUDIO_INPUT,
                 "decode_chunk_size": _chunk_input(),
-                "rife_batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 1, "max": 256,
-                                            "tooltip": "Frame pairs RIFE computes together; lower it if "
-                                                       "memory runs out."}),
+                "rife_batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 0, "max": 256,
+                                            "tooltip": RIFE_BATCH_TIP}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
@@ -108,7 +108,9 @@ class SonicLatentToVideo:
         decoder = runtime.ChunkDecoder(vae)
         chunk = decoder.chunk_size(int(decode_chunk_size))
         rife = _load_rife(rife_model).load() if rife_model != NO_RIFE else None
-        frames = stream.video_frames(decoder, latents, chunk, rife, multiplier, int(rife_batch_size))
+        h, w = (n * _config.VAE_SCALE for n in latents.shape[-2:])  # frame size in px
+        pairs = rife_batch(rife_batch_size, rife, h, w) if rife is not None else 1
+        frames = stream.video_frames(decoder, latents, chunk, rife, multiplier, pairs)
         log.info("Latent To Video: %d latents -> %d frames at %g fps; holds one decode chunk of %d and one "
                  "RIFE batch at a time", latents.shape[0], len(frames), out_fps, chunk)
         progress = runtime.Progress(len(frames), "Latent To Video")

@@ -181,6 +181,19 @@ def _append_segment(images, segment, fps, prefix, format, crf, pix_fmt, sound, m
     return {"ui": {"images": [preview], "animated": (True,)}, "result": (path,)}
 
 
+RIFE_BATCH_TIP = ("Frame pairs RIFE computes together; 0 = as many as the free memory of RIFE's device "
+                  f"allows (at most {_config.RIFE_AUTO_BATCH_MAX}; {_config.RIFE_BATCH} on a CPU). Pairs are "
+                  "independent: only speed and memory change.")
+
+
+def rife_batch(requested: int, rife, height: int, width: int) -> int:
+    """``requested`` frame pairs per RIFE call, or for 0 as many as fit RIFE's device (sonic_core.lowvram)."""
+    if int(requested) > 0:
+        return int(requested)
+    p = next(rife.parameters())
+    return core("lowvram").auto_rife_batch(runtime.free_memory(p.device), height, width, p.dtype)
+
+
 def _check_images(images, what: str):
     if not hasattr(images, "ndim") or images.ndim != 4 or images.shape[-1] not in (3, 4):
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
@@ -214,9 +227,8 @@ class SonicFrameInterpolate:
                                          "step": 0.01, "tooltip": "Frame rate of the input frames (Sonic "
                                                                   "generates 12.5 fps); the output is "
                                                                   "this times the multiplier."}),
-                "batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 1, "max": 256,
-                                       "tooltip": "Frame pairs computed together; lower it if memory "
-                                                  "runs out."}),
+                "batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 0, "max": 256,
+                                       "tooltip": RIFE_BATCH_TIP}),
             }
         }
 
@@ -227,10 +239,11 @@ class SonicFrameInterpolate:
         interp = core("interpolate")
         if multiplier not in interp.MULTIPLIERS:
             raise ValueError(f"multiplier {multiplier} is not supported: use one of {interp.MULTIPLIERS}")
-        managed = _load_rife(rife_model)
+        model = _load_rife(rife_model).load()
         progress = runtime.Progress(1, "Frame Interpolate (RIFE)")
-        frames = interp.interpolate(managed.load(), images[..., :3].to(runtime.intermediate_device()),
-                                    multiplier, int(batch_size), callback=progress.callback())
+        batch = rife_batch(batch_size, model, images.shape[1], images.shape[2])
+        frames = interp.interpolate(model, images[..., :3].to(runtime.intermediate_device()),
+                                    multiplier, batch, callback=progress.callback())
         return (frames, float(frame_rate) * multiplier)
 
 

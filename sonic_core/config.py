@@ -114,8 +114,19 @@ KARRAS_RHO = 7.0
 # ----------------------------------------------------------------------------------------------
 WINDOW_BATCH_CPU = 1  # windows per UNet call on a CPU: batching was 0.83x at 256x256 (bench_vs_official)
 WINDOW_BATCH_MEMORY_MARGIN = 0.8  # fraction of free accelerator memory the auto batch may plan on
-# bytes of 16-bit peak UNet activations per latent element (3 x W x h x w) of one window's call
-WINDOW_BYTES_PER_LATENT_ELEMENT = 24000
+# bytes of 16-bit peak UNet activations per latent element (rows x W x h x w) of one UNet call: meta-counted
+# 17,400-18,200 at 256-768 px with any guidance rows (bench/bench_vram.py), rounded up for allocator slack
+WINDOW_BYTES_PER_LATENT_ELEMENT = 20000
+
+# ----------------------------------------------------------------------------------------------
+# Low-VRAM modes (issue 15, sonic_core/lowvram.py; the per-pixel costs are bench/bench_vram.py's
+# meta-counted peaks, linear in frames and pixels)
+# ----------------------------------------------------------------------------------------------
+GUIDANCE_ROWS_CHOICES = (3, 1)  # CFG rows per UNet call: all three branches at once, or one after another
+PLAN_MEMORY_MARGIN = WINDOW_BATCH_MEMORY_MARGIN  # share of free memory a planned chunk may use
+VAE_DECODE_BYTES_PER_PIXEL = 2048  # bytes of 16-bit temporal-decoder activations per output pixel and frame
+RIFE_BYTES_PER_PIXEL = 306  # bytes of float32 IFNet activations per pixel of one frame pair
+RIFE_AUTO_BATCH_MAX = 16  # frame pairs per RIFE call at most when the batch is planned from free memory
 
 # ----------------------------------------------------------------------------------------------
 # Video (SPEC §12)
@@ -166,6 +177,10 @@ class SamplerDefaults:
     audio_scale: float = 1.0  # official ip_audio_scale
     decode_chunk_size: int = 8  # frames per temporal-VAE decode call
     motion_bucket_scale: float = 1.0  # official dynamic_scale
+    # CFG rows per UNet call (GUIDANCE_ROWS_CHOICES): 3 = the official single call per window, 1 = the
+    # three guidance branches one after another (about a third of the activation memory, same result
+    # within float rounding); how the sampler runs, not what it computes (not in the resume fingerprint)
+    guidance_rows: int = 3
 
 
 SAMPLER_DEFAULTS = SamplerDefaults()

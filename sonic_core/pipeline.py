@@ -28,6 +28,7 @@ from .config import (
     RIFE_MULTIPLIER,
     SAMPLER_DEFAULTS,
     U8_MAX,
+    VAE_SCALE,
     VIDEO_CRF,
 )
 from .resume import ResumeStore
@@ -308,7 +309,9 @@ class AnimateSettings:
     interpolate: bool = True
     max_seconds: float = 0.0
     frames_per_window: int = SAMPLER_DEFAULTS.frames_per_window
-    window_batch: int = 1
+    window_batch: int = 1  # 0 = as many as free GPU memory allows
+    guidance_rows: int = 0  # CFG rows per UNet call: 3, 1 (low VRAM) or 0 = from free GPU memory
+    weight_dtype: str = "default"  # UNet weight storage: "default" (= dtype) or "fp8_e4m3fn"
     crf: int = VIDEO_CRF
 
 
@@ -332,7 +335,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     """
     settings = settings or AnimateSettings()
     from . import audio as audio_mod
-    from . import distributed, face, motion, sampler, stream, video, weights
+    from . import distributed, face, lowvram, motion, sampler, stream, video, weights
     from .models import svd
     from .models.rife import load_rife
 
@@ -364,7 +367,8 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     t0 = time.perf_counter()
     models = weights.load_sonic_models(models_dir / "Sonic" / "unet.pth", models_dir / "Sonic" / "audio2token.pth",
                                        models_dir / "Sonic" / "audio2bucket.pth", models_dir / WHISPER_FOLDER,
-                                       dtype=dtype, device=device, load_device=device)
+                                       dtype=dtype, device=device, load_device=device,
+                                       weight_dtype=lowvram.WEIGHT_DTYPES[settings.weight_dtype])
     vae, clip = svd.load_svd(svd_dir or models_dir / SVD_FOLDER, dtype, device)
     log.info("models loaded in %.1f s", time.perf_counter() - t0)
 
@@ -378,8 +382,14 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
                                          settings.dynamic_scale, settings.dynamic_scale)
     run = dataclasses.replace(SAMPLER_DEFAULTS, steps=settings.steps, min_resolution=settings.min_resolution,
                               frames_per_window=settings.frames_per_window)
+    w_img, h_img = face.working_size(ref_image.shape[2], ref_image.shape[1], settings.min_resolution)
+    window_batch, rows = sampler.plan_batching(  # 0 = auto, from what the loaded models leave free
+        budget.device_free_bytes(device), h_img // VAE_SCALE, w_img // VAE_SCALE, run.frames_per_window,
+        dtype, sampler.window_count(sonic_audio.num_frames, run), settings.window_batch, settings.guidance_rows)
+    run = dataclasses.replace(run, guidance_rows=rows)
+    log.info("sampler: %d window(s) x %d guidance row(s) per UNet call", window_batch, rows)
     latents = sampler.generate(models.load("unet"), vae, clip, ref_image, ref_mask, sonic_audio, sonic_motion,
-                               settings=run, seed=settings.seed, dtype=dtype, window_batch=settings.window_batch,
+                               settings=run, seed=settings.seed, dtype=dtype, window_batch=window_batch,
                                callback=stage("sampling"), resume=store,
                                group=group)  # [F,4,h,w] VAE space
     if group is not None and distributed.rank_of(group) != 0:
@@ -392,7 +402,10 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
         fps = OUTPUT_FPS
     # decode -> RIFE -> encode stream in temporal-decoder chunks: memory does not grow with length
     # (the encoding bar counts output frames, so it covers decode and RIFE too)
-    frames = stream.video_frames(vae, latents, vae.decode_chunk_size, rife, RIFE_MULTIPLIER, RIFE_BATCH)
+    free = budget.device_free_bytes(device)  # None on a CPU: the official chunk and the default batch
+    chunk = lowvram.auto_decode_chunk(free, h_img, w_img, dtype, vae.decode_chunk_size)
+    pairs = lowvram.auto_rife_batch(free, h_img, w_img, torch.float32, cpu=RIFE_BATCH)  # RIFE runs in fp32
+    frames = stream.video_frames(vae, latents, chunk, rife, RIFE_MULTIPLIER, pairs)
     fmt = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}[output.suffix.lower()]
     output.parent.mkdir(parents=True, exist_ok=True)
     video.write_video(frames, str(output), fps, audio=(wave[0], rate), format=fmt, crf=settings.crf,
@@ -460,7 +473,15 @@ def configure_cli(p) -> None:
     p.add_argument("--crop", action="store_true", help="crop a square around the face first (official --crop)")
     p.add_argument("--no-interpolate", action="store_true", help="keep 12.5 fps (skip RIFE 2x)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="use only the first N seconds of audio (0 = all)")
-    p.add_argument("--window-batch", type=int, default=1, help="windows per UNet call (more = faster, more memory)")
+    p.add_argument("--window-batch", type=int, default=1,
+                   help="windows per UNet call (more = faster, more memory; 0 = as many as free GPU memory "
+                        "allows)")
+    p.add_argument("--guidance-rows", default="auto", choices=["auto", "3", "1"],
+                   help="guidance branches per UNet call: 3 (fastest), 1 (a third of the activation memory: "
+                        "512x512 on an 8 GB GPU), auto (3 if free GPU memory allows); same result either way")
+    p.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn"],
+                   help="UNet weight storage: default (= --dtype, 3.0 GB in fp16) or fp8_e4m3fn (1.5 GB, "
+                        "upcast per layer; results differ slightly, README 'Low VRAM')")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="UNet/VAE/CLIP dtype (auto: fp16 on a GPU, fp32 on the CPU)")
@@ -481,7 +502,9 @@ def run_cli(args) -> int:
     settings = AnimateSettings(steps=args.steps, seed=args.seed, min_resolution=args.min_resolution,
                                dynamic_scale=args.dynamic_scale, crop=args.crop,
                                interpolate=not args.no_interpolate, max_seconds=args.max_seconds,
-                               window_batch=args.window_batch)
+                               window_batch=args.window_batch,
+                               guidance_rows=0 if args.guidance_rows == "auto" else int(args.guidance_rows),
+                               weight_dtype=args.weight_dtype)
     check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)  # before any download
     check_output(args.output)
     device = pick_device(args.device)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RIFE_MULTIPLIER, SAMPLE_RATE, SAMPLER_DEFAULTS, SIZE_MULTIPLE
+from .config import GUIDANCE_ROWS_CHOICES, RIFE_MULTIPLIER, SAMPLE_RATE, SAMPLER_DEFAULTS, SIZE_MULTIPLE
 
 OUTPUT_SUFFIXES = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -30,7 +30,14 @@ def check_settings(settings, fps: float) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a whole number >= {lo}")
 
     whole("steps", 1)
-    whole("window_batch", 1)
+    whole("window_batch", 0)  # 0 = auto
+    if getattr(settings, "guidance_rows", 0) not in (0, *GUIDANCE_ROWS_CHOICES):
+        raise ValueError(f"--guidance-rows {settings.guidance_rows!r} must be one of {GUIDANCE_ROWS_CHOICES} "
+                         "(0 = auto)")
+    from .lowvram import WEIGHT_DTYPES
+
+    if getattr(settings, "weight_dtype", "default") not in WEIGHT_DTYPES:
+        raise ValueError(f"--weight-dtype {settings.weight_dtype!r} must be one of {list(WEIGHT_DTYPES)}")
     whole("frames_per_window", 1)
     whole("min_resolution", SIZE_MULTIPLE)
     for name, hint in (("max_seconds", "0 = the whole audio"),

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from .config import (
+    GUIDANCE_ROWS_CHOICES,
     SAMPLER_DEFAULTS,
     U8_MAX,
     VAE_SCALE,
@@ -114,22 +115,68 @@ def validate(settings: SamplerDefaults, num_frames: int) -> None:
         raise ValueError(f"the audio gives {num_frames} frames; give at least one frame of audio")
     if settings.shift_offset < 0:
         raise ValueError(f"shift_offset={settings.shift_offset} must be >= 0")
+    if settings.guidance_rows not in GUIDANCE_ROWS_CHOICES:
+        raise ValueError(f"guidance_rows={settings.guidance_rows} must be one of {GUIDANCE_ROWS_CHOICES}: "
+                         "3 runs the three guidance branches in one UNet call, 1 one after another (less memory)")
 
 
 def auto_window_batch(
-    free_bytes: int | None, height: int, width: int, window: int, dtype: torch.dtype, num_windows: int
+    free_bytes: int | None,
+    height: int,
+    width: int,
+    window: int,
+    dtype: torch.dtype,
+    num_windows: int,
+    guidance_rows: int = CFG_BRANCHES,
 ) -> int:
     """How many windows fit one UNet call: from free accelerator memory, or a small fixed CPU number.
 
     ``height``/``width`` are latent sizes. The per-window estimate scales with the latent elements
-    of one 3-branch window call (WINDOW_BYTES_PER_LATENT_ELEMENT, measured on SVD-xt).
+    of one window's UNet call, ``guidance_rows x W x h x w`` (WINDOW_BYTES_PER_LATENT_ELEMENT,
+    measured on SVD-xt); ``free_bytes`` is what is free with the UNet's weights already loaded.
     """
     if free_bytes is None:
         return max(1, min(WINDOW_BATCH_CPU, num_windows))
-    elem = CFG_BRANCHES * window * height * width
-    per_window = elem * WINDOW_BYTES_PER_LATENT_ELEMENT * torch.finfo(dtype).bits / 16
-    fit = int(free_bytes * WINDOW_BATCH_MEMORY_MARGIN // max(per_window, 1))
+    fit = int(free_bytes * WINDOW_BATCH_MEMORY_MARGIN // max(_call_bytes(height, width, window, dtype,
+                                                                         guidance_rows), 1))
     return max(1, min(fit, num_windows))
+
+
+def auto_guidance_rows(
+    free_bytes: int | None, height: int, width: int, window: int, dtype: torch.dtype, window_batch: int = 1
+) -> int:
+    """CFG rows per UNet call: 3 (one call per window, the fastest) when ``window_batch`` windows of 3
+    rows fit ``free_bytes`` (None: a CPU, always 3), else 1 (a third of the activations)."""
+    if free_bytes is None:
+        return CFG_BRANCHES
+    need = window_batch * _call_bytes(height, width, window, dtype, CFG_BRANCHES)
+    return CFG_BRANCHES if need <= free_bytes * WINDOW_BATCH_MEMORY_MARGIN else 1
+
+
+def plan_batching(
+    free_bytes: int | None,
+    height: int,
+    width: int,
+    window: int,
+    dtype: torch.dtype,
+    num_windows: int,
+    window_batch: int = 0,
+    guidance_rows: int = 0,
+) -> tuple[int, int]:
+    """(windows per UNet call, CFG rows per call); a 0 asks for that one to be planned from
+    ``free_bytes``: rows first (3 if one window of 3 rows fits, else 1), then as many windows as fit."""
+    if guidance_rows and guidance_rows not in GUIDANCE_ROWS_CHOICES:
+        raise ValueError(f"guidance_rows={guidance_rows} must be one of {GUIDANCE_ROWS_CHOICES} (0 = auto)")
+    if window_batch < 0:
+        raise ValueError(f"window_batch={window_batch} must be at least 1 (0 = auto)")
+    rows = guidance_rows or auto_guidance_rows(free_bytes, height, width, window, dtype, window_batch or 1)
+    batch = window_batch or auto_window_batch(free_bytes, height, width, window, dtype, num_windows, rows)
+    return batch, rows
+
+
+def _call_bytes(height: int, width: int, window: int, dtype: torch.dtype, rows: int) -> float:
+    """Estimated peak activation bytes of one window's UNet call with ``rows`` CFG rows."""
+    return rows * window * height * width * WINDOW_BYTES_PER_LATENT_ELEMENT * torch.finfo(dtype).bits / 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +364,11 @@ def _fingerprint(image_latents, ref_latents, clip_embeds, cond_tokens, uncond_to
 def _guided_velocity(
     unet, latents, chunk, t, sigma, img_lat, clip, cond, uncond, mb, mask, g1, g2, settings
 ) -> torch.Tensor:
-    """One UNet call for ``len(chunk)`` windows x 3 branches, then 3-way guidance -> [nb,W,4,h,w]."""
+    """UNet calls for ``len(chunk)`` windows x 3 branches, then 3-way guidance -> [nb,W,4,h,w].
+
+    ``settings.guidance_rows`` 3: one call with the rows [uncond, drop_audio, cond] of every window
+    (SPEC §10); 1: three calls, one branch each (the same rows, a third of the activations).
+    """
     nb, w = len(chunk), len(chunk[0])
     index = torch.tensor(chunk, device=latents.device)  # [nb,W]
     x = latents[index]  # [nb,W,4,h,w]
@@ -326,26 +377,39 @@ def _guided_velocity(
     zero_img = torch.zeros_like(img_lat)
     img = torch.stack([zero_img, img_lat, img_lat])  # [3,1,4,h,w]
     img = img.unsqueeze(0).expand(nb, CFG_BRANCHES, w, *img_lat.shape[1:])  # [nb,3,W,4,h,w]
-    sample_in = torch.cat([x_in, img], dim=3).flatten(0, 1)  # [nb*3,W,8,h,w]
+    sample_in = torch.cat([x_in, img], dim=3)  # [nb,3,W,8,h,w]
 
     ehs = torch.stack([torch.zeros_like(clip), clip, clip])  # [3,1,1,D]
-    ehs = ehs.unsqueeze(0).expand(nb, -1, -1, -1, -1).flatten(0, 1)  # [nb*3,1,1,D]
-    ehs = ehs.flatten(1, 2)  # [nb*3,1,D]
+    ehs = ehs.unsqueeze(0).expand(nb, -1, -1, -1, -1).flatten(2, 3)  # [nb,3,1,D]
 
     tok_c = cond[index]  # [nb,W,K,D]
     tok_u = uncond.expand(nb, w, *uncond.shape)  # [nb,W,K,D]
-    tokens = torch.stack([tok_u, tok_u, tok_c], dim=1).flatten(0, 1)  # [nb*3,W,K,D]
+    tokens = torch.stack([tok_u, tok_u, tok_c], dim=1)  # [nb,3,W,K,D]
 
     mean_mb = mb[index].mean(dim=1)  # [nb,2]
     fps = torch.full((nb, 1), float(settings.fps_conditioning), device=mb.device)
     ids = torch.cat([fps, mean_mb], dim=1).to(clip.dtype)  # [nb,3]
-    ids = ids.unsqueeze(1).expand(nb, CFG_BRANCHES, 3).flatten(0, 1)  # [nb*3,3]
+    ids = ids.unsqueeze(1).expand(nb, CFG_BRANCHES, 3)  # [nb,3,3]
 
-    v = unet(
-        sample_in, t, ehs, ids, audio_tokens=tokens, face_mask=mask, audio_scale=settings.audio_scale, groups=nb
-    )  # [nb*3,W,4,h,w]
-    v = v.unflatten(0, (nb, CFG_BRANCHES))  # [nb,3,W,4,h,w]
-    v_u, v_d, v_c = v[:, 0], v[:, 1], v[:, 2]
+    def call(rows: slice) -> torch.Tensor:  # the CFG rows ``rows`` of every window -> [nb,r,W,4,h,w]
+        r = len(range(CFG_BRANCHES)[rows])
+        v = unet(
+            sample_in[:, rows].flatten(0, 1),  # [nb*r,W,8,h,w]
+            t,
+            ehs[:, rows].flatten(0, 1),  # [nb*r,1,D]
+            ids[:, rows].flatten(0, 1),  # [nb*r,3]
+            audio_tokens=tokens[:, rows].flatten(0, 1),  # [nb*r,W,K,D]
+            face_mask=mask,
+            audio_scale=settings.audio_scale,
+            groups=nb,
+        )  # [nb*r,W,4,h,w]
+        return v.unflatten(0, (nb, r))  # [nb,r,W,4,h,w]
+
+    if settings.guidance_rows == CFG_BRANCHES:
+        v = call(slice(None))  # [nb,3,W,4,h,w]
+        v_u, v_d, v_c = v[:, 0], v[:, 1], v[:, 2]
+    else:  # one branch per call: only three [nb,W,4,h,w] outputs stay alive between calls
+        v_u, v_d, v_c = (call(slice(b, b + 1))[:, 0] for b in range(CFG_BRANCHES))
     return v_u + g1 * (v_d - v_u) + g2 * (v_c - v_d)  # [nb,W,4,h,w]
 
 

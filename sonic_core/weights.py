@@ -404,11 +404,14 @@ def load_audio2bucket(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     return _load_module(path, Audio2BucketModel, "audio2bucket", dtype, device)
 
 
-def load_unet(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str | None = None):
+def load_unet(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str | None = None,
+              weight_dtype: torch.dtype | None = None):
     """The Sonic UNet (SVD-xt UNet + audio attention) from ``unet.pth`` / ``.safetensors``.
 
     The architecture is the shipped SVD-xt config unless a JSON (diffusers UNet config) sits
     beside the checkpoint. fp16 and fp32 files both load; weights are cast to ``dtype``.
+    ``weight_dtype`` ``torch.float8_e4m3fn`` stores the Linear / Conv weights in fp8 (computed in
+    ``dtype``, sonic_core.lowvram); None keeps them in ``dtype``.
     """
     from .models import unet as unet_module
 
@@ -423,6 +426,10 @@ def load_unet(path: str | os.PathLike, dtype: torch.dtype, device: torch.device 
                               "diffusers UNetSpatioTemporalConditionModel config, or remove it") from e
     sd = read_state_dict(path)
     _assign_weights(model, sd, f"UNet checkpoint {path}", dtype, device)
+    if weight_dtype is not None:
+        from .lowvram import store_weights_fp8
+
+        store_weights_fp8(model, dtype, weight_dtype)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("loaded UNet from %s: %d tensors, %.3f B parameters, %s, %.1f s", path.name, len(sd),
                 n_params / 1e9, dtype, time.perf_counter() - t0)
@@ -517,11 +524,13 @@ def load_whisper(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
 def load_sonic_models(unet: str | os.PathLike, audio2token: str | os.PathLike,
                       audio2bucket: str | os.PathLike, whisper_dir: str | os.PathLike,
                       dtype: torch.dtype, device: torch.device | str,
-                      load_device: torch.device | str | None = None):
+                      load_device: torch.device | str | None = None,
+                      weight_dtype: torch.dtype | None = None):
     """All Sonic-specific models in a ``SonicModels`` container.
 
     ``dtype`` is the UNet's dtype; whisper, audio2token and audio2bucket stay float32 as in the
-    official pipeline. Weights are placed on ``load_device`` (default: the CPU, i.e. offloaded);
+    official pipeline. ``weight_dtype``: the UNet's weight storage (None: ``dtype``; fp8, see
+    ``load_unet``). Weights are placed on ``load_device`` (default: the CPU, i.e. offloaded);
     ``device`` is the compute device that ``SonicModels.load`` moves a model to.
     """
     from .models import SonicModels
@@ -529,7 +538,7 @@ def load_sonic_models(unet: str | os.PathLike, audio2token: str | os.PathLike,
     load_device = torch.device(load_device) if load_device is not None else torch.device("cpu")
     encoder, feature_extractor = load_whisper(whisper_dir, torch.float32, load_device)
     return SonicModels(
-        unet=load_unet(unet, dtype, load_device),
+        unet=load_unet(unet, dtype, load_device, weight_dtype),
         audio2token=load_audio2token(audio2token, torch.float32, load_device),
         audio2bucket=load_audio2bucket(audio2bucket, torch.float32, load_device),
         whisper=encoder,

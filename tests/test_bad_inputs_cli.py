@@ -40,7 +40,7 @@ def _run(capsys, argv: list[str]) -> tuple[int, str]:
 
 @pytest.mark.parametrize("args, pattern", [
     (["--steps", "0"], r"--steps 0 must be a whole number >= 1"),
-    (["--window-batch", "0"], r"--window-batch 0 must be a whole number >= 1"),
+    (["--window-batch", "-1"], r"--window-batch -1 must be a whole number >= 0"),  # 0 = auto
     (["--max-seconds", "-1"], r"--max-seconds -1\.0 must be a finite number >= 0 \(0 = the whole audio\)"),
     (["--max-seconds", "inf"], r"--max-seconds inf must be a finite number"),
     (["--dynamic-scale", "nan"], r"--dynamic-scale nan must be a finite number >= 0"),
