@@ -6,7 +6,11 @@ github.com/jixiaozhong/Sonic, fetched outside this repository) to ``sys.path`` a
 ``UNetSpatioTemporalConditionModel``, ``add_ip_adapters`` and ``SonicPipeline``. Tensors and
 weights come from the temp folder the bench script writes; results go back as JSON + safetensors.
 
-    <official python> bench/_official_driver.py --official-src DIR --job unet|sampler --work DIR
+    <official python> bench/_official_driver.py --official-src DIR --job unet|sampler|device --work DIR
+
+``fill_random_`` (also used by our side, bench/_device_bench.py) gives both implementations the same
+random weights without a weight file: every state-dict entry is drawn from its own generator,
+seeded by the entry's name, so equal keys get equal values in any process on the same device.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import resource
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -38,6 +43,45 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+NORM_SPREAD = 0.1  # 1-D weights (norm scales) are 1 +- this; other 1-D entries (biases) are +- this / 5
+SEED_STRIDE = 1_000_003  # prime between the seeds of two runs' entries
+
+
+def fill_random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every floating state-dict entry of ``module`` drawn from a generator seeded by its key, in place:
+    weights U(-1, 1) / sqrt(fan_in) (PyTorch's default scale), norm scales 1 +- 0.1, biases +- 0.02.
+    Values depend only on (seed, key, shape, device type), never on module construction order."""
+    with torch.no_grad():
+        for key, t in module.state_dict(keep_vars=True).items():
+            if not t.is_floating_point():
+                continue
+            gen = torch.Generator(device=t.device).manual_seed(seed * SEED_STRIDE + zlib.crc32(key.encode()))
+            u = torch.rand(t.shape, generator=gen, device=t.device, dtype=torch.float32) * 2 - 1
+            if t.ndim >= 2:
+                u /= (t[0].numel()) ** 0.5
+            elif key.endswith("weight"):
+                u = 1 + NORM_SPREAD * u
+            else:
+                u *= NORM_SPREAD / 5
+            t.data.copy_(u)
+    return module
+
+
+def random_official_unet(config: dict, dtype: torch.dtype, device: str, seed: int, scale: float):
+    """Official UNet + IP-adapter processors with ``fill_random_`` weights, built without a float32 copy."""
+    from src.models.base.unet_spatio_temporal_condition import (  # official, from --official-src
+        UNetSpatioTemporalConditionModel,
+        add_ip_adapters,
+    )
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNetSpatioTemporalConditionModel(**cfg)
+        add_ip_adapters(unet, [32], [scale])
+    unet = torch.nn.Module.to(unet, "meta", dtype).to_empty(device=device)
+    return fill_random_(unet, seed).eval().requires_grad_(False)
 
 
 def build_unet(config: dict, weights: Path, scale: float):
@@ -140,16 +184,90 @@ def job_sampler(work: Path, meta: dict) -> dict:
                 hwm_kib=rss_kib("VmHWM") if ok else -1)
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def job_device(work: Path, meta: dict) -> dict:
+    """The official SonicPipeline at the device-run size, per dtype: a warm-up run, then a timed one;
+    peak memory from CUDA's allocator. Writes its conditioning and latents for our side to compare."""
+    from diffusers import EulerDiscreteScheduler
+    from src.pipelines.pipeline_sonic import SonicPipeline  # official, from --official-src
+
+    s, device = meta["settings"], meta["device"]
+    x = load_file(str(work / "inputs.safetensors"))
+    f = x["noise"].shape[0]
+    rows = []
+    for name in meta["dtypes"]:
+        dtype = DTYPES[name]
+        t0 = time.perf_counter()
+        unet = random_official_unet(meta["config"], dtype, device, meta["seed"], s["audio_scale"])
+        vae, clip = tiny_vae_and_clip(meta["config"]["cross_attention_dim"], meta["clip_size"], meta["seed"])
+        vae, clip = vae.to(device, dtype), clip.to(device, dtype)
+        sched = EulerDiscreteScheduler.from_config(meta["scheduler_config"])
+        pipe = SonicPipeline(vae=vae, image_encoder=clip, unet=unet, scheduler=sched)
+        pipe.set_progress_bar_config(disable=True)
+        build_s = time.perf_counter() - t0
+        with torch.no_grad():  # the conditioning the pipeline computes inside, for our side to reuse
+            clip_embeds = clip(x["clip_image"].to(device, dtype)).image_embeds.float().cpu()  # [1, D]
+            ref_mean = vae.encode(x["ref_image"].to(device, dtype)).latent_dist.mean.float().cpu()  # [1, 4, h, w]
+        save_file({"clip_embeds": clip_embeds.contiguous(), "vae_mean": ref_mean.contiguous()},
+                  str(work / f"cond_official_{name}.safetensors"))
+
+        def run(steps: int):
+            return pipe(
+                x["ref_image"], x["clip_image"], x["face_mask"],
+                list(x["cond_tokens"]), [x["uncond_tokens"]] * f, list(x["buckets"]),
+                height=x["ref_image"].shape[-2], width=x["ref_image"].shape[-1], num_frames=f,
+                num_inference_steps=steps, min_guidance_scale1=s["min_appearance_guidance"],
+                max_guidance_scale1=s["max_appearance_guidance"], min_guidance_scale2=s["min_audio_guidance"],
+                max_guidance_scale2=s["max_audio_guidance"], fps=s["fps_conditioning"],
+                motion_bucket_scale=1.0, noise_aug_strength=0.0, latents=x["noise"].unsqueeze(0).to(device, dtype),
+                output_type="latent", overlap=s["overlap"], shift_offset=s["shift_offset"],
+                frames_per_batch=s["frames_per_window"], i2i_noise_strength=s["i2i_strength"],
+            ).frames  # [1, F, 4, h, w]
+
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            run(meta["warm_steps"])
+            sync(device)
+            warm_s = time.perf_counter() - t0
+            cuda = device.startswith("cuda")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            out = run(meta["timed_steps"])
+            sync(device)
+            timed_s = time.perf_counter() - t0
+        save_file({"out": out[0].float().cpu().contiguous()}, str(work / f"out_official_{name}.safetensors"))
+        rows.append(dict(side="official", dtype=name, build_s=build_s, warm_s=warm_s, timed_s=timed_s,
+                         timed_steps=meta["timed_steps"],
+                         weights_bytes=sum(t.numel() * t.element_size() for t in unet.state_dict().values()),
+                         peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
+                         peak_reserved=torch.cuda.max_memory_reserved() if cuda else None,
+                         allocated_before=before if cuda else None))
+        del pipe, unet, vae, clip, out
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return dict(rows=rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--official-src", required=True, type=Path)
-    p.add_argument("--job", required=True, choices=["unet", "sampler"])
+    p.add_argument("--job", required=True, choices=["unet", "sampler", "device"])
     p.add_argument("--work", required=True, type=Path)
     a = p.parse_args()
     sys.path.insert(0, str(a.official_src.resolve()))
     meta = json.loads((a.work / "meta.json").read_text())
     torch.set_num_threads(meta["threads"])
-    res = (job_unet if a.job == "unet" else job_sampler)(a.work, meta)
+    res = {"unet": job_unet, "sampler": job_sampler, "device": job_device}[a.job](a.work, meta)
     import diffusers
     import transformers
 
