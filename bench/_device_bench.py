@@ -38,7 +38,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from _official_driver import DTYPES, fill_random_, sync  # noqa: E402
+from _official_driver import DTYPES, fill_random_, save_sampler_inputs, sync  # noqa: E402
 
 GB = 1e9
 CAP_BYTES = 7.5e9  # an 8 GB card less ~0.5 GB of CUDA context (not counted by the allocator)
@@ -250,18 +250,8 @@ def spawn(cmd: list[str], env: dict, work: Path, required: bool = True) -> bool:
 
 
 def make_inputs(work: Path, z: dict) -> None:
-    side, f, dim = z["side"], z["frames"], z["config"]["cross_attention_dim"]
-    lat = side // 8
-    g = torch.Generator().manual_seed(2)
-    save_file({
-        "ref_image": torch.rand(1, 3, side, side, generator=g) * 2 - 1,  # [1, 3, H, W] in [-1, 1]
-        "clip_image": torch.randn(1, 3, CLIP_SIZE, CLIP_SIZE, generator=g),  # [1, 3, c, c]
-        "face_mask": (torch.rand(1, 1, side, side, generator=g) > 0.5).float(),  # [1, 1, H, W]
-        "cond_tokens": torch.randn(f, AUDIO_TOKENS, dim, generator=g),  # [F, K, D]
-        "uncond_tokens": torch.randn(AUDIO_TOKENS, dim, generator=g),  # [K, D]
-        "buckets": 16 + torch.rand(f, 2, generator=g) * 8,  # [F, 2]
-        "noise": torch.randn(f, 4, lat, lat, generator=g),  # [F, 4, h, w]
-    }, str(work / "inputs.safetensors"))
+    save_sampler_inputs(work / "inputs.safetensors", z["frames"], z["side"], z["config"]["cross_attention_dim"],
+                        CLIP_SIZE, AUDIO_TOKENS)
 
 
 def run(a) -> int:

@@ -69,8 +69,26 @@ def fill_random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def random_official_unet(config: dict, dtype: torch.dtype, device: str, seed: int, scale: float):
-    """Official UNet + IP-adapter processors with ``fill_random_`` weights, built without a float32 copy."""
+def save_sampler_inputs(path, frames: int, side: int, dim: int, clip_size: int, tokens: int, seed: int = 2) -> None:
+    """The sampler inputs both sides read (bench_vs_official part b, _device_bench): a random
+    portrait, CLIP image, face mask, audio tokens, motion buckets and noise for ``frames`` frames."""
+    from safetensors.torch import save_file
+
+    lat = side // 8  # VAE scale
+    g = torch.Generator().manual_seed(seed)
+    save_file({
+        "ref_image": torch.rand(1, 3, side, side, generator=g) * 2 - 1,  # [1, 3, H, W] in [-1, 1]
+        "clip_image": torch.randn(1, 3, clip_size, clip_size, generator=g),  # [1, 3, c, c]
+        "face_mask": (torch.rand(1, 1, side, side, generator=g) > 0.5).float(),  # [1, 1, H, W]
+        "cond_tokens": torch.randn(frames, tokens, dim, generator=g),  # [F, K, D]
+        "uncond_tokens": torch.randn(tokens, dim, generator=g),  # [K, D]
+        "buckets": 16 + torch.rand(frames, 2, generator=g) * 8,  # [F, 2]
+        "noise": torch.randn(frames, 4, lat, lat, generator=g),  # [F, 4, h, w]
+    }, str(path))
+
+
+def _meta_official_unet(config: dict, scale: float):
+    """Official UNet + official IP-adapter processors on the meta device (no memory, no weights)."""
     from src.models.base.unet_spatio_temporal_condition import (  # official, from --official-src
         UNetSpatioTemporalConditionModel,
         add_ip_adapters,
@@ -80,21 +98,18 @@ def random_official_unet(config: dict, dtype: torch.dtype, device: str, seed: in
     with torch.device("meta"):
         unet = UNetSpatioTemporalConditionModel(**cfg)
         add_ip_adapters(unet, [32], [scale])
-    unet = torch.nn.Module.to(unet, "meta", dtype).to_empty(device=device)
+    return unet
+
+
+def random_official_unet(config: dict, dtype: torch.dtype, device: str, seed: int, scale: float):
+    """Official UNet + IP-adapter processors with ``fill_random_`` weights, built without a float32 copy."""
+    unet = torch.nn.Module.to(_meta_official_unet(config, scale), "meta", dtype).to_empty(device=device)
     return fill_random_(unet, seed).eval().requires_grad_(False)
 
 
 def build_unet(config: dict, weights: Path, scale: float):
     """Official UNet + official IP-adapter processors, weights assigned from the shared file."""
-    from src.models.base.unet_spatio_temporal_condition import (  # official, from --official-src
-        UNetSpatioTemporalConditionModel,
-        add_ip_adapters,
-    )
-
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        unet = UNetSpatioTemporalConditionModel(**cfg)
-        add_ip_adapters(unet, [32], [scale])
+    unet = _meta_official_unet(config, scale)
     state = load_file(str(weights))
     missing, unexpected = unet.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:

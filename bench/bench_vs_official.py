@@ -42,7 +42,7 @@ from sonic_core import sampler  # noqa: E402
 from sonic_core.config import SAMPLER_DEFAULTS, VAE_SCALE, VAE_SCALING_FACTOR  # noqa: E402
 from sonic_core.models.unet import build_sonic_unet, load_config  # noqa: E402
 
-from _official_driver import reset_peak, rss_kib  # noqa: E402  (same measurement on both sides)
+from _official_driver import reset_peak, rss_kib, save_sampler_inputs  # noqa: E402  (same measurement on both sides)
 
 DRIVER = Path(__file__).resolve().parent / "_official_driver.py"
 AUDIO_TOKENS = 32  # K, audio tokens per frame (audio2token context_tokens)
@@ -288,16 +288,7 @@ def part_b(a, work: Path) -> None:
     (work / "meta.json").write_text(json.dumps(meta))
     wres = ours(work, "weights")
     f, s, dim = a.b_frames, a.b_size, SMALL_UNET["cross_attention_dim"]
-    g = torch.Generator().manual_seed(2)
-    save_file({
-        "ref_image": torch.rand(1, 3, s, s, generator=g) * 2 - 1,  # [1, 3, H, W] in [-1, 1]
-        "clip_image": torch.randn(1, 3, CLIP_SIZE, CLIP_SIZE, generator=g),  # [1, 3, c, c]
-        "face_mask": (torch.rand(1, 1, s, s, generator=g) > 0.5).float(),  # [1, 1, H, W]
-        "cond_tokens": torch.randn(f, AUDIO_TOKENS, dim, generator=g),  # [F, K, D]
-        "uncond_tokens": torch.randn(AUDIO_TOKENS, dim, generator=g),  # [K, D]
-        "buckets": 16 + torch.rand(f, 2, generator=g) * 8,  # [F, 2]
-        "noise": torch.randn(f, 4, s // VAE_SCALE, s // VAE_SCALE, generator=g),  # [F, 4, h, w]
-    }, str(work / "inputs.safetensors"))
+    save_sampler_inputs(work / "inputs.safetensors", f, s, dim, CLIP_SIZE, AUDIO_TOKENS)
     off = official(a, work, "sampler")  # first: it writes the conditioning our side reuses
     res = alternate(a.rounds, {"ours1": lambda: ours(work, "sampler", "--window-batch", "1"),
                                "auto": lambda: ours(work, "sampler", "--window-batch", "0"),
