@@ -269,7 +269,7 @@ def sample(
     start = 0
     fp = None
     if resume is not None and shard.is_main:  # one writer, one reader; the others get rank 0's state
-        fp = _fingerprint(image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets,
+        fp = _fingerprint(unet, image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets,
                           face_mask, noise, settings, dtype, sched, scheduler_config)
         state = resume.load(fp, latents, n_run)
         if state is not None:
@@ -346,10 +346,11 @@ def sample(
     return latents
 
 
-def _fingerprint(image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets, face_mask,
+def _fingerprint(unet, image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets, face_mask,
                  noise, settings: SamplerDefaults, dtype, sched: Schedule, scheduler_config) -> str:
-    """Everything that changes the sampler's result (not window_batch or the device: rounding only)."""
-    from .resume import fingerprint
+    """Everything that changes the sampler's result, the UNet's weights as stored included (not
+    window_batch, guidance_rows or the device: rounding only)."""
+    from .resume import fingerprint, weights_digest
 
     used = {k: getattr(settings, k) for k in (
         "steps", "frames_per_window", "overlap", "shift_offset", "min_appearance_guidance",
@@ -358,7 +359,8 @@ def _fingerprint(image_latents, ref_latents, clip_embeds, cond_tokens, uncond_to
     tensors = {"image_latents": image_latents, "ref_latents": ref_latents, "clip_embeds": clip_embeds,
                "cond_tokens": cond_tokens, "uncond_tokens": uncond_tokens, "buckets": buckets,
                "face_mask": face_mask, "noise": noise, "sigmas": sched.sigmas}
-    return fingerprint(tensors, {**used, "dtype": str(dtype), "scheduler_config": scheduler_config})
+    return fingerprint(tensors, {**used, "dtype": str(dtype), "scheduler_config": scheduler_config,
+                                 "unet": weights_digest(unet)})
 
 
 def _guided_velocity(

@@ -88,6 +88,26 @@ def test_state_of_other_inputs_is_never_used(unet, uninterrupted, tmp_path):
     assert rel_err(wrong, uninterrupted) > 100 * same_math_tol()
 
 
+def test_state_of_other_weights_is_never_used(unet, uninterrupted, tmp_path):
+    """Another checkpoint, or the same one stored in fp8, changes the result: its state is not used."""
+    from sonic_core import lowvram
+
+    store = ResumeStore(tmp_path)
+    n_win = sampler.window_count(FRAMES, SETTINGS)
+    fp8 = _tiny_unet(3)
+    lowvram.store_weights_fp8(fp8, torch.float32)
+    for i, other in enumerate((_tiny_unet(4), fp8)):
+        with pytest.raises(Crash):
+            _run(other, store, crash_at=2 * n_win + 1)  # leaves a state after step 2
+        assert len(list(tmp_path.glob(f"{PREFIX}*"))) == i + 1, "each model's state is its own"
+    out, calls = _run(unet, store)
+    assert calls[0] == 1 and len(calls) == SETTINGS.steps * n_win, "the original weights start afresh"
+    assert_same_math(out, uninterrupted, "fresh run beside other weights' states")
+    resumed, calls = _run(fp8, store)  # and the fp8 run still finds its own state
+    assert calls[0] == 2 * n_win + 1
+    assert rel_err(resumed, uninterrupted) > 0
+
+
 def test_damaged_state_starts_over(unet, uninterrupted, tmp_path):
     store = ResumeStore(tmp_path)
     with pytest.raises(Crash):
