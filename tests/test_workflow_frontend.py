@@ -201,13 +201,22 @@ def test_saved_video_embeds_a_workflow_the_frontend_accepts(tmp_path, monkeypatc
 LOADED_SIZE = {
     "LoadImage": (290, 314), "LoadAudio": (290, 136), "ImageOnlyCheckpointLoader": (219, 98),
     "SonicSVDLoader": (219, 126),
-    "SonicLoader": (210, 154), "SonicFaceMaskDetect": (210, 218), "SonicWhisperAudioEncode": (210, 78),
-    "SonicMotionBucketPredict": (244, 214), "SonicSampler": (259, 538), "VAEDecode": (140, 46),
+    "SonicLoader": (210, 178), "SonicFaceMaskDetect": (210, 218), "SonicWhisperAudioEncode": (210, 78),
+    "SonicMotionBucketPredict": (244, 214), "SonicSampler": (259, 562), "VAEDecode": (140, 46),
     "SonicFrameInterpolate": (210, 150), "SonicVideoCombine": (210, 194),
     "SonicLatentToVideo": (372, 290), "SonicLatentSegment": (211, 126), "UpscaleModelLoader": (210, 58),
     "ImageUpscaleWithModel": (222, 46), "FaceRestoreCFWithModel": (210, 102),
     "FaceRestoreModelLoader": (210, 58),
 }
+# widgets each of our nodes had when LOADED_SIZE was measured: a widget added or removed changes the
+# node's height, so the size above is stale until measured again (tests/test_comfyui_real.py's
+# browser test measures it) and the workflows' layout must make room for it
+MEASURED_WIDGETS = {
+    "SonicFaceMaskDetect": 6, "SonicFrameInterpolate": 4, "SonicLatentSegment": 3, "SonicLatentToVideo": 9,
+    "SonicLoader": 6, "SonicMotionBucketPredict": 5, "SonicSVDLoader": 3, "SonicSampler": 16,
+    "SonicVideoCombine": 5, "SonicWhisperAudioEncode": 1,
+}
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
 MIN_GAP = 20  # px kept between nodes; also covers Load Image's computeSize height (326 vs 314)
 
@@ -256,6 +265,29 @@ def layout_problems(workflow: dict) -> list[str]:
 def test_no_nodes_overlap_once_image_and_audio_are_loaded(path):
     problems = layout_problems(json.loads(path.read_text()))
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+def widget_count(node_type: str) -> int:
+    """Inputs the frontend draws as widgets (combos and INT / FLOAT / STRING / BOOLEAN not forced to sockets)."""
+    from nodes import NODE_CLASS_MAPPINGS
+
+    spec = NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    n = 0
+    for section in ("required", "optional"):
+        for entry in spec.get(section, {}).values():
+            kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            n += (isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES) and not opts.get("forceInput")
+    return n
+
+
+def test_loaded_sizes_were_measured_with_todays_widgets():
+    from nodes import NODE_CLASS_MAPPINGS
+
+    assert set(MEASURED_WIDGETS) == set(NODE_CLASS_MAPPINGS), "record every node's widget count"
+    stale = {t: (n, widget_count(t)) for t, n in MEASURED_WIDGETS.items() if widget_count(t) != n}
+    assert not stale, (f"widgets changed since LOADED_SIZE was measured (then, now): {stale}; measure the "
+                       "node in the browser (tests/test_comfyui_real.py), update LOADED_SIZE, MEASURED_WIDGETS "
+                       "and the workflows' node sizes and layout")
 
 
 def test_layout_check_catches_the_old_overlap():
