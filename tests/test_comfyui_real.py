@@ -604,6 +604,26 @@ def test_basic_workflow_renders_a_video(comfy):
     assert "_Holder" not in loads and {"SonicUNet", "SonicAudio2Token", "WhisperEncoder"} <= loads, loads
 
 
+def test_low_vram_settings_run_under_model_management(comfy):
+    """fp8 UNet weights, one guidance row per call and an automatic RIFE batch through ComfyUI's
+    ModelPatcher: the fp8 parameters load, move and compute there, and the clip is complete."""
+    specs = _specs_with(comfy, CHAIN)
+    values = _widget_values(comfy)
+    values["SonicLoader"]["weight_dtype"] = "fp8_e4m3fn"
+    values["SonicSampler"] = {**values["SonicSampler"], "guidance_rows": "1"}
+    for cls in ("SonicLatentToVideo", "SonicVideoCombine"):
+        values[cls] = {**values[cls], "filename_prefix": f"lowvram/{VIDEO_PREFIX}"}
+    values["SonicLatentToVideo"]["rife_batch_size"] = 0
+    values["SonicFrameInterpolate"] = {**values["SonicFrameInterpolate"], "batch_size": 0}
+    prompt = _file_prompt(BASIC_API, specs, values) if BASIC_API.is_file() else _chain_prompt(specs, values, CHAIN)
+    before = comfy.log_text()
+    entry = _run(comfy, prompt)
+    _check_video(_saved_video(comfy, entry, "lowvram"), comfy.case, 2 * comfy.case.frames - 1)
+    log = comfy.log_text()[len(before):]
+    assert re.search(r"UNet weights in float8_e4m3fn: \d+ layers", log), log[-3000:]
+    assert re.search(r"window\(s\) x 1 guidance row\(s\) a UNet call", log), log[-3000:]
+
+
 SEGMENT_CHUNK = 2  # decode chunk of the segment test: several segments from a few frames
 
 
