@@ -285,6 +285,8 @@ class SonicSampler:
             n_windows,
             max(int(window_batch), 0),
             0 if str(guidance_rows) == "auto" else int(guidance_rows),
+            smp.clip_state_bytes(int(sonic_audio.num_frames), h_img // cfg.VAE_SCALE, w_img // cfg.VAE_SCALE,
+                                 sonic_audio.cond_tokens.shape, sonic_model.dtype),
         )
         settings = dataclasses.replace(settings, guidance_rows=rows)
         log.info(

@@ -385,7 +385,9 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     w_img, h_img = face.working_size(ref_image.shape[2], ref_image.shape[1], settings.min_resolution)
     window_batch, rows = sampler.plan_batching(  # 0 = auto, from what the loaded models leave free
         budget.device_free_bytes(device), h_img // VAE_SCALE, w_img // VAE_SCALE, run.frames_per_window,
-        dtype, sampler.window_count(sonic_audio.num_frames, run), settings.window_batch, settings.guidance_rows)
+        dtype, sampler.window_count(sonic_audio.num_frames, run), settings.window_batch, settings.guidance_rows,
+        sampler.clip_state_bytes(sonic_audio.num_frames, h_img // VAE_SCALE, w_img // VAE_SCALE,
+                                 sonic_audio.cond_tokens.shape, dtype))
     run = dataclasses.replace(run, guidance_rows=rows)
     log.info("sampler: %d window(s) x %d guidance row(s) per UNet call", window_batch, rows)
     latents = sampler.generate(models.load("unet"), vae, clip, ref_image, ref_mask, sonic_audio, sonic_motion,

@@ -26,6 +26,7 @@ import torch
 
 from .config import (
     GUIDANCE_ROWS_CHOICES,
+    LATENT_CHANNELS,
     SAMPLER_DEFAULTS,
     U8_MAX,
     VAE_SCALE,
@@ -162,16 +163,33 @@ def plan_batching(
     num_windows: int,
     window_batch: int = 0,
     guidance_rows: int = 0,
+    clip_bytes: float = 0.0,
 ) -> tuple[int, int]:
     """(windows per UNet call, CFG rows per call); a 0 asks for that one to be planned from
-    ``free_bytes``: rows first (3 if one window of 3 rows fits, else 1), then as many windows as fit."""
+    ``free_bytes``: rows first (3 if one window of 3 rows fits, else 1), then as many windows as fit.
+
+    ``clip_bytes`` (``clip_state_bytes``): what the sampler itself will place on the device for the
+    whole clip (latents, accumulator, audio tokens), taken off ``free_bytes`` first: for a
+    ten-minute clip at 512x512 that is about 1 GB, which the UNet's activations cannot also use.
+    """
     if guidance_rows and guidance_rows not in GUIDANCE_ROWS_CHOICES:
         raise ValueError(f"guidance_rows={guidance_rows} must be one of {GUIDANCE_ROWS_CHOICES} (0 = auto)")
     if window_batch < 0:
         raise ValueError(f"window_batch={window_batch} must be at least 1 (0 = auto)")
+    if free_bytes is not None:
+        free_bytes = max(0, int(free_bytes - clip_bytes))
     rows = guidance_rows or auto_guidance_rows(free_bytes, height, width, window, dtype, window_batch or 1)
     batch = window_batch or auto_window_batch(free_bytes, height, width, window, dtype, num_windows, rows)
     return batch, rows
+
+
+def clip_state_bytes(num_frames: int, height: int, width: int, cond_tokens_shape, dtype: torch.dtype) -> int:
+    """Bytes ``sample`` keeps on its device for the whole clip: latents and the step's accumulator
+    ``[F,4,h,w]`` and the audio tokens ``[F,K,D]``, all in ``dtype`` (``height``/``width``: latent
+    sizes; ``cond_tokens_shape``: ``[F,K,D]``, only K and D are read)."""
+    k, d = (int(n) for n in tuple(cond_tokens_shape)[-2:])
+    elem = torch.finfo(dtype).bits // 8
+    return num_frames * (2 * LATENT_CHANNELS * height * width + k * d) * elem
 
 
 def _call_bytes(height: int, width: int, window: int, dtype: torch.dtype, rows: int) -> float:

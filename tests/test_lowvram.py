@@ -291,6 +291,19 @@ def test_guidance_rows_and_window_batch_from_free_memory():
         sampler.plan_batching(None, lat, lat, w, f16, 5, guidance_rows=2)
 
 
+def test_planning_leaves_room_for_the_clips_own_state():
+    """A ten-minute clip's latents, accumulator and audio tokens sit on the device during sampling
+    (~1 GB at 512x512 in fp16): the planner takes them off the free memory before sizing the calls."""
+    lat, w, f16, frames = 64, 25, torch.float16, 7500  # 10 min at 12.5 fps, 512x512
+    state = sampler.clip_state_bytes(frames, lat, lat, (frames, 32, 1024), f16)
+    assert state == frames * (2 * 4 * lat * lat + 32 * 1024) * 2  # 983 MB
+    free = int(7.5 * GIB)  # fits one 3-row call of a short clip, not next to 10 minutes of state
+    short = sampler.clip_state_bytes(250, lat, lat, (250, 32, 1024), f16)
+    assert sampler.plan_batching(free, lat, lat, w, f16, 5, clip_bytes=short) == (1, 3)
+    assert sampler.plan_batching(free, lat, lat, w, f16, 300, clip_bytes=state)[1] == 1  # then 2 one-row windows fit
+    assert sampler.plan_batching(None, lat, lat, w, f16, 300, clip_bytes=state) == (1, 3)  # CPU: unchanged
+
+
 def test_decode_and_rife_chunks_from_free_memory(caplog):
     assert lowvram.auto_decode_chunk(None, 512, 512, torch.float16) == 8  # CPU: the official chunk
     assert lowvram.auto_decode_chunk(80 * GIB, 512, 512, torch.float16) == 8  # never above it
