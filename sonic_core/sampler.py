@@ -354,7 +354,7 @@ def sample(
                 acc.index_add_(0, index, x_out)
                 cnt.index_add_(0, index, torch.ones(len(idx), 1, 1, 1, **to))
         shift += settings.shift_offset
-        latents = acc / cnt  # [F,4,h,w]
+        latents = acc.div_(cnt)  # [F,4,h,w]; in place: the old latents go, no third clip-sized tensor
         if resume is not None and shard.is_main and i + 1 < n_run:
             resume.save(fp, i + 1, latents)
         if on_step is not None:
