@@ -129,7 +129,8 @@ def weight_bytes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 # Chunk sizes from free memory
 # ----------------------------------------------------------------------------------------------
-def _fit(free_bytes: int, per_item: float, cap: int) -> int:
+def fit_count(free_bytes: int, per_item: float, cap: int) -> int:
+    """How many items of ``per_item`` bytes fit the planned share of ``free_bytes``: 1 to ``cap``."""
     return max(1, min(cap, int(free_bytes * PLAN_MEMORY_MARGIN // max(per_item, 1.0))))
 
 
@@ -143,7 +144,7 @@ def auto_decode_chunk(free_bytes: int | None, height: int, width: int, dtype: to
     if free_bytes is None:
         return default
     per_frame = height * width * VAE_DECODE_BYTES_PER_PIXEL * torch.finfo(dtype).bits / _REFERENCE_BITS
-    chunk = _fit(free_bytes, per_frame, default)
+    chunk = fit_count(free_bytes, per_frame, default)
     if chunk < default:
         log.warning("VAE decode: %d frames per chunk fit %.1f GiB free at %dx%d (official %d); the "
                     "temporal decoder then mixes fewer frames, which changes the video slightly",
@@ -158,4 +159,4 @@ def auto_rife_batch(free_bytes: int | None, height: int, width: int, dtype: torc
     if free_bytes is None:
         return cpu
     per_pair = height * width * RIFE_BYTES_PER_PIXEL * torch.finfo(dtype).bits / 32
-    return _fit(free_bytes, per_pair, cap)
+    return fit_count(free_bytes, per_pair, cap)

@@ -138,9 +138,9 @@ def auto_window_batch(
     """
     if free_bytes is None:
         return max(1, min(WINDOW_BATCH_CPU, num_windows))
-    fit = int(free_bytes * WINDOW_BATCH_MEMORY_MARGIN // max(_call_bytes(height, width, window, dtype,
-                                                                         guidance_rows), 1))
-    return max(1, min(fit, num_windows))
+    from .lowvram import fit_count
+
+    return fit_count(free_bytes, _call_bytes(height, width, window, dtype, guidance_rows), num_windows)
 
 
 def auto_guidance_rows(
