@@ -38,8 +38,15 @@ communicator after the timeout.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import logging
 import os
+import sys
+import time
+import traceback
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -55,6 +62,14 @@ LOCAL_RANK_ENV = "LOCAL_RANK"  # rank on this machine (torchrun): picks the GPU
 # what check_same_run compares across ranks, in order
 RUN_FIELDS = ("frames", "channels", "height", "width", "steps", "windows", "window batch",
               "bytes per element")
+# torch modules that put the default process group into default arguments when first imported
+# (torch.distributed.nn.functional's ``group=group.WORLD``, ZeroRedundancyOptimizer, FSDP's grad
+# scaler). transformers imports them (via torch.distributed.fsdp) when Whisper loads, after the
+# group exists, and those defaults would keep the group alive past destroy_process_group (see
+# leave()). Imported before the group exists, they hold None.
+BINDS_WORLD_ON_IMPORT = ("torch.distributed.nn.functional", "torch.distributed.optim",
+                         "torch.distributed.fsdp")
+LEAVE_DRAIN_S = 0.2  # s without the GIL when the group outlives leave(), for its threads to finish
 
 
 class DistributedError(ConnectionError):
@@ -193,6 +208,11 @@ def init_from_env(device: torch.device, timeout_s: float = DIST_TIMEOUT_S):
         backend = "gloo"
     else:
         raise ValueError(f"--device {device} cannot run on several ranks: use cuda (NCCL) or cpu (gloo)")
+    for name in BINDS_WORLD_ON_IMPORT:  # before the group exists: their defaults then hold None
+        try:
+            importlib.import_module(name)
+        except ImportError as e:  # a trimmed torch build: nothing of it can hold the group then
+            log.debug("could not import %s before joining: %s", name, e)
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if backend == "nccl" else None)
@@ -205,11 +225,67 @@ def init_from_env(device: torch.device, timeout_s: float = DIST_TIMEOUT_S):
     return group, device
 
 
-def shutdown(group) -> None:
-    """Leave the process group (a no-op for one process)."""
-    if group is not None and dist.is_initialized():
-        _timeouts.pop(id(group), None)
+@dataclass
+class Membership:
+    """This process's place in a torchrun run: ``group`` (None: one process, or after leaving)
+    and the ``device`` it runs on (``cuda:LOCAL_RANK`` under NCCL)."""
+
+    group: object | None
+    device: torch.device
+
+
+@contextmanager
+def joined(device: torch.device, timeout_s: float = DIST_TIMEOUT_S):
+    """``with joined(device, timeout_s) as run:``: join the run torchrun started (``init_from_env``),
+    give ``run.group`` / ``run.device`` to the work, and leave the group on the way out, also on
+    an error (``leave``). Hold the group only through ``run`` (no other variable that outlives
+    the block), so that leaving can end the group's threads."""
+    group, device = init_from_env(device, timeout_s)
+    run = Membership(group, device)
+    del group
+    try:
+        yield run
+    finally:
+        err = sys.exc_info()[1]
+        if err is not None and run.group is not None:
+            # the finished frames of the error's traceback (animate, the sampler, their Shard)
+            # still hold the group; clear their locals so it can go (the messages keep their lines)
+            traceback.clear_frames(err.__traceback__)
+            del err
+        leave(run)
+
+
+def leave(run: Membership) -> bool:
+    """Leave the process group and end its worker threads while the interpreter still runs ->
+    True when they have ended (also for one process), False when something else still holds the
+    group (then it waits ``LEAVE_DRAIN_S`` without the GIL instead).
+
+    Why: gloo's worker threads drop each collective's work, and with it the tensors it used,
+    *after* the call has returned, and dropping a tensor Python also sees takes the GIL. A thread
+    still waiting for the GIL when the interpreter shuts down is ended inside that destructor and
+    the process aborts (``terminate called without an active exception``, SIGABRT). A rank that
+    does not write the video exits right after the last exchange, so that is where it hit (1 CLI
+    run in ~40; half the runs of a bare all_gather-then-exit script). ``destroy_process_group``
+    does not stop those threads; the ProcessGroup's own destructor joins them, with the GIL
+    released, once the last reference to it is gone, so this drops ``run.group`` and checks
+    that the group was freed.
+    """
+    group, run.group = run.group, None
+    if group is None:
+        return True
+    _timeouts.pop(id(group), None)
+    if dist.is_initialized():
         dist.destroy_process_group()
+    gone = weakref.ref(group)
+    del group
+    if gone() is not None:
+        gc.collect()  # a reference cycle (a traceback, a closure) may hold it
+    if gone() is None:
+        return True
+    log.debug("the process group is still referenced after leaving (%d references): waiting %g s "
+              "for its threads to finish their last work", sys.getrefcount(gone()) - 1, LEAVE_DRAIN_S)
+    time.sleep(LEAVE_DRAIN_S)
+    return False
 
 
 def rank_of(group) -> int:

@@ -522,24 +522,21 @@ def run_cli(args) -> int:
         except MissingWeights as e:
             print(str(e), file=sys.stderr)
             return 3
-    group = None
     try:
-        group, device = distributed.init_from_env(device, args.dist_timeout)  # (None, device): one process
-        main = distributed.rank_of(group) == 0
-        if not main and not getattr(args, "verbose", False):  # one rank speaks; the others only warn
-            logging.getLogger(__package__).setLevel(logging.WARNING)
-        out = animate(args.image, args.audio, args.output, args.models, settings, device=device,
-                      dtype=pick_dtype(args.dtype, device), svd_dir=args.svd,
-                      progress=TextProgress() if main else None, state_dir=args.state_dir,
-                      resume=args.resume, group=group)
+        with distributed.joined(device, args.dist_timeout) as run:  # run.group None: one process
+            main = distributed.rank_of(run.group) == 0
+            if not main and not getattr(args, "verbose", False):  # one rank speaks; the others only warn
+                logging.getLogger(__package__).setLevel(logging.WARNING)
+            out = animate(args.image, args.audio, args.output, args.models, settings, device=run.device,
+                          dtype=pick_dtype(args.dtype, run.device), svd_dir=args.svd,
+                          progress=TextProgress() if main else None, state_dir=args.state_dir,
+                          resume=args.resume, group=run.group)
     except MissingWeights as e:
         print(str(e), file=sys.stderr)
         return 3
     except distributed.DistributedError as e:  # another rank died or stalled: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return DIST_ERROR_EXIT
-    finally:
-        distributed.shutdown(group)
     if out is not None:
         print(f"wrote {out}")
     return 0

@@ -4,7 +4,11 @@
 MASTER_ADDR, MASTER_PORT, LOCAL_RANK) set by the test. SPEC (JSON):
 
     frames: clip length of the tiny case; threads: torch threads of this rank
-    timeout_s: collective timeout; out: folder for ``rank<R>.pt`` (results) and ``rank<R>.error``
+    timeout_s: collective timeout; out: folder for ``rank<R>.pt`` (results), ``rank<R>.error`` and
+    ``rank<R>.left`` (the gloo threads still running after leaving the group)
+    import_whisper: import transformers' Whisper after joining, as the CLI does
+    fail: (a scenario key) raise an error out of the group's block from inside the scenario, whose
+          frame holds the group, as animate's does in the CLI
     scenarios: list of {name, case ("tiny": the selftest's tiny UNet, random inputs, no ../shared;
                "golden": the golden case), window_batch, dtype ("fp32"/"fp64"), settings
                (overrides), resume (bool), die (rank, at, how: "kill"/"stall"), other_frames (rank
@@ -29,7 +33,7 @@ import torch
 
 from sonic_core import sampler
 from sonic_core.config import DIST_ERROR_EXIT, SAMPLER_DEFAULTS
-from sonic_core.distributed import DistributedError, init_from_env, shutdown
+from sonic_core.distributed import DistributedError, joined
 
 TINY_HW = (8, 8)  # latent h, w of the tiny case (64 x 64 image; the selftest UNet downsamples 3x)
 TINY_TOKENS = 4  # audio tokens per frame
@@ -91,6 +95,8 @@ class StopAfterStep(Exception):
 
 
 def run_scenario(sc: dict, base, group, rank: int, out: Path) -> dict:
+    if sc.get("fail"):
+        raise RuntimeError(f"planned failure in scenario {sc['name']}")
     unet, inputs, settings = base
     dtype = DTYPES[sc.get("dtype", "fp32")]
     if next(unet.parameters()).dtype != dtype:
@@ -138,6 +144,13 @@ def run_scenario(sc: dict, base, group, rank: int, out: Path) -> dict:
     return result
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's threads that belong to a gloo process group (Linux /proc)."""
+    tasks = Path("/proc/self/task")
+    names = [(t / "comm").read_text().strip() for t in tasks.iterdir()] if tasks.is_dir() else []
+    return [n for n in names if "gloo" in n]
+
+
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec.get("threads", 1))
@@ -145,23 +158,29 @@ def main(spec_path: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
     cases = {}
     results = {}
-    group, _device = init_from_env(torch.device("cpu"), spec.get("timeout_s", 60))
     try:
-        for sc in spec["scenarios"]:
+        with joined(torch.device("cpu"), spec.get("timeout_s", 60)) as run:
+            if spec.get("import_whisper"):  # what the CLI does after joining: transformers binds the group
+                import transformers.models.whisper.modeling_whisper  # noqa: F401
             try:
-                case = sc.get("case", "tiny")
-                if case not in cases:
-                    cases[case] = tiny_case(spec.get("frames", 12)) if case == "tiny" else golden_case()
-                results[sc["name"]] = run_scenario(sc, cases[case], group, rank, out)
-            except DistributedError as e:
-                (out / f"rank{rank}.error").write_text(json.dumps({"time": time.time(), "error": str(e)}))
-                if not sc.get("expect_error"):
-                    print(f"error: {e}", file=sys.stderr)
-                    return DIST_ERROR_EXIT
-                results[sc["name"]] = {"error": str(e)}
-    finally:
-        torch.save(results, out / f"rank{rank}.pt")
-        shutdown(group)
+                for sc in spec["scenarios"]:
+                    try:
+                        case = sc.get("case", "tiny")
+                        if case not in cases:
+                            cases[case] = (tiny_case(spec.get("frames", 12)) if case == "tiny"
+                                           else golden_case())
+                        results[sc["name"]] = run_scenario(sc, cases[case], run.group, rank, out)
+                    except DistributedError as e:
+                        (out / f"rank{rank}.error").write_text(
+                            json.dumps({"time": time.time(), "error": str(e)}))
+                        if not sc.get("expect_error"):
+                            print(f"error: {e}", file=sys.stderr)
+                            return DIST_ERROR_EXIT
+                        results[sc["name"]] = {"error": str(e)}
+            finally:
+                torch.save(results, out / f"rank{rank}.pt")
+    finally:  # out of the group (also after an error): its worker threads must have ended (leave())
+        (out / f"rank{rank}.left").write_text(json.dumps({"threads": gloo_threads()}))
     return 0
 
 

@@ -74,6 +74,13 @@ def launch(tmp_path: Path, spec: dict, world: int = WORLD, stalled: int | None =
     return done, results
 
 
+def threads_after_leaving(tmp_path: Path, world: int = WORLD) -> dict[int, list[str]]:
+    """rank -> the gloo threads still running in it once it had left the group (tests/_dist_worker)."""
+    out = tmp_path / "ranks"
+    return {r: json.loads((out / f"rank{r}.left").read_text())["threads"] for r in range(world)
+            if (out / f"rank{r}.left").exists()}
+
+
 def _assert_ok(runs):
     for r, run in enumerate(runs):
         assert run.returncode == 0, f"rank {r} exited {run.returncode}:\n{run.stderr[-3000:]}"
@@ -148,10 +155,11 @@ def equal_runs(tmp_path_factory):
         scenarios += [dict(name="golden", case="golden", window_batch=1, reference=True),
                       dict(name="golden_uneven", case="golden", window_batch=1, settings={"overlap": 0},
                            reference=True)]
-    runs, results = launch(tmp_path_factory.mktemp("equal"), dict(frames=12, threads=1, timeout_s=60,
-                                                                  scenarios=scenarios))
+    folder = tmp_path_factory.mktemp("equal")
+    runs, results = launch(folder, dict(frames=12, threads=1, timeout_s=60, scenarios=scenarios,
+                                        import_whisper=True))  # the CLI's order: Whisper after joining
     _assert_ok(runs)
-    return results
+    return {**dict(enumerate(results)), "left": threads_after_leaving(folder)}  # rank -> results
 
 
 def test_two_ranks_equal_one_process_on_the_selftest_tiny_unet(equal_runs):
@@ -176,6 +184,30 @@ def test_resume_state_is_rank_0s_and_every_rank_starts_from_it(equal_runs):
     assert len(res0["steps"]) == len(res1["steps"]) == steps - 1
     _check_equal(equal_runs, "resume", "tiny resumed")
     assert res0["states_left"] == [], "the finished run removes its state"
+
+
+def test_leaving_the_group_ends_its_threads_before_the_interpreter_exits(equal_runs):
+    """gloo's worker threads drop each collective's tensors after the call returned, which takes
+    the GIL; one still at it when the interpreter shuts down aborts the process (SIGABRT, "terminate
+    called without an active exception": a rank 1 of the CLI under torchrun, 1 run in ~40 here).
+    So every rank must have ended them on leaving, also when transformers (Whisper) was imported
+    after joining, as the CLI does: it imports torch modules that keep the group in default
+    arguments (distributed.BINDS_WORLD_ON_IMPORT)."""
+    assert set(equal_runs["left"]) == {0, 1}, "both ranks reached the end"
+    for r, threads in equal_runs["left"].items():
+        assert threads == [], f"rank {r} still runs {threads} after leaving the process group"
+
+
+def test_an_error_out_of_the_group_block_still_ends_its_threads(tmp_path):
+    """An error that leaves the `joined` block keeps the frames of its traceback, and with them
+    the group, alive up to the interpreter's shutdown (Python prints it then): leaving clears
+    those frames, so both ranks end the threads before the error is even reported."""
+    spec = dict(frames=12, threads=1, timeout_s=60, scenarios=[dict(name="fp32", window_batch=1),
+                                                               dict(name="fail", fail=True)])
+    runs, _results = launch(tmp_path, spec)
+    for r, run in enumerate(runs):
+        assert run.returncode == 1 and "RuntimeError: planned failure" in run.stderr, run.stderr[-3000:]
+    assert threads_after_leaving(tmp_path) == {0: [], 1: []}
 
 
 def test_ranks_with_other_clips_are_refused(equal_runs):
@@ -216,6 +248,7 @@ def test_a_dead_rank_makes_the_other_fail_with_a_clear_error(tmp_path, how):
           f"({time.time() - t0:.0f} s in all)")
     if how == "kill":
         assert runs[1].returncode == -9
+    assert threads_after_leaving(tmp_path).get(0) == [], "the survivor left the group and ended its threads"
 
 
 # ----------------------------------------------------------------------------------------------
