@@ -121,7 +121,9 @@ def full_size(a) -> list[dict]:
                                          mc.module_tensors(unet) + list(x.values()))
         w_bytes = lowvram.weight_bytes(unet)
         clip_bytes = sum(t.numel() * t.element_size() for t in x.values())
-        # the sampler also keeps an accumulator and the float32 start beside the latents
+        # beside the latents: the float32 start (4 B an element) and, counted for every frame as an
+        # upper bound (2 B), the step accumulator; since StepAccumulator it only holds frames several
+        # windows share, none for 125 frames = 5 windows, so the totals are ~4 MB high
         clip_bytes += frames * LATENT_CHANNELS * lat * lat * (2 + 4)
         total = w_bytes + peak + clip_bytes
         rows_out.append(dict(

@@ -5,8 +5,9 @@ counted by their loaders and ComfyUI, not here):
 
 * SONIC_AUDIO: whisper features of every position (float32) and the audio tokens of every frame
   (``[F, 32, 1024]`` in the UNet dtype), plus the 16 kHz waveform and log-mel while encoding.
-* Sampler: the seeded noise and the returned latents (float32, host), the latents and their
-  accumulator in the UNet dtype and the audio tokens on the compute device.
+* Sampler: the seeded noise and the returned latents (float32, host), the latents in the UNet
+  dtype (updated in place; the step's accumulator only holds the frames several windows share)
+  and the audio tokens on the compute device.
 * Decode: one temporal-decoder chunk of float32 frames and its RIFE output.
 
 The figures are lower bounds (activations are not counted), so a refusal is certain: the run's
@@ -109,13 +110,14 @@ def add_audio(est: MemoryEstimate, token_dtype: torch.dtype, where: str = HOST) 
 
 def add_sampler(est: MemoryEstimate, size: tuple[int, int], dtype: torch.dtype,
                 on_device: bool) -> MemoryEstimate:
-    """The sampler's noise, latents and accumulator at the working ``size = (w, h)`` px."""
+    """The sampler's noise, latents and start at the working ``size = (w, h)`` px (its step
+    accumulator only holds the frames several windows share: under one window, not counted)."""
     est.size = size
     latent = est.frames * LATENT_CHANNELS * (size[0] // VAE_SCALE) * (size[1] // VAE_SCALE)  # elements
     compute = DEVICE if on_device else HOST
     est.add("noise and returned latents (float32)", 2 * latent * FLOAT32_BYTES, HOST)
-    est.add(f"latents and accumulator ({_dtype_name(dtype)}) + float32 start",
-            latent * (2 * _bytes(dtype) + FLOAT32_BYTES), compute)
+    est.add(f"latents ({_dtype_name(dtype)}) + float32 start",
+            latent * (_bytes(dtype) + FLOAT32_BYTES), compute)
     if on_device:
         est.add(f"audio tokens on the device ({_dtype_name(dtype)})",
                 est.frames * AUDIO_TOKENS * CROSS_ATTENTION_DIM * _bytes(dtype), DEVICE)

@@ -169,6 +169,41 @@ def test_window_indices_wrap_and_repeat():
     assert sampler.window_indices(10, 4, 1, 3)[0] == [7, 8, 9, 0]
 
 
+@pytest.mark.parametrize("frames, window, overlap, shift", [
+    (50, 25, 0, 0),  # every frame once: all written in place
+    (57, 25, 0, 7 * 3),  # 3 windows, the last wraps: 18 frames covered twice
+    (3, 4, 1, 2),  # F < W: frames repeated inside one window
+    (20, 6, 2, 5),  # overlapping windows
+    (7500, 25, 0, 7 * 24),  # ten minutes at 12.5 fps: a whole number of windows
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_step_accumulator_is_the_whole_clip_acc_over_cnt(frames, window, overlap, shift, dtype):
+    """SPEC §9's ``acc / cnt`` over the whole clip, against StepAccumulator's in-place update: a
+    frame one window covers is that window's output ((0 + x) / 1 is x in IEEE arithmetic, on any
+    kernel), a shared one the same sums in the same order, divided the same way."""
+    c, h, w = 4, 2, 3
+    gen = torch.Generator().manual_seed(frames + window)
+    wins = sampler.window_indices(frames, window, overlap, shift)
+    old = torch.randn(frames, c, h, w, generator=gen).to(dtype)
+    outs = [torch.randn(window, c, h, w, generator=gen).to(dtype) for _ in wins]
+    acc, cnt = torch.zeros_like(old), torch.zeros(frames, 1, 1, 1, dtype=dtype)
+    for idx, x in zip(wins, outs):
+        acc.index_add_(0, torch.tensor(idx), x)
+        cnt.index_add_(0, torch.tensor(idx), torch.ones(len(idx), 1, 1, 1, dtype=dtype))
+    expected = acc / cnt
+    latents = old.clone()
+    step = sampler.StepAccumulator(wins, frames, latents)
+    for idx, x in zip(wins, outs):
+        step.add(idx, x)
+    step.finish()
+    once = (cnt.flatten() == 1)
+    assert torch.equal(latents[once], expected[once]), "a frame one window covers is its output, exactly"
+    assert_same_math(latents[~once], expected[~once], f"frames covered {int(cnt.max())}x at most")
+    assert len(step.slot) == int((~once).sum()) < max(window, frames // 2 + 1)
+    if frames == 7500:
+        assert step.acc.shape[0] == 0, "ten minutes in whole windows: no accumulator at all"
+
+
 def test_euler_step_matches_diffusers():
     from diffusers import EulerDiscreteScheduler
 
