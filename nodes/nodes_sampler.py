@@ -270,7 +270,7 @@ class SonicSampler:
             raise ValueError(f"guidance_rows={guidance_rows!r} must be one of {GUIDANCE_ROWS}")
         smp.validate(settings, int(sonic_audio.num_frames))
         n_run = len(smp.make_schedule(settings.steps, settings.i2i_strength).timesteps)  # before loading
-        w_img, h_img = core("face").working_size(  # refuses an oversized working size before loading
+        w_img, h_img = core("image").working_size(  # refuses an oversized working size before loading
             image.shape[-2], image.shape[-3], settings.min_resolution
         )
         unet = sonic_model.load("unet")

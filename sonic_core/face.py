@@ -1,4 +1,4 @@
-"""Face box -> square crop and face mask; reference-image preparation for the sampler.
+"""Face detection, face box -> square crop, and face mask (image transforms live in image.py).
 
 SPEC §2. Boxes are floats in image pixels, ``(x, y, w, h)`` with ``(x, y)`` the top-left corner,
 as the official detector returns them. Images are ComfyUI-style ``[H, W, C]`` float tensors in
@@ -21,11 +21,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
-from PIL import Image
 
 from . import config
+from .image import to_rgb, to_u8
 
 log = logging.getLogger(__name__)
 
@@ -65,49 +64,6 @@ class FaceMaskResult:
     image: torch.Tensor
     mask: torch.Tensor
     box: FaceBox
-
-
-# ----------------------------------------------------------------------------------------------
-# Image validation
-# ----------------------------------------------------------------------------------------------
-def to_rgb(image: torch.Tensor) -> torch.Tensor:
-    """One ComfyUI image ``[B, H, W, C]`` / ``[H, W, C]`` / ``[H, W]`` -> RGB ``[H, W, 3]`` float.
-
-    A batch uses its first image (with a warning); RGBA drops alpha; grayscale is repeated to
-    three channels. Images with a side under ``MIN_IMAGE_SIDE`` are refused; uint8 and 0..255
-    images are converted, NaN pixels refused (``image.unit_range``).
-    """
-    if image.ndim == 4:
-        if image.shape[0] == 0:
-            raise ValueError("the image batch is empty: connect an image")
-        if image.shape[0] > 1:
-            log.warning("image batch of %d: only the first image is used", image.shape[0])
-        image = image[0]
-    if image.ndim == 2:
-        image = image[:, :, None]  # [H, W, 1]
-    if image.ndim != 3:
-        raise ValueError(f"expected an image [B, H, W, C], got shape {tuple(image.shape)}")
-    c = image.shape[2]
-    if c == 4:
-        image = image[:, :, :3]  # RGBA -> RGB, alpha dropped
-    elif c == 1:
-        image = image.expand(-1, -1, 3)  # [H, W, 3] grayscale repeated
-    elif c != 3:
-        raise ValueError(f"image has {c} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")
-    h, w = image.shape[:2]
-    if min(h, w) < config.MIN_IMAGE_SIDE:
-        raise ValueError(
-            f"image is {w}x{h} px; both sides must be at least {config.MIN_IMAGE_SIDE} px: "
-            "use a larger portrait"
-        )
-    from .image import unit_range
-
-    return unit_range(image, f"the {w}x{h} image").to(torch.float32)
-
-
-def to_u8(image: torch.Tensor) -> torch.Tensor:
-    """Float ``[..]`` in ``[0, 1]`` -> uint8 by ``round(x * 255)`` (exact for ``u8 / 255`` input)."""
-    return (image.to(torch.float32) * config.U8_MAX).round().clamp(0, config.U8_MAX).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,70 +232,3 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
         box = replace(found, crop_xyxy=(x1, y1, x2, y2))
         h, w = ch, cw
     return FaceMaskResult(image=image, mask=face_mask(box, w, h, mask_area), box=box)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference image for the sampler (SPEC §2.3, §2.4)
-# ----------------------------------------------------------------------------------------------
-def working_size(width: int, height: int, min_resolution: int, check: bool = True) -> tuple[int, int]:
-    """Model size ``(w, h)``: short side scaled to ``min_resolution``, sides rounded to x64.
-
-    Python ``round`` (half-to-even) of ``side * scale / 64``, as the official code. With ``check``
-    a size over ``MAX_WORKING_SIDE`` / ``MAX_WORKING_PIXELS`` is an error (before any allocation).
-    """
-    from .image import check_working_size
-
-    scale = min_resolution / min(width, height)
-    m = config.SIZE_MULTIPLE
-    new_w, new_h = round(width * scale / m) * m, round(height * scale / m) * m
-    if new_w <= 0 or new_h <= 0:
-        raise ValueError(f"min_resolution={min_resolution} gives an empty {new_w}x{new_h} image for a "
-                         f"{width}x{height} input: use at least {m}")
-    if check:
-        check_working_size((new_w, new_h), (width, height), min_resolution, working_size)
-    return new_w, new_h
-
-
-def resize_lanczos(image_u8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """PIL LANCZOS resize of a uint8 ``[H, W, C]`` array to ``size = (w, h)`` (no-op if equal)."""
-    h, w = image_u8.shape[:2]
-    if (w, h) == tuple(size):
-        return image_u8
-    return np.array(Image.fromarray(image_u8).resize(tuple(size), Image.LANCZOS))  # writable copy
-
-
-def prepare_reference(image: torch.Tensor, mask: torch.Tensor,
-                      min_resolution: int) -> tuple[np.ndarray, torch.Tensor]:
-    """Reference image and face mask at the working size (SPEC §2.3-2.4).
-
-    image ``[H0, W0, 3]`` float in [0, 1]; mask ``[H0, W0]`` float in [0, 1]. Returns the resized
-    RGB uint8 ``[H, W, 3]`` and the resized mask ``[H, W]`` float32 (``u8 / 255`` of channel 0 of
-    the LANCZOS-resized 3-channel uint8 mask image, as the official pipeline sees it).
-    """
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"reference image must be [H, W, 3], got {tuple(image.shape)}")
-    if tuple(mask.shape) != tuple(image.shape[:2]):
-        raise ValueError(f"face mask {tuple(mask.shape)} does not match the image {tuple(image.shape[:2])}")
-    h0, w0 = image.shape[:2]
-    size = working_size(w0, h0, min_resolution)
-    img_u8 = to_u8(image.cpu()).numpy()  # [H0, W0, 3]
-    mask_u8 = to_u8(mask.cpu())[:, :, None].expand(-1, -1, 3).contiguous().numpy()  # [H0, W0, 3]
-    img_r = resize_lanczos(img_u8, size)  # [H, W, 3]
-    mask_r = resize_lanczos(mask_u8, size)  # [H, W, 3]
-    mask_t = torch.from_numpy(np.ascontiguousarray(mask_r[:, :, 0])).to(torch.float32) / config.U8_MAX
-    return np.ascontiguousarray(img_r), mask_t
-
-
-def clip_pixels(image_u8: np.ndarray) -> torch.Tensor:
-    """CLIP input ``[3, 224, 224]`` float32: LANCZOS to 224x224, then ``(u8/255 - mean) / std``.
-
-    Arithmetic as the default ``CLIPImageProcessor``: rescale in float64 then cast to float32,
-    normalise in float32 (its bicubic resize and centre crop are no-ops at 224x224).
-    """
-    size = (config.CLIP_SIZE, config.CLIP_SIZE)
-    small = resize_lanczos(np.ascontiguousarray(image_u8), size)  # [224, 224, 3]
-    x = (small.astype(np.float64) * (1.0 / config.U8_MAX)).astype(np.float32)
-    mean = np.asarray(config.CLIP_MEAN, dtype=np.float32)
-    std = np.asarray(config.CLIP_STD, dtype=np.float32)
-    x = (x - mean) / std  # [224, 224, 3]
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # [3, 224, 224]

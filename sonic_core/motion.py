@@ -108,7 +108,7 @@ def reference_embeds(clip_vision, image: torch.Tensor, min_resolution: int) -> t
     as ``u8 / 255`` (sonic_core's encoder then applies the official 224 LANCZOS preprocessing;
     ComfyUI's CLIP_VISION its own).
     """
-    from .face import resize_lanczos, to_rgb, to_u8, working_size
+    from .image import resize_lanczos, to_rgb, to_u8, working_size
 
     rgb = to_rgb(image)  # [H0, W0, 3]
     h0, w0 = rgb.shape[:2]

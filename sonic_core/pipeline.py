@@ -336,6 +336,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     settings = settings or AnimateSettings()
     from . import audio as audio_mod
     from . import distributed, face, lowvram, motion, sampler, stream, video, weights
+    from . import image as image_mod
     from .models import svd
     from .models.rife import load_rife
 
@@ -382,7 +383,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
                                          settings.dynamic_scale, settings.dynamic_scale)
     run = dataclasses.replace(SAMPLER_DEFAULTS, steps=settings.steps, min_resolution=settings.min_resolution,
                               frames_per_window=settings.frames_per_window)
-    w_img, h_img = face.working_size(ref_image.shape[2], ref_image.shape[1], settings.min_resolution)
+    w_img, h_img = image_mod.working_size(ref_image.shape[2], ref_image.shape[1], settings.min_resolution)
     window_batch, rows = sampler.plan_batching(  # 0 = auto, from what the loaded models leave free
         budget.device_free_bytes(device), h_img // VAE_SCALE, w_img // VAE_SCALE, run.frames_per_window,
         dtype, sampler.window_count(sonic_audio.num_frames, run), settings.window_batch, settings.guidance_rows,

@@ -110,12 +110,12 @@ def estimate_run(image_hw: tuple[int, int], num_samples: int, sample_rate: int, 
                  dtype: torch.dtype, device: torch.device):
     """The run's main tensors (sonic_core.budget) from the input sizes, before any model loads.
 
-    Raises the working-size error (face.working_size) and returns a ``MemoryEstimate``. With crop
+    Raises the working-size error (image.working_size) and returns a ``MemoryEstimate``. With crop
     the face crop is a square of at most the short side, so that square's working size is used.
     """
     from .audio import check_sample_rate, frame_counts
     from .budget import HOST, MemoryEstimate, add_audio, add_decode, add_sampler
-    from .face import working_size
+    from .image import working_size
 
     h, w = image_hw
     side = min(h, w)

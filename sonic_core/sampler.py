@@ -560,16 +560,16 @@ def prepare_reference(
     With ``noise_aug > 0`` the image latents encode ``ref + noise_aug * eps`` (eps ~ N(0,1) in
     [-1,1] pixel space, drawn from ``generator``); the reference latents never carry it.
     """
-    from . import face
+    from . import image as img
 
-    rgb = face.to_rgb(image)  # [H0,W0,3]
+    rgb = img.to_rgb(image)  # [H0,W0,3]
     m = mask[0] if mask.dim() == 3 else mask  # [H0,W0]
     if m.dim() != 2 or tuple(m.shape) != tuple(rgb.shape[:2]):
         raise ValueError(
             f"mask {tuple(mask.shape)} does not match the image {tuple(rgb.shape[:2])}; "
             "use the image and mask from the same Face Mask Detect node"
         )
-    u8, mask_w = face.prepare_reference(rgb, m.float(), min_resolution)  # [H,W,3] u8, [H,W]
+    u8, mask_w = img.prepare_reference(rgb, m.float(), min_resolution)  # [H,W,3] u8, [H,W]
     pixels = torch.from_numpy(u8).to(torch.float32)[None] / U8_MAX  # [1,H,W,3]
     z = vae.encode(pixels).float()  # [1,4,h,w] unscaled mode
     if noise_aug > 0:
@@ -625,7 +625,7 @@ def generate(
         )
     gen = torch.Generator(device="cpu").manual_seed(int(seed) % (2**64))
     rgb_hw = image.shape[-3:-1]
-    from .face import working_size
+    from .image import working_size
 
     w_img, h_img = working_size(int(rgb_hw[1]), int(rgb_hw[0]), settings.min_resolution)
     from .budget import MemoryEstimate, add_sampler, check_fits

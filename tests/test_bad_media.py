@@ -308,7 +308,7 @@ def test_truncated_audio_warns_with_declared_and_decoded_seconds(tmp_path, caplo
 # 3. the working size is bounded before any allocation, in every path that computes it
 # ----------------------------------------------------------------------------------------------
 def test_working_size_bound_names_the_size_and_what_to_do():
-    from sonic_core.face import working_size
+    from sonic_core.image import working_size
 
     with pytest.raises(ValueError) as e:
         working_size(4000, 100, 512)

@@ -1,4 +1,4 @@
-"""Face family: crop helper, face mask, reference preparation (golden parity) and the detector path.
+"""Face family: crop helper, face mask, and the detector path (image transforms: test_image.py).
 
 The detector tests build a tiny TorchScript module with the official call signature
 ``model(image, grids)`` that decodes planted raw YOLOv5-face predictions with the grids it is
@@ -10,15 +10,14 @@ hand in the comments.
 
 from __future__ import annotations
 
-import logging
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from sonic_core import config, face
+from sonic_core.image import to_u8
 from sonic_core.models import face_detector as fd
 from sonic_core.models import torchscript_check, torchscript_code
 from tests import _yoloface as yolo
@@ -127,51 +126,6 @@ def test_face_mask_parity_golden(golden):
     assert torch.equal(face.face_mask(fb, w0, h0, golden.case.area), mask)
 
 
-def test_prepare_reference_parity_golden(golden):
-    src = golden.t("input.image_rgb_u8")  # [h0, w0, 3] uint8
-    mask_u8 = golden.t("pre.mask_fullres_u8")[..., 0]
-    h0, w0 = src.shape[:2]
-    min_res = golden.case.min_resolution
-    want_img = golden.t("pre.image_resized_u8").numpy()
-    H, W = want_img.shape[:2]
-    assert face.working_size(w0, h0, min_res) == (W, H)
-    if "resize" in golden.scalars:
-        assert (golden.scalars["resize"]["new_w"], golden.scalars["resize"]["new_h"]) == (W, H)
-
-    img_u8, mask = face.prepare_reference(src.float() / 255, mask_u8.float() / 255, min_res)
-    assert img_u8.dtype == np.uint8 and img_u8.shape == (H, W, 3)
-    assert np.array_equal(img_u8, want_img)
-    assert mask.dtype == torch.float32 and mask.shape == (H, W)
-    assert torch.equal((mask * 255).round().to(torch.uint8), golden.t("pre.mask_resized_u8")[..., 0])
-    # SPEC §2.4 tensors, bit-exact
-    ref_img = (torch.from_numpy(img_u8).permute(2, 0, 1).float() / 255 - 0.5) / 0.5  # [3, H, W]
-    # exact by construction: one IEEE division and subtraction per element (no FMA), as SPEC §2.4
-    assert torch.equal(ref_img, golden.t("pre.ref_img"))
-    assert torch.equal(mask, golden.t("pre.face_mask")[0])
-
-
-def test_clip_pixels_parity_golden(golden):
-    got = face.clip_pixels(golden.t("pre.image_resized_u8").numpy())
-    want = golden.t("pre.clip_images")
-    assert got.dtype == torch.float32 and got.shape == (3, config.CLIP_SIZE, config.CLIP_SIZE)
-    assert (got - want).abs().max().item() <= 1e-6
-
-
-def test_working_size_rounds_half_to_even_and_resize_noop():
-    # scale 1: 96/64 = 1.5 -> 2 (even), 160/64 = 2.5 -> 2 (even), 224/64 = 3.5 -> 4
-    assert face.working_size(96, 64, 64) == (128, 64)
-    assert face.working_size(160, 64, 64) == (128, 64)
-    assert face.working_size(64, 224, 64) == (64, 256)
-    # 80x72 at 64: scale 0.888..; 71.1/64 -> 1, 64/64 -> 1
-    assert face.working_size(80, 72, 64) == (64, 64)
-    assert face.working_size(1000, 750, 512) == (704, 512)  # 682.7/64 = 10.67 -> 11
-    with pytest.raises(ValueError, match="min_resolution"):
-        face.working_size(100, 100, 16)
-    a = (np.arange(64 * 80 * 3) % 251).astype(np.uint8).reshape(64, 80, 3)
-    assert face.resize_lanczos(a, (80, 64)) is a
-    assert face.resize_lanczos(a, (40, 32)).shape == (32, 40, 3)
-
-
 def test_face_mask_clips_at_border():
     # box hanging over the top-left corner: x2 = 70.5, mw = 137.5, cx = floor(16/2) = 8
     # -> X1 = max(8 - 68, 0) = 0, X2 = min(8 + 68, 208) = 76
@@ -198,25 +152,6 @@ def test_box_from_mask_and_largest_face():
     a3 = face.FaceBox(5, 5, 5, 5, (100, 100), score=0.99)
     assert face.largest_face([a1, a2, a3]) is a1
     assert face.largest_face([]) is None
-
-
-# ----------------------------------------------------------------------------------------------
-# image handling
-# ----------------------------------------------------------------------------------------------
-def test_to_rgb_handles_rgba_gray_batch_and_small(caplog):
-    rgba = torch.rand(1, 70, 80, 4)
-    assert torch.equal(face.to_rgb(rgba), rgba[0, :, :, :3])
-    gray = torch.rand(1, 70, 80, 1)
-    out = face.to_rgb(gray)
-    assert out.shape == (70, 80, 3) and torch.equal(out[..., 2], gray[0, ..., 0])
-    with caplog.at_level(logging.WARNING, logger="sonic_core.face"):
-        batch = torch.rand(3, 70, 80, 3)
-        assert torch.equal(face.to_rgb(batch), batch[0])
-    assert "first image" in caplog.text
-    with pytest.raises(ValueError, match="at least 64 px"):
-        face.to_rgb(torch.rand(1, 63, 200, 3))
-    with pytest.raises(ValueError, match="channels"):
-        face.to_rgb(torch.rand(1, 70, 80, 2))
 
 
 def test_detector_preprocess_size_range_and_rgb_order():
@@ -269,7 +204,7 @@ def test_detector_decodes_filters_suppresses_and_picks_largest(make_detector):
         # E: objectness 1 but class 0.269 -> score 0.269 < 0.5, dropped
         plant(0, 0, 40, 40, cls=-1.0),
     )
-    dets = detector.detect(face.to_u8(image(208, 208)[0]))
+    dets = detector.detect(to_u8(image(208, 208)[0]))
     assert len(dets) == 3
     want = [[32.0, 37.5, 20.0, 25.0], [94.0, 46.5, 60.0, 75.0], [29.0, 149.0, 30.0, 30.0]]
     assert [xywh(d) for d in dets] == want
@@ -281,7 +216,7 @@ def test_detector_decodes_filters_suppresses_and_picks_largest(make_detector):
     best = face.detect_largest_face(detector, image(208, 208)[0])
     assert [best.x, best.y, best.w, best.h, best.source] == [94.0, 46.5, 60.0, 75.0, "detector"]
     # threshold 0.2: D (objectness 0.4) and E (score 0.269) pass too; A' is still suppressed by A
-    low = detector.detect(face.to_u8(image(208, 208)[0]), conf_threshold=0.2)
+    low = detector.detect(to_u8(image(208, 208)[0]), conf_threshold=0.2)
     assert len(low) == 5
 
 
@@ -290,7 +225,7 @@ def test_detector_grids_on_non_square_image(make_detector):
     # centre (70.5*8, 5.5*8) = (564, 44), anchor (16, 20) -> xyxy (556, 34, 572, 54)
     # back to source: x * 312/640 = 0.4875, y * 0.5 -> (271.05, 17) 7.8 x 10
     detector, _ = make_detector(plant(0, 0, 5, 70))
-    (d,) = detector.detect(face.to_u8(image(312, 208)[0]))
+    (d,) = detector.detect(to_u8(image(312, 208)[0]))
     assert xywh(d) == pytest.approx([271.05, 17.0, 7.8, 10.0])
 
 
@@ -298,7 +233,7 @@ def test_two_equal_faces_pick_higher_score(make_detector):
     # same anchor (40, 50) at two cells far apart; the one planted first (earlier in the raw output)
     # has the lower score, so the choice must follow the score, not the raw order
     detector, _ = make_detector(plant(0, 1, 5, 5, cls=1.0), plant(0, 1, 40, 40))
-    dets = detector.detect(face.to_u8(image(208, 208)[0]))
+    dets = detector.detect(to_u8(image(208, 208)[0]))
     assert len(dets) == 2 and dets[0].area == dets[1].area == 500.0
     best = face.detect_largest_face(detector, image(208, 208)[0])
     # cell (40, 40): centre (324, 324) -> (304, 299, 344, 349) -> source (152, 149.5) 20x25
@@ -329,7 +264,7 @@ def test_face_at_border_detect_crop_and_mask(make_detector):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_detector_on_cuda_matches_cpu(make_detector):
     _, path = make_detector(plant(0, 1, 12, 10), plant(1, 1, 10, 15, cls=2.0))
-    img = face.to_u8(torch.rand(208, 312, 3))
+    img = to_u8(torch.rand(208, 312, 3))
     cpu = fd.YoloFaceDetector.from_file(str(path), "cpu").detect(img)
     gpu = fd.YoloFaceDetector.from_file(str(path), torch.device("cuda")).detect(img)
     assert [xywh(d) for d in gpu] == pytest.approx([xywh(d) for d in cpu])
@@ -466,7 +401,7 @@ def test_yoloface_style_export_passes_the_check_and_detects_as_before(yolo_expor
     sizes = [(208, 208), (312, 208)] if name.startswith("stem_c3_spp_silu") else [(208, 208)]
     g = torch.Generator().manual_seed(5)
     for w, h in sizes:
-        img = face.to_u8(torch.rand(h, w, 3, generator=g))
+        img = to_u8(torch.rand(h, w, 3, generator=g))
         x = fd.preprocess(img, "cpu")  # [1, 3, h1, w1]
         with torch.no_grad():
             eager = model(x, fd.make_grids(x.shape[3], x.shape[2], "cpu"))[0]  # [N, 16]

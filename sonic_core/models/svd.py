@@ -152,7 +152,7 @@ class SVDImageEncoder:
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, crop: bool = False) -> ImageEncoderOutput:
         """``[B,H,W,3]`` in 0..1 -> embeddings; ``crop`` centre-crops a square first (ComfyUI's default)."""
-        from ..face import clip_pixels  # PIL LANCZOS 224 + CLIP mean/std (SPEC §2.4)
+        from ..image import clip_pixels  # PIL LANCZOS 224 + CLIP mean/std (SPEC §2.4)
 
         if image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"encode_image takes images [B, H, W, 3] in 0..1, got {tuple(image.shape)}")
