@@ -15,6 +15,7 @@ import logging
 import torch
 
 from . import runtime
+from .nodes_paste import paste_inputs
 from .nodes_video import (AUDIO_INPUT, RIFE_BATCH_TIP, _load_rife, _rife_files, audio_track, file_inputs,
                           file_metadata, rife_batch)
 from .runtime import core
@@ -58,7 +59,9 @@ class SonicLatentToVideo:
     DESCRIPTION = ("Decodes the Sonic Sampler's latent, doubles the frame rate with RIFE and saves the video, "
                    "all in chunks: memory stays the same for a 10-minute clip as for 10 seconds. Use it "
                    "instead of VAE Decode -> Frame Interpolate -> Video Combine when nothing else goes in "
-                   "between; for upscalers or face restorers on long clips use Latent Segment.")
+                   "between; for upscalers or face restorers on long clips use Latent Segment. With photo and "
+                   "face_box connected it pastes the animated crop back into the whole photo while it streams "
+                   "(as Sonic Paste Back), so the video has the photo's own resolution.")
     CATEGORY = "Sonic"
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -90,13 +93,20 @@ class SonicLatentToVideo:
                 "decode_chunk_size": _chunk_input(),
                 "rife_batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 0, "max": 256,
                                             "tooltip": RIFE_BATCH_TIP}),
+                "photo": ("IMAGE", {"tooltip": "Paste-back: the original photo (the image given to Face Mask "
+                                               "Detect). With face_box, the video is the whole photo at its own "
+                                               "resolution with the animated crop blended in."}),
+                "face_box": ("SONIC_FACE_BOX", {"tooltip": "Paste-back: Face Mask Detect's face_box (crop on). "
+                                                          "Connect it together with photo."}),
+                **paste_inputs("paste_"),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
     def save(self, latent, vae, fps, rife_model, multiplier, filename_prefix, format="h264-mp4",
              crf=_config.VIDEO_CRF, pix_fmt="yuv420p", audio=None, decode_chunk_size=0,
-             rife_batch_size=_config.RIFE_BATCH, prompt=None, extra_pnginfo=None):
+             rife_batch_size=_config.RIFE_BATCH, photo=None, face_box=None, paste_feather=_config.PASTE_FEATHER,
+             paste_region=_config.PASTE_REGION, prompt=None, extra_pnginfo=None):
         stream, interp = core("stream"), core("interpolate")
         latents = _latents(latent, "Latent To Video")
         multiplier = int(multiplier)
@@ -105,12 +115,21 @@ class SonicLatentToVideo:
         out_fps = float(fps) * (multiplier if rife_model != NO_RIFE else 1)
         _video._check_args(out_fps, format, int(crf), pix_fmt)  # before any decode
         sound = audio_track(audio)
+        h, w = (n * _config.VAE_SCALE for n in latents.shape[-2:])  # frame size in px
+        paste = None
+        if (photo is None) != (face_box is None):
+            raise ValueError(f"Latent To Video: paste-back needs both photo and face_box; only "
+                             f"{'photo' if face_box is None else 'face_box'} is connected (connect the other, "
+                             "or neither for the crop video)")
+        if photo is not None:
+            paste = core("image").plan_paste(photo, face_box, float(paste_feather), paste_region)
+            if paste is not None:
+                paste.check_frames(h, w)  # before any decode
         decoder = runtime.ChunkDecoder(vae)
         chunk = decoder.chunk_size(int(decode_chunk_size))
         rife = _load_rife(rife_model).load() if rife_model != NO_RIFE else None
-        h, w = (n * _config.VAE_SCALE for n in latents.shape[-2:])  # frame size in px
         pairs = rife_batch(rife_batch_size, rife, h, w) if rife is not None else 1
-        frames = stream.video_frames(decoder, latents, chunk, rife, multiplier, pairs)
+        frames = stream.video_frames(decoder, latents, chunk, rife, multiplier, pairs, paste=paste)
         log.info("Latent To Video: %d latents -> %d frames at %g fps; holds one decode chunk of %d and one "
                  "RIFE batch at a time", latents.shape[0], len(frames), out_fps, chunk)
         progress = runtime.Progress(len(frames), "Latent To Video")

@@ -132,6 +132,13 @@ def add_decode(est: MemoryEstimate, size: tuple[int, int], chunk: int,
     return est
 
 
+def add_paste(est: MemoryEstimate, photo_size: tuple[int, int]) -> MemoryEstimate:
+    """Paste-back: the photo, one pasted frame and its encoder copy, whatever the length."""
+    frame = photo_size[0] * photo_size[1] * RGB_CHANNELS * FLOAT32_BYTES
+    est.add("paste-back (the photo and one frame at its size)", 3 * frame, HOST)
+    return est
+
+
 # ----------------------------------------------------------------------------------------------
 # What is free
 # ----------------------------------------------------------------------------------------------

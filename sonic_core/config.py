@@ -89,6 +89,14 @@ U8_RANGE_PEAK = 2.0  # a float IMAGE peaking above this is taken as 0..255 and d
 U8_MAX = 255  # uint8 full scale: pixel value = round(x * 255), x = u8 / 255
 MASK_BOX_THRESHOLD = 0.5  # MASK values above this mark the face when a box is taken from a mask
 
+# paste-back (issue 23, sonic_core/image.PasteBack): generated crop frames blended into the whole photo
+PASTE_REGIONS = ("crop", "face")  # blended area: the whole crop square, or the face box scaled by PASTE_FACE_SCALE
+PASTE_REGION = "crop"  # default: the crop moves as one piece (hair, ears, neck with the head); its edge is background
+PASTE_FACE_SCALE = 1.5  # "face" region = the face box scaled by this about its centre (clipped to the crop)
+PASTE_FEATHER = 0.1  # soft edge, as a fraction of the blended region's shorter side (0 = hard edge)
+PASTE_FEATHER_MAX = 0.5  # at 0.5 the soft edges of opposite sides meet in the middle
+PASTE_ASPECT_TOLERANCE = 0.1  # relative aspect difference allowed between the frames and the crop (x64 rounding)
+
 # ----------------------------------------------------------------------------------------------
 # Face detector (YOLOv5-face, issue 4)
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ class FaceBox:
     """A face box in the pixels of one image (``image_size = (width, height)``).
 
     ``source`` is ``"detector"``, ``"mask"`` or ``"whole_image"``; ``score`` is the detector
-    confidence (None otherwise); ``crop_xyxy`` is the crop taken from the input image, if any.
+    confidence (None otherwise); ``crop_xyxy`` is the crop taken from the input image, if any, and
+    ``source_size = (width, height)`` that input image's size (paste-back checks the photo against it).
     """
 
     x: float
@@ -47,6 +48,7 @@ class FaceBox:
     source: str = "detector"
     score: float | None = None
     crop_xyxy: tuple[int, int, int, int] | None = None
+    source_size: tuple[int, int] | None = None
 
     @property
     def xyxy(self) -> tuple[float, float, float, float]:
@@ -229,6 +231,6 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
         found = detect_largest_face(detector, image, confidence) if box.source == "detector" else None
         if found is None:
             found = replace(box, x=box.x - x1, y=box.y - y1, image_size=(cw, ch))
-        box = replace(found, crop_xyxy=(x1, y1, x2, y2))
+        box = replace(found, crop_xyxy=(x1, y1, x2, y2), source_size=(w, h))
         h, w = ch, cw
     return FaceMaskResult(image=image, mask=face_mask(box, w, h, mask_area), box=box)

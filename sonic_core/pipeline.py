@@ -24,6 +24,10 @@ from .config import (
     DIST_TIMEOUT_S,
     GENERATED_FPS,
     OUTPUT_FPS,
+    PASTE_FACE_SCALE,
+    PASTE_FEATHER,
+    PASTE_REGION,
+    PASTE_REGIONS,
     RIFE_BATCH,
     RIFE_MULTIPLIER,
     SAMPLER_DEFAULTS,
@@ -313,6 +317,9 @@ class AnimateSettings:
     guidance_rows: int = 0  # CFG rows per UNet call: 3, 1 (low VRAM) or 0 = from free GPU memory
     weight_dtype: str = "default"  # UNet weight storage: "default" (= dtype) or "fp8_e4m3fn"
     crf: int = VIDEO_CRF
+    paste_back: bool = False  # with crop: the animated crop blended back into the whole photo, at its size
+    paste_feather: float = PASTE_FEATHER  # soft edge, fraction of the pasted region's shorter side
+    paste_region: str = PASTE_REGION  # "crop" or "face"
 
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -377,6 +384,8 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     sonic_audio = audio_mod.encode_audio(models, wave, rate, settings.max_seconds, callback=stage("audio"),
                                          out_device=torch.device("cpu"))
     found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop)
+    paste = image_mod.PasteBack(image, found.box, settings.paste_feather, settings.paste_region) \
+        if settings.paste_back else None
     ref_image, ref_mask = found.image[None], found.mask[None]  # [1,h,w,3], [1,h,w]
     embeds = motion.reference_embeds(clip, ref_image, settings.min_resolution)
     sonic_motion = motion.predict_motion(models.load("audio2bucket"), sonic_audio, embeds,
@@ -408,7 +417,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     free = budget.device_free_bytes(device)  # None on a CPU: the official chunk and the default batch
     chunk = lowvram.auto_decode_chunk(free, h_img, w_img, dtype, vae.decode_chunk_size)
     pairs = lowvram.auto_rife_batch(free, h_img, w_img, torch.float32, cpu=RIFE_BATCH)  # RIFE runs in fp32
-    frames = stream.video_frames(vae, latents, chunk, rife, RIFE_MULTIPLIER, pairs)
+    frames = stream.video_frames(vae, latents, chunk, rife, RIFE_MULTIPLIER, pairs, paste=paste)
     fmt = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}[output.suffix.lower()]
     output.parent.mkdir(parents=True, exist_ok=True)
     video.write_video(frames, str(output), fps, audio=(wave[0], rate), format=fmt, crf=settings.crf,
@@ -474,6 +483,14 @@ def configure_cli(p) -> None:
     p.add_argument("--dynamic-scale", type=float, default=SAMPLER_DEFAULTS.motion_bucket_scale,
                    help="motion intensity: 0.5 mild, 1.0 normal, 2.0 intense")
     p.add_argument("--crop", action="store_true", help="crop a square around the face first (official --crop)")
+    p.add_argument("--paste-back", action="store_true",
+                   help="with --crop: paste the animated crop back into the whole photo, so the video has the "
+                        "photo's own size (outside the crop it is the photo)")
+    p.add_argument("--paste-feather", type=float, default=PASTE_FEATHER,
+                   help=f"paste-back soft edge, a fraction of the pasted region's shorter side ({PASTE_FEATHER:g})")
+    p.add_argument("--paste-region", default=PASTE_REGION, choices=list(PASTE_REGIONS),
+                   help=f"paste-back area: the whole crop square (default) or the face box scaled by "
+                        f"{PASTE_FACE_SCALE:g}")
     p.add_argument("--no-interpolate", action="store_true", help="keep 12.5 fps (skip RIFE 2x)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="use only the first N seconds of audio (0 = all)")
     p.add_argument("--window-batch", type=int, default=1,
@@ -507,7 +524,8 @@ def run_cli(args) -> int:
                                interpolate=not args.no_interpolate, max_seconds=args.max_seconds,
                                window_batch=args.window_batch,
                                guidance_rows=0 if args.guidance_rows == "auto" else int(args.guidance_rows),
-                               weight_dtype=args.weight_dtype)
+                               weight_dtype=args.weight_dtype, paste_back=args.paste_back,
+                               paste_feather=args.paste_feather, paste_region=args.paste_region)
     check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)  # before any download
     check_output(args.output)
     device = pick_device(args.device)

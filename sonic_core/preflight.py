@@ -46,6 +46,18 @@ def check_settings(settings, fps: float) -> None:
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a finite number >= 0 ({hint})")
     _check_args(fps, "h264-mp4", settings.crf, "yuv420p")
+    if getattr(settings, "paste_back", False):
+        from .config import PASTE_FEATHER_MAX, PASTE_REGIONS
+
+        if not settings.crop:
+            raise ValueError("--paste-back pastes the animated face crop back into the whole photo, so it needs "
+                             "--crop (without --crop the video already shows the whole photo, at the working size)")
+        f = settings.paste_feather
+        if not (isinstance(f, (int, float)) and math.isfinite(f) and 0 <= f <= PASTE_FEATHER_MAX):
+            raise ValueError(f"--paste-feather {f!r} must be 0..{PASTE_FEATHER_MAX} (a fraction of the pasted "
+                             "region's shorter side; 0 = hard edge)")
+        if settings.paste_region not in PASTE_REGIONS:
+            raise ValueError(f"--paste-region {settings.paste_region!r} must be one of {PASTE_REGIONS}")
 
 
 def _nearest_folder(path: Path) -> Path:
@@ -114,7 +126,7 @@ def estimate_run(image_hw: tuple[int, int], num_samples: int, sample_rate: int, 
     the face crop is a square of at most the short side, so that square's working size is used.
     """
     from .audio import check_sample_rate, frame_counts
-    from .budget import HOST, MemoryEstimate, add_audio, add_decode, add_sampler
+    from .budget import HOST, MemoryEstimate, add_audio, add_decode, add_paste, add_sampler
     from .image import working_size
 
     h, w = image_hw
@@ -126,4 +138,6 @@ def estimate_run(image_hw: tuple[int, int], num_samples: int, sample_rate: int, 
     est = add_audio(MemoryEstimate(frames), dtype, HOST)
     add_sampler(est, size, dtype, device.type != "cpu")
     add_decode(est, size, SAMPLER_DEFAULTS.decode_chunk_size, RIFE_MULTIPLIER if settings.interpolate else 1)
+    if getattr(settings, "paste_back", False):
+        add_paste(est, (w, h))
     return est

@@ -1,4 +1,4 @@
-"""Frames after the sampler, in chunks: VAE decode -> RIFE -> encoder, never the whole clip.
+"""Frames after the sampler, in chunks: VAE decode -> RIFE -> (paste back) -> encoder, never the whole clip.
 
 The sampler's latents are small (64 KB a frame at 512x512); decoded frames are not (3 MB a frame
 as float32, 7500 frames in ten minutes). Here every stage is a generator of ``[n, H, W, 3]``
@@ -108,10 +108,21 @@ class FrameStream:
             yield from chunk
 
 
+def paste_chunks(paste, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each frame of a stream of crop chunks ``[n, h, w, 3]`` pasted into the photo by ``paste``
+    (a ``sonic_core.image.PasteBack``), one ``[1, H, W, 3]`` at a time on the chunk's device, so
+    one photo-sized frame is alive however large the chunks are."""
+    for chunk in chunks:
+        for k in range(chunk.shape[0]):
+            yield paste(chunk[k:k + 1])  # [1, H, W, 3]
+
+
 def video_frames(vae, latents: torch.Tensor, chunk_size: int, rife: nn.Module | None = None,
-                 multiplier: int = 2, batch_size: int = 4, callback: Callback = None) -> FrameStream:
+                 multiplier: int = 2, batch_size: int = 4, callback: Callback = None,
+                 paste=None) -> FrameStream:
     """Latents ``[F, 4, h, w]`` -> a FrameStream of the output video's frames (decoded, then
-    RIFE-interpolated when ``rife`` is given). Nothing runs until the stream is iterated."""
+    RIFE-interpolated when ``rife`` is given, then pasted into the whole photo when ``paste``, a
+    ``sonic_core.image.PasteBack``, is given). Nothing runs until the stream is iterated."""
     num = latents.shape[0]
     chunks: Iterable[torch.Tensor] = decode_chunks(vae, latents, chunk_size)
     length = num
@@ -123,7 +134,10 @@ def video_frames(vae, latents: torch.Tensor, chunk_size: int, rife: nn.Module | 
         for _ in range(multiplier.bit_length() - 1):  # each 2x pass interpolates n - 1 pairs
             pairs, n = pairs + n - 1, 2 * n - 1
         chunks = interpolate_chunks(rife, chunks, multiplier, batch_size, callback, pairs)
-    log.info("streaming %d latents -> %d frames in chunks of %d", num, length, chunk_size)
+    if paste is not None:
+        chunks = paste_chunks(paste, chunks)
+    log.info("streaming %d latents -> %d frames in chunks of %d%s", num, length, chunk_size,
+             ", pasted into the %dx%d photo" % paste.size if paste is not None else "")
     return FrameStream(chunks, length)
 
 
