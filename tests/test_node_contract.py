@@ -15,6 +15,7 @@ CONTRACT = {
     "SonicSVDLoader": "SVD VAE + Image Encoder Loader",
     "SonicFrameInterpolate": "Frame Interpolate (RIFE)",
     "SonicVideoCombine": "Video Combine",
+    "SonicPasteBack": "Sonic Paste Back",
 }
 
 

@@ -264,3 +264,88 @@ def test_stream_holds_one_photo_frame_at_a_time():
     got = list(stream.paste_chunks(paste, chunks))
     assert len(got) == 15 and all(g.shape == (1, 97, 150, 3) for g in got)
     assert np.isfinite(float(torch.cat(got).sum()))
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------------------
+CLI_PHOTO = (176, 256)  # (w, h): a non-square portrait, even sides (yuv420p keeps them)
+CLI_FACE = (60, 70, 116, 140)  # transparent ellipse marking the face (x0, y0, x1, y1)
+H264_MARGIN = 16  # px kept clear of the crop rectangle (one macroblock: the encoder mixes across it)
+# u8 levels over what the photo alone, encoded the same way, is off: its saturated colour waves lose up
+# to 16 levels of blue to yuv420p's halved chroma (2.04 on average); the paste-back video: 15 (1.88)
+H264_EXTRA_MAX, H264_EXTRA_MEAN = 4, 0.5
+
+
+def _decode(path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])  # [N, h, w, 3]
+
+
+def _cli_photo(path) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    w, h = CLI_PHOTO
+    rgb = (smooth_photo(h, w, seed=3)[0].numpy() * 255).round().astype(np.uint8)  # [h, w, 3]
+    im = Image.fromarray(rgb).convert("RGBA")
+    ImageDraw.Draw(im).ellipse(CLI_FACE, fill=(225, 185, 150, 0))  # alpha 0: the face mask
+    im.save(path)
+    return np.asarray(im.convert("RGB"))
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    from tests._golden import REPO
+
+    return subprocess.run([sys.executable, "-m", "sonic_core", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_paste_back_without_crop_is_refused_before_loading(tmp_path):
+    from sonic_core import selftest
+
+    _cli_photo(tmp_path / "p.png")
+    voice = selftest.write_voice(tmp_path / "v.wav")
+    run = _cli("animate", str(tmp_path / "p.png"), str(voice), "-o", str(tmp_path / "o.mp4"), "--paste-back",
+               "--models", str(tmp_path / "empty"))
+    assert run.returncode == 2 and "--paste-back" in run.stderr and "needs --crop" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and "missing" not in run.stderr, "refused before looking for weights"
+    assert not (tmp_path / "o.mp4").exists()
+    run = _cli("animate", str(tmp_path / "p.png"), str(voice), "-o", str(tmp_path / "o.mp4"), "--crop",
+               "--paste-back", "--paste-feather", "0.9", "--models", str(tmp_path / "empty"))
+    assert run.returncode == 2 and "--paste-feather 0.9 must be 0..0.5" in run.stderr, run.stderr
+
+
+@pytest.mark.slow
+def test_cli_paste_back_writes_the_photo_sized_video(tmp_path):
+    from sonic_core import selftest, video
+
+    photo = _cli_photo(tmp_path / "p.png")  # [h, w, 3] u8
+    voice = selftest.write_voice(tmp_path / "v.wav")
+    models = selftest.write_tiny_models(tmp_path / "models")
+    out = tmp_path / "o.mp4"
+    run = _cli("animate", str(tmp_path / "p.png"), str(voice), "-o", str(out), "--models", str(models), "--crop",
+               "--paste-back", "--steps", "2", "--min-resolution", "128", "--max-seconds", "1", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    frames = _decode(out)  # [N, h, w, 3]
+    video.write_video(torch.from_numpy(photo.copy()).float()[None].expand(5, -1, -1, -1) / 255,
+                      str(tmp_path / "still.mp4"), 25.0)  # the photo alone, encoded the same way
+    still_err = np.abs(_decode(tmp_path / "still.mp4").astype(np.int16) - photo.astype(np.int16))
+    w, h = CLI_PHOTO
+    assert frames.shape[1:] == (h, w, 3) and frames.shape[0] > 10
+    # where the crop is: the face box marked by the alpha, expanded as Face Mask Detect does
+    x1, y1, x2, y2 = face.process_bbox(CLI_FACE, config.CROP_EXPAND_RATIO, h, w)
+    far = np.ones((h, w), dtype=bool)
+    far[max(y1 - H264_MARGIN, 0):y2 + H264_MARGIN, max(x1 - H264_MARGIN, 0):x2 + H264_MARGIN] = False
+    diff = np.abs(frames.astype(np.int16) - photo.astype(np.int16))  # [N, h, w, 3]
+    assert far.sum() > 0.3 * h * w
+    got, ref = diff[:, far], still_err[:, far]
+    assert got.max() <= ref.max() + H264_EXTRA_MAX and got.mean() <= ref.mean() + H264_EXTRA_MEAN, \
+        f"away from the face: the photo up to h264 ({got.max()} / {got.mean():.2f} vs {ref.max()} / {ref.mean():.2f})"
+    moving = frames[:, y1 + 8:y2 - 8, x1 + 8:x2 - 8].astype(np.float32).std(axis=0).mean()  # over time
+    still = frames[:, far].astype(np.float32).std(axis=0).mean()
+    assert moving > 2.0 and still < 1.0, f"the face region moves ({moving:.2f}), the rest does not ({still:.2f})"
