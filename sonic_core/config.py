@@ -82,12 +82,21 @@ CROP_EXPAND_RATIO = 0.5  # square crop helper expand ratio (demo.py / gradio app
 CLIP_SIZE = 224  # px, CLIP input side
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MIN_IMAGE_SIDE = 64  # px, smaller images are refused
+MIN_IMAGE_SIDE = 64  # px, smaller images are refused (before any model loads): the smallest working size
+#                      (SIZE_MULTIPLE) and the smallest face crop; a 64 px portrait is already upscaled 8x
 MAX_WORKING_SIDE = 4096  # px, longest side of the working size (SVD-xt was trained at 1024x576)
 MAX_WORKING_PIXELS = 2048 * 2048  # px (4.2 MP), working width x height; the UNet's cost grows with its square
 U8_RANGE_PEAK = 2.0  # a float IMAGE peaking above this is taken as 0..255 and divided by U8_MAX
 U8_MAX = 255  # uint8 full scale: pixel value = round(x * 255), x = u8 / 255
 MASK_BOX_THRESHOLD = 0.5  # MASK values above this mark the face when a box is taken from a mask
+U16_MAX = 65535  # 16-bit full scale: 16-bit greyscale PNG/TIFF (PIL modes I;16, I) read as x = v / 65535
+# An alpha channel (or a MASK input) marks the face only when it plausibly is a face mask
+# (sonic_core.face.judge_mask): one region, of plausible size, not covering much of the border.
+MASK_FACE_MIN_SIDE_FRACTION = 0.05  # a face region's box: short side >= this x the image's short side (else a speck)
+MASK_FACE_MAX_AREA_FRACTION = 0.9  # a face region's box covers at most this share of the image's area
+MASK_CUTOUT_BORDER_FRACTION = 0.3  # transparent on more than this share of the image border: a background cut-out
+MASK_GRID_SIDE = 128  # cells on the long side of the grid on which separate regions are counted
+CUTOUT_BACKGROUND = 1.0  # grey level (0..1) a cut-out is composited onto before detection: white, a studio backdrop
 
 # ----------------------------------------------------------------------------------------------
 # Face detector (YOLOv5-face, issue 4)
