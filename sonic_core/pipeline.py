@@ -182,6 +182,9 @@ def download_weights(models_dir: str | os.PathLike, need_detector: bool = True,
 # ----------------------------------------------------------------------------------------------
 # Files in and out
 # ----------------------------------------------------------------------------------------------
+IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"RIFF": "WebP",
+                    b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}  # first bytes of each format
+IMAGE_SIGNATURE_BYTES = 8  # the longest signature above
 IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
 
@@ -207,6 +210,13 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
         raise ValueError(f"image {path} refused: {e} Resize it to a portrait of a few megapixels "
                          "(the model works at 512 px)") from None
     except UnidentifiedImageError as e:
+        with open(path, "rb") as f:
+            head = f.read(IMAGE_SIGNATURE_BYTES)
+        kind = next((k for sig, k in IMAGE_SIGNATURES.items() if head.startswith(sig)), None)
+        if kind is not None:  # an image file whose header does not parse: damaged, not a wrong format
+            raise ValueError(f"image {path} cannot be read: it starts like a {kind} file but its header is "
+                             "damaged; open and re-save it in an image editor, or download/copy it again") \
+                from None
         raise ValueError(f"image {path} is not an image Pillow can read ({e}); use png, jpg or webp") \
             from None
     except IMAGE_DECODE_ERRORS as e:
@@ -367,6 +377,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     wave, rate = read_audio(audio_path)
     budget.check_fits(preflight.estimate_run(tuple(image.shape[1:3]), wave.shape[-1], rate, settings, dtype,
                                              device), device, "this run")
+    preflight.check_output_space(output, tuple(image.shape[1:3]), wave.shape[-1], rate, settings)
     detector_path = models_dir / "yoloface_v5m.pt"
     # transparency marks the face only if it plausibly is a face mask; else the detector finds it
     alpha_face = alpha_mask is not None and face.judge_mask(alpha_mask[0]).kind == "face"
