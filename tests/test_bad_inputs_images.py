@@ -432,3 +432,27 @@ except OSError as e:
     assert run.stdout.startswith(f"{errno.EFBIG} "), run.stdout + run.stderr
     assert f"cannot write the video {tmp_path / 'o.mp4'}: the file size limit (ulimit -f) was reached" in run.stdout
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_cutout_runs_through_the_detector_and_a_late_full_disk_is_clear(tmp_path, small_disk):
+    """End to end on tiny models: a cut-out portrait goes to the detector (after compositing), and a
+    disk that passes the up-front floor but not the real video fails at encoding, naming -o."""
+    from tests.test_face import TinyYoloFace, plant
+
+    disk = small_disk(48)  # over the run's floor (about 40 KiB with the audio), under the real video (119 KiB)
+    models = selftest.write_tiny_models(tmp_path / "models")
+    torch.jit.save(torch.jit.script(TinyYoloFace(torch.stack([plant(1, 1, 10, 15)]))), str(models / DETECTOR))
+    image = tmp_path / "cutout.png"
+    _portrait(alpha_bg=0, size=selftest.SELFTEST_IMAGE).save(image)
+    voice = selftest.write_voice(tmp_path / "v.wav")
+    out = disk / "talk.mp4"
+    run = subprocess.run([sys.executable, "-m", "sonic_core", "animate", str(image), str(voice), "-o", str(out),
+                          "--models", str(models), "--device", "cpu", "--steps", "2", "--min-resolution", "128",
+                          "--window-batch", "2", "--state-dir", str(tmp_path / "state")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    err = run.stderr
+    assert "a transparent background (a cut-out), not a face mask: composited onto a plain background" in err
+    assert "face detector: 1 face(s)" in err and "Traceback" not in err, err
+    assert run.returncode == 2 and f"cannot write the video {out}: the disk is full after" in err, err
+    assert ".partial" not in err and os.listdir(disk) == []
