@@ -64,7 +64,8 @@ class SonicFaceMaskDetect:
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional: paint over the face; its bounding box is used "
-                                             "instead of the detector."}),
+                                             "instead of the detector. A transparent background (a "
+                                             "cut-out), an empty mask or specks: the detector runs."}),
             },
         }
 
@@ -82,6 +83,8 @@ class SonicFaceMaskDetect:
                    "sampler uses to place the audio-driven motion.")
 
     def detect(self, image, detector, crop, expand_ratio, mask_area, confidence, on_no_face, mask=None):
+        if image.ndim >= 3:  # a too-small image is refused before the detector loads
+            core("image").check_image_size(int(image.shape[-2]), int(image.shape[-3]), "the image")
         result = core("face").detect_face_mask(
             image, detector=_detector(detector), mask=mask, crop=crop, expand_ratio=expand_ratio,
             mask_area=mask_area, on_no_face=on_no_face, confidence=confidence)

@@ -82,12 +82,21 @@ CROP_EXPAND_RATIO = 0.5  # square crop helper expand ratio (demo.py / gradio app
 CLIP_SIZE = 224  # px, CLIP input side
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MIN_IMAGE_SIDE = 64  # px, smaller images are refused
+MIN_IMAGE_SIDE = 64  # px, smaller images are refused (before any model loads): the smallest working size
+#                      (SIZE_MULTIPLE) and the smallest face crop; a 64 px portrait is already upscaled 8x
 MAX_WORKING_SIDE = 4096  # px, longest side of the working size (SVD-xt was trained at 1024x576)
 MAX_WORKING_PIXELS = 2048 * 2048  # px (4.2 MP), working width x height; the UNet's cost grows with its square
 U8_RANGE_PEAK = 2.0  # a float IMAGE peaking above this is taken as 0..255 and divided by U8_MAX
 U8_MAX = 255  # uint8 full scale: pixel value = round(x * 255), x = u8 / 255
 MASK_BOX_THRESHOLD = 0.5  # MASK values above this mark the face when a box is taken from a mask
+U16_MAX = 65535  # 16-bit full scale: 16-bit greyscale PNG/TIFF (PIL modes I;16, I) read as x = v / 65535
+# An alpha channel (or a MASK input) marks the face only when it plausibly is a face mask
+# (sonic_core.face.judge_mask): one region, of plausible size, not covering much of the border.
+MASK_FACE_MIN_SIDE_FRACTION = 0.05  # a face region's box: short side >= this x the image's short side (else a speck)
+MASK_FACE_MAX_AREA_FRACTION = 0.9  # a face region's box covers at most this share of the image's area
+MASK_CUTOUT_BORDER_FRACTION = 0.3  # transparent on more than this share of the image border: a background cut-out
+MASK_GRID_SIDE = 128  # cells on the long side of the grid on which separate regions are counted
+CUTOUT_BACKGROUND = 1.0  # grey level (0..1) a cut-out is composited onto before detection: white, a studio backdrop
 
 # paste-back (issue 23, sonic_core/image.PasteBack): generated crop frames blended into the whole photo
 PASTE_REGIONS = ("crop", "face")  # blended area: the whole crop square, or the face box scaled by PASTE_FACE_SCALE
@@ -156,6 +165,10 @@ RIFE_BATCH = 4  # frame pairs per IFNet call (default of the node)
 VIDEO_CRF = 18  # x264/x265/vp9 constant-rate factor of the official export (lower = better)
 VIDEO_CRF_MAX = 63  # largest crf libvpx-vp9 accepts (x264/x265 stop at 51)
 AUDIO_BITRATE = 192000  # bit/s for AAC / Opus
+# the least a video takes on disk, for the free-space check before a run (bits per pixel per frame,
+# by extension): measured at crf 18 on 512x512 frames, textured and moving: mp4 0.073, webm 0.040,
+# gif 6.4 (a flat grey mp4: 0.0026); a talking head moves more than that, so these are floors
+VIDEO_BITS_PER_PIXEL_FLOOR = {"mp4": 0.03, "webm": 0.02, "gif": 3.0}
 OPUS_SAMPLE_RATE = 48000  # Hz, the rate audio is resampled to for Opus in webm
 AAC_FALLBACK_RATE = 48000  # Hz, AAC rate for sources below AAC_MIN_RATE or at a rate AAC lacks
 AAC_MIN_RATE = 44100  # Hz, lowest source rate kept as is (an AAC frame, 1024 samples, is then <= 23 ms)

@@ -8,7 +8,9 @@ Project decisions (where the official code has a quirk or no answer):
 * Several faces: the truly largest box wins (the official loop compares with box 0 only);
   equal areas keep the higher-scoring one (detector order).
 * A MASK input marks the face by its bounding box (pixels > 0.5) and takes precedence over the
-  detector.
+  detector, when it plausibly is a face mask (``judge_mask``: one region of plausible size, off
+  most of the border). A transparent background (a cut-out) is composited onto a plain background
+  and the detector runs; an empty mask (Load Image's placeholder) or specks leave it to the detector.
 * Cropping follows ``process_bbox`` exactly. Like the official demo (which crops, saves the
   crop and detects again on it), the face box of the output is detected again on the crop; if
   that finds nothing (or the box came from a mask) the source box is shifted into the crop.
@@ -152,6 +154,90 @@ def largest_face(boxes):
 
 
 # ----------------------------------------------------------------------------------------------
+# Does a mask (an alpha channel, a MASK input) mark the face?
+# ----------------------------------------------------------------------------------------------
+MASK_KINDS = ("face", "cutout", "none")
+
+
+@dataclass(frozen=True)
+class MaskVerdict:
+    """What a mask says: ``kind`` "face" (``box`` marks it), "cutout" (a transparent background: the
+    image is composited onto a plain background and the detector finds the face) or "none" (no face
+    mask: the detector runs); ``why`` says so in words, for the log and for error messages."""
+
+    kind: str
+    why: str
+    box: FaceBox | None = None
+
+
+def _regions(on: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Boxes ``(r0, c0, r1, c1)`` (end exclusive) of the 8-connected regions of a bool grid."""
+    seen = np.zeros_like(on)
+    rows, cols = on.shape
+    boxes = []
+    for r, c in zip(*np.nonzero(on)):
+        if seen[r, c]:
+            continue
+        seen[r, c] = True
+        todo, box = [(r, c)], [r, c, r + 1, c + 1]
+        while todo:
+            y, x = todo.pop()
+            box = [min(box[0], y), min(box[1], x), max(box[2], y + 1), max(box[3], x + 1)]
+            for ny in range(max(y - 1, 0), min(y + 2, rows)):
+                for nx in range(max(x - 1, 0), min(x + 2, cols)):
+                    if on[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        todo.append((ny, nx))
+        boxes.append(tuple(int(v) for v in box))
+    return boxes
+
+
+def judge_mask(mask: torch.Tensor, what: str = "the mask",
+               threshold: float = config.MASK_BOX_THRESHOLD) -> MaskVerdict:
+    """Whether a ``[H, W]`` mask (1 = marked; for an alpha channel 1 = transparent) plausibly marks a
+    face: one region, its box at least ``MASK_FACE_MIN_SIDE_FRACTION`` of the short side and at most
+    ``MASK_FACE_MAX_AREA_FRACTION`` of the image, and marked on at most ``MASK_CUTOUT_BORDER_FRACTION``
+    of the border. Marked on more of the border: a cut-out's transparent background. Nothing above
+    ``threshold`` (Load Image's empty placeholder, alpha 250 everywhere) or only specks: no face mask.
+    """
+    m = mask.detach().to("cpu", torch.float32)
+    h, w = m.shape
+    on = (m > threshold).numpy()  # [H, W]
+    if not on.any():
+        peak = float(m.max()) if m.numel() else 0.0
+        return MaskVerdict("none", f"{what} is empty (nothing above {threshold:g}; its peak is {peak:.3g})")
+    border = np.concatenate([on[0], on[-1], on[1:-1, 0], on[1:-1, -1]])  # every edge pixel once
+    share = float(border.mean())
+    if share > config.MASK_CUTOUT_BORDER_FRACTION:
+        return MaskVerdict("cutout", f"{what} is marked on {share:.0%} of the image border: a transparent "
+                                     "background (a cut-out), not a face mask")
+    cell = max(1, -(-max(h, w) // config.MASK_GRID_SIDE))  # px per grid cell, rounded up
+    gh, gw = -(-h // cell), -(-w // cell)
+    padded = np.zeros((gh * cell, gw * cell), dtype=bool)
+    padded[:h, :w] = on
+    grid = padded.reshape(gh, cell, gw, cell).any(axis=(1, 3))  # [gh, gw]: any marked pixel per cell
+    min_side = config.MASK_FACE_MIN_SIDE_FRACTION * min(h, w)
+    faces, specks = [], []
+    for r0, c0, r1, c1 in _regions(grid):
+        y0, x0, y1, x1 = r0 * cell, c0 * cell, min(r1 * cell, h), min(c1 * cell, w)
+        part = box_from_mask(m[y0:y1, x0:x1], threshold)  # the exact box inside the region's cells
+        box = replace(part, x=part.x + x0, y=part.y + y0, image_size=(w, h))
+        (faces if min(box.w, box.h) >= min_side else specks).append(box)
+    if not faces:
+        big = max(specks, key=lambda b: b.area)
+        return MaskVerdict("none", f"{what} marks only {len(specks)} speck(s) (the largest {big.w:.0f}x"
+                                   f"{big.h:.0f} px, under {min_side:.0f} px), not a face")
+    if len(faces) > 1:
+        return MaskVerdict("none", f"{what} marks {len(faces)} separate regions, not one face")
+    box = faces[0]
+    if box.area > config.MASK_FACE_MAX_AREA_FRACTION * w * h:
+        return MaskVerdict("none", f"{what} marks {box.area / (w * h):.0%} of the image, not a face")
+    ignored = f" ({len(specks)} speck(s) ignored)" if specks else ""
+    return MaskVerdict("face", f"{what} marks the face: {box.w:.0f}x{box.h:.0f} px at "
+                               f"({box.x:.0f}, {box.y:.0f}){ignored}", box)
+
+
+# ----------------------------------------------------------------------------------------------
 # Detector wrapper
 # ----------------------------------------------------------------------------------------------
 def load_detector(path: str, device: torch.device | str):
@@ -195,19 +281,32 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
     image = to_rgb(image)
     h, w = image.shape[:2]
 
-    box = None
+    box, verdict = None, None
     if mask is not None:
         m = mask[0] if mask.ndim == 3 else mask  # [H, W]
-        if tuple(m.shape) != (h, w):
+        verdict = judge_mask(m, "the mask")
+        if verdict.kind != "none" and tuple(m.shape) != (h, w):
             raise ValueError(f"face mask is {m.shape[-1]}x{m.shape[-2]} but the image is {w}x{h}: "
                              "draw the mask on this image")
-        box = box_from_mask(m.to(torch.float32))
+        if verdict.kind == "face":
+            box = verdict.box
+            log.info("%s: used as the face box", verdict.why)
+        elif verdict.kind == "cutout":
+            from .image import flatten_cutout
+
+            image = flatten_cutout(image, m.to(image.device))  # [H, W, 3]
+            log.info("%s: composited onto a plain background (grey level %g); %s", verdict.why,
+                     config.CUTOUT_BACKGROUND, "the face detector finds the face" if detector is not None
+                     else "no detector chosen")
+        else:
+            log.info("%s: %s", verdict.why, "the face detector runs" if detector is not None
+                     else "no detector chosen")
     if box is None and detector is not None:
         box = detect_largest_face(detector, image, confidence)
     if box is None:
         if on_no_face == "error":
             tried = " and ".join(
-                (["the mask is empty"] if mask is not None else [])
+                ([verdict.why] if verdict is not None else [])
                 + (["no face detected"] if detector is not None else [])
             ) or "no detector and no mask given"
             raise ValueError(

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import struct
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -184,12 +186,23 @@ def download_weights(models_dir: str | os.PathLike, need_detector: bool = True,
 # ----------------------------------------------------------------------------------------------
 # Files in and out
 # ----------------------------------------------------------------------------------------------
+IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"RIFF": "WebP",
+                    b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}  # first bytes of each format
+IMAGE_SIGNATURE_BYTES = 8  # the longest signature above
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
 def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An image file as ComfyUI's LoadImage gives it: IMAGE [1,H,W,3] in 0..1 (EXIF-rotated), and
-    a MASK [1,H,W] from the alpha channel's transparent pixels (None without alpha)."""
+    """An image file as ComfyUI's LoadImage gives it: IMAGE [1,H,W,3] in 0..1 (EXIF-rotated; 16-bit,
+    float, palette, CMYK... images read as image.pil_pixels says), and a MASK [1,H,W] from the alpha
+    channel or a tRNS colour, 1 where transparent (None without transparent pixels). Whether that mask
+    marks the face is face.judge_mask's call. An image under MIN_IMAGE_SIDE is refused from its
+    header, before its pixels are decoded."""
     import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from .image import check_image_size, pil_pixels
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path} does not exist")
@@ -201,16 +214,30 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
         raise ValueError(f"image {path} refused: {e} Resize it to a portrait of a few megapixels "
                          "(the model works at 512 px)") from None
     except UnidentifiedImageError as e:
+        with open(path, "rb") as f:
+            head = f.read(IMAGE_SIGNATURE_BYTES)
+        kind = next((k for sig, k in IMAGE_SIGNATURES.items() if head.startswith(sig)), None)
+        if kind is not None:  # an image file whose header does not parse: damaged, not a wrong format
+            raise ValueError(f"image {path} cannot be read: it starts like a {kind} file but its header is "
+                             "damaged; open and re-save it in an image editor, or download/copy it again") \
+                from None
         raise ValueError(f"image {path} is not an image Pillow can read ({e}); use png, jpg or webp") \
             from None
+    except IMAGE_DECODE_ERRORS as e:
+        raise ValueError(f"image {path} cannot be read ({type(e).__name__}: {e}): the file is damaged; "
+                         "open and re-save it in an image editor, or download/copy it again") from None
     with im:
-        im = ImageOps.exif_transpose(im)
-        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / U8_MAX  # [H,W,3]
-        mask = None
-        if "A" in im.getbands():
-            alpha = np.asarray(im.getchannel("A"), dtype=np.float32) / U8_MAX  # [H,W]
-            if (alpha < 1).any():
-                mask = torch.from_numpy(1.0 - alpha)[None]  # [1,H,W], 1 where transparent
+        check_image_size(*im.size, what=f"image {path}")
+        try:
+            im = ImageOps.exif_transpose(im)
+            rgb, transparency = pil_pixels(im)  # [H,W,3], [H,W] or None
+        except IMAGE_DECODE_ERRORS as e:
+            raise ValueError(f"image {path} cannot be decoded ({e}): the file is damaged or incomplete (an "
+                             "interrupted download or copy?); open and re-save it in an image editor, or "
+                             "download/copy it again") from None
+    mask = None
+    if transparency is not None and (transparency > 0).any():
+        mask = torch.from_numpy(transparency)[None]  # [1,H,W], 1 where transparent
     return torch.from_numpy(rgb)[None], mask
 
 
@@ -358,11 +385,17 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     wave, rate = read_audio(audio_path)
     budget.check_fits(preflight.estimate_run(tuple(image.shape[1:3]), wave.shape[-1], rate, settings, dtype,
                                              device), device, "this run")
+    preflight.check_output_space(output, tuple(image.shape[1:3]), wave.shape[-1], rate, settings)
     detector_path = models_dir / "yoloface_v5m.pt"
-    missing = missing_weights(models_dir, need_detector=alpha_mask is None, need_rife=settings.interpolate)
+    # transparency marks the face only if it plausibly is a face mask; else the detector finds it
+    alpha_face = alpha_mask is not None and face.judge_mask(alpha_mask[0]).kind == "face"
+    missing = missing_weights(models_dir, need_detector=not alpha_face, need_rife=settings.interpolate)
     if svd_dir is not None:
         missing = [w for w in missing if w.path != SVD_FOLDER]
     if missing:
+        if alpha_mask is not None and not alpha_face and any(w.path == detector_path.name for w in missing):
+            log.warning("image %s: %s; the face detector is needed to find the face", image_path,
+                        face.judge_mask(alpha_mask[0], "its transparency").why)
         raise MissingWeights(missing_message(models_dir, missing))
 
     def stage(name: str) -> Callable[..., None] | None:
@@ -371,7 +404,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
         return lambda done, total, *_: progress(name, done, total)
 
     # the detector first: a refused file (see models/torchscript_check.py) stops before the big loads
-    detector = None if alpha_mask is not None else face.load_detector(str(detector_path), device)
+    detector = None if alpha_face else face.load_detector(str(detector_path), device)
     t0 = time.perf_counter()
     models = weights.load_sonic_models(models_dir / "Sonic" / "unet.pth", models_dir / "Sonic" / "audio2token.pth",
                                        models_dir / "Sonic" / "audio2bucket.pth", models_dir / WHISPER_FOLDER,

@@ -6,8 +6,10 @@ tensors cannot fit are all reported in a second, not after minutes of loading or
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -141,3 +143,35 @@ def estimate_run(image_hw: tuple[int, int], num_samples: int, sample_rate: int, 
     if getattr(settings, "paste_back", False):
         add_paste(est, (w, h))
     return est
+
+
+def check_output_space(output: Path, image_hw: tuple[int, int], num_samples: int, sample_rate: int,
+                       settings) -> int:
+    """Refuse a run whose video cannot fit the free space of ``output``'s disk, before any model
+    loads: the video's least size (video.estimate_bytes, a floor) from the frame count the audio
+    gives and the working size. Returns that estimate in bytes."""
+    from .audio import frame_counts
+    from .config import GENERATED_FPS, OUTPUT_FPS
+    from .face import working_size
+    from .video import estimate_bytes
+
+    h, w = image_hw
+    side = min(h, w)
+    width, height = working_size(side, side, settings.min_resolution) if settings.crop else \
+        working_size(w, h, settings.min_resolution)
+    frames = frame_counts(math.ceil(num_samples * SAMPLE_RATE / sample_rate), settings.max_seconds)[1]
+    fps = GENERATED_FPS
+    if settings.interpolate:
+        frames, fps = frames * RIFE_MULTIPLIER, OUTPUT_FPS
+    need = estimate_bytes(frames, width, height, output.suffix[1:].lower(), frames / fps)
+    folder = _nearest_folder(output)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return need  # the write probe (check_output) already passed; the late error is clear too
+    if free < need:
+        raise OSError(errno.ENOSPC, f"cannot write the output {output}: the video needs at least about "
+                                    f"{need / 2**20:.1f} MiB ({frames} frames of {width}x{height} px at {fps:g} "
+                                    f"fps) and {folder} has {free / 2**20:.1f} MiB free: free space there or "
+                                    "choose another -o")
+    return need

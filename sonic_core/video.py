@@ -28,9 +28,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -51,6 +53,7 @@ from .config import (
     PARTIAL_STALE_AGE_S,
     U8_MAX,
     U8_RANGE_PEAK,
+    VIDEO_BITS_PER_PIXEL_FLOOR,
     VIDEO_CRF,
 )
 
@@ -488,24 +491,77 @@ class _Encoder:
                 self.container.mux(packet)
             if self.track is not None:
                 self.track.finish(self.container)
-        finally:
-            self.close()
+        except BaseException:
+            self.close(discard=True)
+            raise
+        self.close()  # writes the trailer: a full disk can fail here too
         return self.count
 
-    def close(self) -> None:
+    def close(self, discard: bool = False) -> None:
+        """Close the file; with ``discard`` (an error is on its way, the file goes) a failing close,
+        e.g. the trailer on a full disk, is only logged, so the first error is the one reported."""
         if self.container is not None:
             container, self.container = self.container, None
-            container.close()
+            try:
+                container.close()
+            except Exception as e:
+                if not discard:
+                    raise
+                log.debug("closing a discarded video: %s", e)
+
+
+NO_SPACE_ERRNOS = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, n))
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def estimate_bytes(frames: int, width: int, height: int, ext: str, audio_seconds: float = 0.0) -> int:
+    """The least a video of ``frames`` frames of ``width x height`` takes on disk, with its audio
+    (config.VIDEO_BITS_PER_PIXEL_FLOOR; a real one is usually larger)."""
+    bits = frames * width * height * VIDEO_BITS_PER_PIXEL_FLOOR[ext]
+    if ext != "gif":
+        bits += audio_seconds * AUDIO_BITRATE
+    return int(bits / 8)
+
+
+def out_of_space(e: BaseException, target: str, tmp: str, done: int, total: int) -> OSError | None:
+    """``e`` as a clear OSError if it is a full disk (or quota, or file size limit) while ``tmp`` was
+    being written for ``target``: names the video, not its hidden temp file, and the space it needs
+    and has. None for any other error. Called before the temp file is removed."""
+    if not isinstance(e, OSError) or e.errno not in NO_SPACE_ERRNOS:
+        return None
+    folder = os.path.dirname(os.path.abspath(tmp))
+    try:
+        written = os.path.getsize(tmp)
+    except OSError:
+        written = 0
+    try:
+        free = _mib(shutil.disk_usage(folder).free + written)  # once the temp file is gone
+    except OSError:
+        free = "unknown space"
+    why = ("the file size limit (ulimit -f) was reached" if e.errno == getattr(errno, "EFBIG", None)
+           else "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is used up")
+    need = f", about {_mib(written * total / done)} for all {total}" if total > done > 0 else ""
+    return OSError(e.errno, f"cannot write the video {target}: {why} after {_mib(written)} ({done} frames"
+                            f"{need}); {free} free in {folder}. Free space there or write the video to "
+                            "another disk; nothing was kept of this attempt")
 
 
 def _encode(frames, path: str, spec: VideoFormat, fps: float, audio: Audio, crf: int, pix_fmt: str,
-            metadata: dict[str, str] | None, callback: Callback, total: int) -> int:
+            metadata: dict[str, str] | None, callback: Callback, total: int, target: str) -> int:
     enc = _Encoder(path, spec, fps, audio, crf, pix_fmt, metadata)
     try:
         enc.add(frames, callback, total)
         return enc.finish()
+    except OSError as e:
+        full = out_of_space(e, target, path, enc.count, total)
+        if full is None:
+            raise
+        raise full from None
     finally:
-        enc.close()
+        enc.close(discard=True)  # a no-op after finish; after an error the temp file goes anyway
 
 
 _PARTIAL_NAME = re.compile(r"^\..+\.[0-9a-f]{%d}%s(?:%s)$" % (
@@ -608,7 +664,7 @@ def write_video(frames: torch.Tensor | Iterable, path: str, fps: float, audio: A
     check_name_length(folder, stem, _temp_overhead(spec.ext), "output file name")
     total = len(frames) if hasattr(frames, "__len__") else 0
     with _partial_file(folder, stem, spec.ext) as tmp:
-        count = _encode(frames, tmp, spec, fps, audio, crf, pix_fmt, metadata, callback, total)
+        count = _encode(frames, tmp, spec, fps, audio, crf, pix_fmt, metadata, callback, total, path)
         _publish(tmp, path)
     log.info("video: %d frames at %g fps -> %s", count, fps, path)
     return path
@@ -648,6 +704,7 @@ class VideoWriter:
         self.folder, self.subfolder, self.stem = output_folder(output_dir, filename_prefix)
         self._stack = contextlib.ExitStack()
         self.temp_path = self._stack.enter_context(_partial_file(self.folder, self.stem, spec.ext))
+        self._target = os.path.join(self.folder, f"{self.stem}_{'#' * OUTPUT_COUNTER_DIGITS}_.{spec.ext}")
         try:
             self._enc: _Encoder | None = _Encoder(self.temp_path, spec, fps, audio, crf, pix_fmt, metadata)
         except BaseException:
@@ -670,9 +727,12 @@ class VideoWriter:
             raise ValueError("this video is already closed; start a new one")
         try:
             return self._enc.add(frames, callback, len(frames) if hasattr(frames, "__len__") else 0)
-        except BaseException:
+        except BaseException as e:
+            full = out_of_space(e, self._target, self.temp_path, self._enc.count, 0)
             self.abort()
-            raise
+            if full is None:
+                raise
+            raise full from None
 
     def close(self) -> tuple[str, str, str]:
         """Finish the file and publish it; returns (path, subfolder, filename)."""
@@ -680,7 +740,13 @@ class VideoWriter:
             raise ValueError("this video is already closed")
         enc, self._enc = self._enc, None
         try:
-            count = enc.finish()
+            try:
+                count = enc.finish()
+            except OSError as e:
+                full = out_of_space(e, self._target, self.temp_path, enc.count, 0)
+                if full is None:
+                    raise
+                raise full from None
             while True:
                 name = counter_name(self.stem, next_counter(self.folder, self.stem), self.spec.ext)
                 path = os.path.join(self.folder, name)
@@ -690,7 +756,7 @@ class VideoWriter:
                 except FileExistsError:
                     continue  # another run took this number meanwhile
         finally:
-            enc.close()
+            enc.close(discard=True)  # a no-op after finish
             self._stack.close()  # removes the temp file unless it was published
         log.info("video: %d frames at %g fps -> %s", count, self.fps, path)
         return path, self.subfolder, name
@@ -700,6 +766,6 @@ class VideoWriter:
         enc, self._enc = self._enc, None
         try:
             if enc is not None:
-                enc.close()
+                enc.close(discard=True)
         finally:
             self._stack.close()

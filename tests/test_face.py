@@ -308,7 +308,7 @@ def test_mask_input_wins_and_crops(make_detector):
 
 def test_small_crop_refused():
     m = torch.zeros(1, 400, 400)
-    m[0, 100:110, 100:110] = 1.0  # 10 px face -> 20 px crop
+    m[0, 100:130, 100:130] = 1.0  # 30 px face -> 60 px crop (a 10 px one is a speck: judge_mask)
     with pytest.raises(ValueError, match="expand_ratio"):
         face.detect_face_mask(torch.rand(1, 400, 400, 3), None, mask=m, crop=True)
 
