@@ -5,8 +5,6 @@ from __future__ import annotations
 from . import runtime
 from .runtime import core
 
-MAX_SECONDS_LIMIT = 36000.0  # s, widget upper bound (10 h); 0 = the whole clip
-
 
 def _check_audio(audio) -> tuple:
     """(waveform, sample_rate) of a ComfyUI AUDIO dict, or a ValueError naming what is wrong."""
@@ -39,14 +37,14 @@ class SonicWhisperAudioEncode:
                                                            "are used here)."}),
                 "audio": ("AUDIO", {"tooltip": "Speech or singing; any sample rate, mono or stereo "
                                                "(averaged to mono), one clip."}),
-                "max_seconds": ("FLOAT", {
-                    "default": 0.0, "min": 0.0, "max": MAX_SECONDS_LIMIT, "step": frame_seconds,
-                    "tooltip": "Use at most this many seconds of audio (0 = all). The video length follows "
-                               f"the audio. The official code stops at {official_cap:g} s."}),
+                "max_seconds": cfg.LIMITS["max_seconds"].widget(
+                    "Use at most this many seconds of audio (0 = all). The video length follows "
+                    f"the audio. The official code stops at {official_cap:g} s.", step=frame_seconds),
             }
         }
 
     def encode(self, sonic_model, audio, max_seconds=0.0):
+        max_seconds = core("config").check_inputs({"max_seconds": max_seconds})["max_seconds"]
         waveform, sample_rate = _check_audio(audio)
         progress = runtime.Progress(1, "Whisper audio encode")
         result = core("audio").encode_audio(sonic_model, waveform, sample_rate, float(max_seconds),

@@ -49,15 +49,12 @@ class SonicFaceMaskDetect:
                                "to use the mask input only."}),
                 "crop": ("BOOLEAN", {"default": True, "tooltip": "Crop a square around the face "
                                      "(as the official demo/gradio app). Off: keep the whole image."}),
-                "expand_ratio": ("FLOAT", {"default": cfg.CROP_EXPAND_RATIO, "min": 0.0, "max": 5.0,
-                                           "step": 0.05, "tooltip": "Crop margin around the face, in "
-                                           "face sizes on every side (official 0.5)."}),
-                "mask_area": ("FLOAT", {"default": cfg.MASK_AREA, "min": 0.1, "max": 5.0, "step": 0.05,
-                                        "tooltip": "Face mask = face box scaled by this about its "
-                                        "centre (official 1.1)."}),
-                "confidence": ("FLOAT", {"default": cfg.DETECTOR_CONFIDENCE, "min": 0.01, "max": 0.99,
-                                         "step": 0.01, "tooltip": "Detector score threshold; lower it if "
-                                         "a face is missed (official 0.5)."}),
+                "expand_ratio": cfg.LIMITS["expand_ratio"].widget(
+                    "Crop margin around the face, in face sizes on every side (official 0.5).", step=0.05),
+                "mask_area": cfg.LIMITS["mask_area"].widget(
+                    "Face mask = face box scaled by this about its centre (official 1.1).", step=0.05),
+                "confidence": cfg.LIMITS["confidence"].widget(
+                    "Detector score threshold; lower it if a face is missed (official 0.5).", step=0.01),
                 "on_no_face": (list(core("face").ON_NO_FACE), {
                     "default": "error", "tooltip": "No face found: stop with an error, or use the whole "
                                                    "image as the face (no crop)."}),
@@ -85,6 +82,9 @@ class SonicFaceMaskDetect:
     def detect(self, image, detector, crop, expand_ratio, mask_area, confidence, on_no_face, mask=None):
         if image.ndim >= 3:  # a too-small image is refused before the detector loads
             core("image").check_image_size(int(image.shape[-2]), int(image.shape[-3]), "the image")
+        n = core("config").check_inputs(dict(expand_ratio=expand_ratio, mask_area=mask_area,
+                                             confidence=confidence))  # NaN, inf, out of range
+        expand_ratio, mask_area, confidence = n["expand_ratio"], n["mask_area"], n["confidence"]
         result = core("face").detect_face_mask(
             image, detector=_detector(detector), mask=mask, crop=crop, expand_ratio=expand_ratio,
             mask_area=mask_area, on_no_face=on_no_face, confidence=confidence)

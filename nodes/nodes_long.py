@@ -25,10 +25,8 @@ log = logging.getLogger(__name__)
 _config = core("config")
 _video = core("video")
 NO_RIFE = "none"
-SEGMENT_FRAMES_DEFAULT = 96  # latent frames per segment: 7.7 s at 12.5 fps, ~0.6 GB of 512x512 frames after RIFE
-SEGMENT_FRAMES_MAX = 100_000
-SEGMENT_INDEX_MAX = 100_000
-CHUNK_MAX = 1024
+LIMIT_OF = {"fps": "frame_rate", "multiplier": "rife_multiplier", "decode_chunk_size": "decode_chunk_or_auto",
+            "rife_batch_size": "rife_batch"}  # input name -> config.LIMITS key
 KEY_SAMPLES = 4096  # latent values hashed to tell one clip from another
 
 
@@ -37,13 +35,19 @@ def _latents(latent, what: str) -> torch.Tensor:
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[0] < 1:
         got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
         raise ValueError(f"{what}: expected the Sonic Sampler's LATENT (samples [frames, 4, h, w]), got {got}")
+    if samples.shape[1] != _config.LATENT_CHANNELS:  # before any decode: the VAE's conv would fail on it
+        raise ValueError(
+            f"{what}: the LATENT has {samples.shape[1]} channels (samples {tuple(samples.shape)}), but Sonic / SVD-xt "
+            f"latents have {_config.LATENT_CHANNELS}: this one comes from another model's sampler or VAE (16 "
+            "channels: SD3, Flux, Wan). Connect the Sonic Sampler's latent, decoded with the SVD-xt VAE (SVD VAE "
+            "+ Image Encoder Loader or the svd_xt checkpoint)")
     return samples
 
 
 def _chunk_input(tip_extra: str = "") -> tuple:
-    return ("INT", {"default": 0, "min": 0, "max": CHUNK_MAX,
-                    "tooltip": "Frames the temporal VAE decodes together; 0 = the VAE's own setting (SVD VAE "
-                               "Loader's decode_chunk_size, else the official 8)." + tip_extra})
+    return _config.LIMITS["decode_chunk_or_auto"].widget(
+        "Frames the temporal VAE decodes together; 0 = the VAE's own setting (SVD VAE "
+        "Loader's decode_chunk_size, else the official 8)." + tip_extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,23 +80,21 @@ class SonicLatentToVideo:
                 "latent": ("LATENT", {"tooltip": "From Sonic Sampler: one latent per generated frame."}),
                 "vae": ("VAE", {"tooltip": "The SVD-xt VAE the sampler used (SVD VAE + Image Encoder Loader or "
                                            "the svd_xt checkpoint)."}),
-                "fps": ("FLOAT", {"default": _config.GENERATED_FPS, "min": 0.01, "max": _video.MAX_FPS,
-                                  "step": 0.01, "tooltip": "Frame rate of the generated frames: connect the "
-                                                           "sampler's fps (12.5). The file plays at this "
-                                                           "times the multiplier."}),
+                "fps": _config.LIMITS["frame_rate"].widget(
+                    "Frame rate of the generated frames: connect the sampler's fps (12.5). The file plays at "
+                    "this times the multiplier.", step=0.01),
                 "rife_model": ([NO_RIFE, *_rife_files()], {
                     "default": _rife_files()[0],
                     "tooltip": "RIFE weights under models/sonic (the official RIFE/flownet.pkl), or none to "
                                "save the generated frames as they are."}),
-                "multiplier": ("INT", {"default": _config.RIFE_MULTIPLIER, "min": 2, "max": 4, "step": 2,
-                                       "tooltip": "2: one new frame per pair (12.5 -> 25 fps); 4: twice."}),
+                "multiplier": _config.LIMITS["rife_multiplier"].widget(
+                    "2: one new frame per pair (12.5 -> 25 fps); 4: twice.", step=2),
                 **file_inputs(),
             },
             "optional": {
                 "audio": AUDIO_INPUT,
                 "decode_chunk_size": _chunk_input(),
-                "rife_batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 0, "max": 256,
-                                            "tooltip": RIFE_BATCH_TIP}),
+                "rife_batch_size": _config.LIMITS["rife_batch"].widget(RIFE_BATCH_TIP),
                 "photo": ("IMAGE", {"tooltip": "Paste-back: the original photo (the image given to Face Mask "
                                                "Detect). With face_box, the video is the whole photo at its own "
                                                "resolution with the animated crop blended in."}),
@@ -108,12 +110,18 @@ class SonicLatentToVideo:
              rife_batch_size=_config.RIFE_BATCH, photo=None, face_box=None, paste_feather=_config.PASTE_FEATHER,
              paste_region=_config.PASTE_REGION, prompt=None, extra_pnginfo=None):
         stream, interp = core("stream"), core("interpolate")
+        n = _config.check_inputs(dict(fps=fps, multiplier=multiplier, crf=crf, decode_chunk_size=decode_chunk_size,
+                                      rife_batch_size=rife_batch_size), LIMIT_OF)  # NaN, inf, out of range
+        fps, multiplier, crf = n["fps"], n["multiplier"], n["crf"]
+        decode_chunk_size, rife_batch_size = n["decode_chunk_size"], n["rife_batch_size"]
         latents = _latents(latent, "Latent To Video")
         multiplier = int(multiplier)
         if multiplier not in interp.MULTIPLIERS:
             raise ValueError(f"multiplier {multiplier} is not supported: use one of {interp.MULTIPLIERS}")
         out_fps = float(fps) * (multiplier if rife_model != NO_RIFE else 1)
         _video._check_args(out_fps, format, int(crf), pix_fmt)  # before any decode
+        if rife_model != NO_RIFE:
+            interp.check_frame_count(latents.shape[0])  # before RIFE loads or anything decodes
         sound = audio_track(audio)
         h, w = (n * _config.VAE_SCALE for n in latents.shape[-2:])  # frame size in px
         paste = None
@@ -172,14 +180,12 @@ class SonicLatentSegment:
             "required": {
                 "latent": ("LATENT", {"tooltip": "From Sonic Sampler: one latent per generated frame."}),
                 "vae": ("VAE", {"tooltip": "The SVD-xt VAE the sampler used."}),
-                "segment_frames": ("INT", {"default": SEGMENT_FRAMES_DEFAULT, "min": 1, "max": SEGMENT_FRAMES_MAX,
-                                           "tooltip": "Generated frames per segment (rounded up to whole decode "
-                                                      "chunks; 96 is 7.7 s). Memory grows with it: lower it "
-                                                      "for big upscales, raise it for fewer queue runs."}),
-                "segment_index": ("INT", {"default": 0, "min": 0, "max": SEGMENT_INDEX_MAX,
-                                          "tooltip": "Leave at 0: queueing renders segment 0 and each later one "
-                                                     "is queued by itself. The next runs change it "
-                                                     "server-side; the widget stays 0."}),
+                "segment_frames": _config.LIMITS["segment_frames"].widget(
+                    "Generated frames per segment (rounded up to whole decode chunks; 96 is 7.7 s). Memory grows "
+                    "with it: lower it for big upscales, raise it for fewer queue runs."),
+                "segment_index": _config.LIMITS["segment_index"].widget(
+                    "Leave at 0: queueing renders segment 0 and each later one is queued by itself. The next "
+                    "runs change it server-side; the widget stays 0."),
             },
             "optional": {"decode_chunk_size": _chunk_input(" Must stay the same for every segment.")},
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -187,6 +193,10 @@ class SonicLatentSegment:
 
     def decode(self, latent, vae, segment_frames, segment_index, decode_chunk_size=0, unique_id=None):
         stream = core("stream")
+        n = _config.check_inputs(dict(segment_frames=segment_frames, segment_index=segment_index,
+                                      decode_chunk_size=decode_chunk_size), LIMIT_OF)
+        segment_frames, segment_index, decode_chunk_size = (n["segment_frames"], n["segment_index"],
+                                                            n["decode_chunk_size"])
         latents = _latents(latent, "Latent Segment")
         decoder = runtime.ChunkDecoder(vae)
         chunk = decoder.chunk_size(int(decode_chunk_size))

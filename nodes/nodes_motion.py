@@ -5,9 +5,15 @@ from __future__ import annotations
 from . import runtime
 from .runtime import core
 
-SCALE_MAX = 10.0  # widget upper bound of the motion scales
-BUCKET_FIXED_MAX = 1024.0  # widget upper bound of a fixed bucket value
-PREDICT = -1.0  # fixed-bucket value meaning "use the prediction"
+PREDICT = core("config").BUCKET_PREDICT  # fixed-bucket value meaning "use the prediction"
+LIMIT_OF = {"head_motion_scale": "motion_scale", "expression_scale": "motion_scale",
+            "fixed_head_bucket": "fixed_bucket", "fixed_expression_bucket": "fixed_bucket"}
+
+
+def _range(name: str) -> dict:
+    """default, min and max of a widget from config.LIMITS."""
+    limit = core("config").LIMITS[name]
+    return {"default": limit.default, "min": limit.lo, "max": limit.hi}
 
 
 class SonicMotionBucketPredict:
@@ -51,9 +57,7 @@ class SonicMotionBucketPredict:
                 "head_motion_scale": (
                     "FLOAT",
                     {
-                        "default": cfg.SAMPLER_DEFAULTS.motion_bucket_scale,
-                        "min": 0.0,
-                        "max": SCALE_MAX,
+                        **_range("motion_scale"),
                         "step": 0.05,
                         "tooltip": (
                             "Multiplies the head-movement bucket (official dynamic_scale; "
@@ -64,9 +68,7 @@ class SonicMotionBucketPredict:
                 "expression_scale": (
                     "FLOAT",
                     {
-                        "default": cfg.SAMPLER_DEFAULTS.motion_bucket_scale,
-                        "min": 0.0,
-                        "max": SCALE_MAX,
+                        **_range("motion_scale"),
                         "step": 0.05,
                         "tooltip": (
                             "Multiplies the expression bucket (official dynamic_scale; 1.0 = as predicted)."
@@ -78,9 +80,7 @@ class SonicMotionBucketPredict:
                 "min_resolution": (
                     "INT",
                     {
-                        "default": cfg.SAMPLER_DEFAULTS.min_resolution,
-                        "min": cfg.SIZE_MULTIPLE,
-                        "max": 4096,
+                        **_range("min_resolution"),
                         "step": cfg.SIZE_MULTIPLE,
                         "tooltip": (
                             "Working short side for the image embedding; keep it equal to the sampler's "
@@ -91,9 +91,7 @@ class SonicMotionBucketPredict:
                 "fixed_head_bucket": (
                     "FLOAT",
                     {
-                        "default": PREDICT,
-                        "min": PREDICT,
-                        "max": BUCKET_FIXED_MAX,
+                        **_range("fixed_bucket"),
                         "step": 1.0,
                         "tooltip": (
                             "-1 = predict. Otherwise this head-movement bucket is used for every frame as is "
@@ -104,9 +102,7 @@ class SonicMotionBucketPredict:
                 "fixed_expression_bucket": (
                     "FLOAT",
                     {
-                        "default": PREDICT,
-                        "min": PREDICT,
-                        "max": BUCKET_FIXED_MAX,
+                        **_range("fixed_bucket"),
                         "step": 1.0,
                         "tooltip": (
                             "-1 = predict. Otherwise this expression bucket is used for every frame as is "
@@ -131,9 +127,12 @@ class SonicMotionBucketPredict:
     ):
         if not hasattr(sonic_audio, "bucket_windows"):
             raise ValueError(f"sonic_audio is a {type(sonic_audio).__name__}; connect Whisper Audio Encode")
-        for name, v in (("head_motion_scale", head_motion_scale), ("expression_scale", expression_scale)):
-            if not v >= 0:  # NaN too
-                raise ValueError(f"{name}={v} must be a number >= 0 (0.5 mild, 1.0, 2.0 intense)")
+        n = core("config").check_inputs(dict(  # NaN, inf and out of range (linked inputs too), before loading
+            head_motion_scale=head_motion_scale, expression_scale=expression_scale, min_resolution=min_resolution,
+            fixed_head_bucket=fixed_head_bucket, fixed_expression_bucket=fixed_expression_bucket), LIMIT_OF)
+        head_motion_scale, expression_scale = n["head_motion_scale"], n["expression_scale"]
+        min_resolution = n["min_resolution"]
+        fixed_head_bucket, fixed_expression_bucket = n["fixed_head_bucket"], n["fixed_expression_bucket"]
         motion = core("motion")
         embeds = motion.reference_embeds(clip_vision, image, int(min_resolution))  # [1, D]
         progress = runtime.Progress(1, "Motion bucket predict")

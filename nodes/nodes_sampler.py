@@ -15,19 +15,12 @@ from .runtime import core
 
 log = logging.getLogger(__name__)
 
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
-GUIDANCE_MAX = 100.0
-WINDOW_MAX = 256
-WINDOW_BATCH_MAX = 64
-STEPS_MAX = 1000
-FPS_MAX = 120.0
-AUDIO_SCALE_MAX = 10.0
-RES_MAX = 4096
 GUIDANCE_ROWS = ["auto", "3", "1"]  # combo choices: auto, or config.GUIDANCE_ROWS_CHOICES as text
 
 
-def _float(default, tip, lo=0.0, hi=GUIDANCE_MAX, step=0.05):
-    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tip})
+def _float(name: str, tip: str, step: float = 0.05) -> tuple:
+    """A FLOAT widget of the sampler with its range from config.LIMITS."""
+    return core("config").LIMITS[name].widget(tip, step=step)
 
 
 class SonicSampler:
@@ -50,7 +43,7 @@ class SonicSampler:
     @classmethod
     def INPUT_TYPES(cls):
         cfg = core("config")
-        d = cfg.SAMPLER_DEFAULTS
+        L = cfg.LIMITS
         return {
             "required": {
                 "sonic_model": ("SONIC_MODEL", {"tooltip": "From Sonic Model Loader (the UNet is used)."}),
@@ -75,130 +68,67 @@ class SonicSampler:
                     {"tooltip": "From Whisper Audio Encode; sets the frame count."},
                 ),
                 "sonic_motion": ("SONIC_MOTION", {"tooltip": "From Motion Bucket Predict (same audio)."}),
-                "seed": (
-                    "INT",
-                    {
-                        "default": d.seed,
-                        "min": 0,
-                        "max": SEED_MAX,
-                        "control_after_generate": True,
-                        "tooltip": "Initial noise seed (CPU generator: same result on every device).",
-                    },
+                "seed": L["seed"].widget(
+                    "Initial noise seed (CPU generator: same result on every device).", control_after_generate=True
                 ),
-                "steps": (
-                    "INT",
-                    {
-                        "default": d.steps,
-                        "min": 1,
-                        "max": STEPS_MAX,
-                        "tooltip": "Denoising steps (official 25).",
-                    },
-                ),
-                "min_resolution": (
-                    "INT",
-                    {
-                        "default": d.min_resolution,
-                        "min": cfg.SIZE_MULTIPLE,
-                        "max": RES_MAX,
-                        "step": cfg.SIZE_MULTIPLE,
-                        "tooltip": (
-                            "Short side of the working size; both sides are rounded to multiples of 64 "
-                            "(official 512). Keep Motion Bucket Predict's min_resolution equal."
-                        ),
-                    },
+                "steps": L["steps"].widget("Denoising steps (official 25)."),
+                "min_resolution": L["min_resolution"].widget(
+                    "Short side of the working size; both sides are rounded to multiples of 64 "
+                    "(official 512). Keep Motion Bucket Predict's min_resolution equal.",
+                    step=cfg.SIZE_MULTIPLE,
                 ),
                 "min_appearance_guidance": _float(
-                    d.min_appearance_guidance, "Reference-image guidance at the first step (official 2.0)."
+                    "min_appearance_guidance", "Reference-image guidance at the first step (official 2.0)."
                 ),
                 "max_appearance_guidance": _float(
-                    d.max_appearance_guidance,
+                    "max_appearance_guidance",
                     "Reference-image guidance at the last step, linear in between (official 2.0).",
                 ),
                 "min_audio_guidance": _float(
-                    d.min_audio_guidance, "Audio guidance at the first step (official 7.5)."
+                    "min_audio_guidance", "Audio guidance at the first step (official 7.5)."
                 ),
                 "max_audio_guidance": _float(
-                    d.max_audio_guidance, "Audio guidance at the last step, linear in between (official 7.5)."
+                    "max_audio_guidance", "Audio guidance at the last step, linear in between (official 7.5)."
                 ),
-                "frames_per_window": (
-                    "INT",
-                    {
-                        "default": d.frames_per_window,
-                        "min": 1,
-                        "max": WINDOW_MAX,
-                        "tooltip": "Frames the UNet denoises together (official 25, "
-                        "what SVD-xt was trained on).",
-                    },
+                "frames_per_window": L["frames_per_window"].widget(
+                    "Frames the UNet denoises together (official 25, what SVD-xt was trained on)."
                 ),
-                "overlap": (
-                    "INT",
-                    {
-                        "default": d.overlap,
-                        "min": 0,
-                        "max": WINDOW_MAX - 1,
-                        "tooltip": (
-                            "Frames shared by consecutive windows, averaged (official 0; the shift already "
-                            "stitches windows). Must be smaller than frames_per_window."
-                        ),
-                    },
+                "overlap": L["overlap"].widget(
+                    "Frames shared by consecutive windows, averaged (official 0; the shift already "
+                    "stitches windows). Must be smaller than frames_per_window."
                 ),
-                "shift_offset": (
-                    "INT",
-                    {
-                        "default": d.shift_offset,
-                        "min": 0,
-                        "max": WINDOW_MAX,
-                        "tooltip": (
-                            "Frames every window start moves back after each step, wrapping around the clip "
-                            "(official 7; 0 = fixed windows)."
-                        ),
-                    },
+                "shift_offset": L["shift_offset"].widget(
+                    "Frames every window start moves back after each step, wrapping around the clip "
+                    "(official 7; 0 = fixed windows)."
                 ),
                 "i2i_strength": _float(
-                    d.i2i_strength,
+                    "i2i_strength",
                     "1.0 = start from noise (official). Lower skips the first steps and starts nearer "
                     "the reference image: int(steps x strength) steps run, so it must be at least "
                     "1/steps (0.04 at 25 steps, 0.1 at 10); lower values are refused before sampling.",
                     0.01,
-                    1.0,
-                    0.01,
                 ),
                 "noise_aug": _float(
-                    d.noise_aug_strength,
+                    "noise_aug",
                     "Noise added to the reference before its image latents are encoded (official 0.0).",
-                    0.0,
-                    1.0,
                     0.01,
                 ),
                 "fps_conditioning": _float(
-                    d.fps_conditioning,
+                    "fps_conditioning",
                     "fps value the UNet is conditioned on "
                     "(official 12.5). Does not change the frame count or output fps.",
-                    0.0,
-                    FPS_MAX,
                     0.5,
                 ),
                 "audio_scale": _float(
-                    d.audio_scale,
+                    "audio_scale",
                     "Weight of the audio cross-attention in every attention layer (official 1.0).",
-                    0.0,
-                    AUDIO_SCALE_MAX,
-                    0.05,
                 ),
             },
             "optional": {
-                "window_batch": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": WINDOW_BATCH_MAX,
-                        "tooltip": (
-                            "Windows per UNet call; 0 = auto (as many as free GPU memory allows). "
-                            "Same computation either way (float rounding may differ); higher is faster "
-                            "if memory allows."
-                        ),
-                    },
+                "window_batch": L["window_batch"].widget(
+                    "Windows per UNet call; 0 = auto (as many as free GPU memory allows). "
+                    "Same computation either way (float rounding may differ); higher is faster "
+                    "if memory allows."
                 ),
                 "guidance_rows": (
                     GUIDANCE_ROWS,
@@ -250,22 +180,16 @@ class SonicSampler:
             raise ValueError(
                 f"sonic_motion is a {type(sonic_motion).__name__}; connect Motion Bucket Predict"
             )
-        settings = dataclasses.replace(
-            cfg.SAMPLER_DEFAULTS,
-            steps=int(steps),
-            min_resolution=int(min_resolution),
-            frames_per_window=int(frames_per_window),
-            overlap=int(overlap),
-            shift_offset=int(shift_offset),
-            min_appearance_guidance=float(min_appearance_guidance),
-            max_appearance_guidance=float(max_appearance_guidance),
-            min_audio_guidance=float(min_audio_guidance),
-            max_audio_guidance=float(max_audio_guidance),
-            i2i_strength=float(i2i_strength),
-            noise_aug_strength=float(noise_aug),
-            fps_conditioning=float(fps_conditioning),
-            audio_scale=float(audio_scale),
-        )
+        n = cfg.check_inputs(dict(  # NaN, inf and out-of-range numbers (linked inputs too), before loading
+            seed=seed, steps=steps, min_resolution=min_resolution, min_appearance_guidance=min_appearance_guidance,
+            max_appearance_guidance=max_appearance_guidance, min_audio_guidance=min_audio_guidance,
+            max_audio_guidance=max_audio_guidance, frames_per_window=frames_per_window, overlap=overlap,
+            shift_offset=shift_offset, i2i_strength=i2i_strength, noise_aug=noise_aug,
+            fps_conditioning=fps_conditioning, audio_scale=audio_scale, window_batch=window_batch))
+        seed, window_batch = n.pop("seed"), n.pop("window_batch")
+        n["noise_aug_strength"] = n.pop("noise_aug")
+        settings = dataclasses.replace(cfg.SAMPLER_DEFAULTS, **n)  # ints and floats as the limits say
+        smp.check_face_mask(face_mask)  # all zero: the audio would move nothing
         if str(guidance_rows) not in GUIDANCE_ROWS:
             raise ValueError(f"guidance_rows={guidance_rows!r} must be one of {GUIDANCE_ROWS}")
         smp.validate(settings, int(sonic_audio.num_frames))

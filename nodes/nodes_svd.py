@@ -89,17 +89,9 @@ class SonicSVDLoader:
                         ),
                     },
                 ),
-                "decode_chunk_size": (
-                    "INT",
-                    {
-                        "default": cfg.SAMPLER_DEFAULTS.decode_chunk_size,
-                        "min": 1,
-                        "max": 1024,
-                        "tooltip": (
-                            "Frames the temporal decoder sees together (official 8). It changes the result "
-                            "slightly; lower it to save memory."
-                        ),
-                    },
+                "decode_chunk_size": cfg.LIMITS["decode_chunk_size"].widget(
+                    "Frames the temporal decoder sees together (official 8). It changes the result "
+                    "slightly; lower it to save memory."
                 ),
             }
         }

@@ -75,9 +75,8 @@ def file_inputs() -> dict:
         "format": (list(_video.FORMATS), {"default": "h264-mp4",
                                           "tooltip": "h264-mp4 plays everywhere; h265 is smaller; "
                                                      "vp9-webm for the web; gif has no audio."}),
-        "crf": ("INT", {"default": _config.VIDEO_CRF, "min": 0, "max": _config.VIDEO_CRF_MAX,
-                        "tooltip": "Quality: lower is better and larger (18 is visually lossless "
-                                   "for h264; h264/h265 accept 0-51, vp9 0-63). Ignored for gif."}),
+        "crf": _config.LIMITS["crf"].widget("Quality: lower is better and larger (18 is visually lossless "
+                                            "for h264; h264/h265 accept 0-51, vp9 0-63). Ignored for gif."),
         "pix_fmt": (list(_video.PIX_FMTS), {"default": "yuv420p",
                                             "tooltip": "yuv420p plays everywhere (odd sizes are "
                                                        "padded by one pixel); yuv444p keeps full "
@@ -221,21 +220,21 @@ class SonicFrameInterpolate:
                 "images": ("IMAGE", {"tooltip": "Video frames in order (e.g. the decoded Sonic frames)."}),
                 "rife_model": (_rife_files(), {"tooltip": "RIFE weights under models/sonic (the official "
                                                           "RIFE/flownet.pkl, or a .safetensors copy)."}),
-                "multiplier": ("INT", {"default": _config.RIFE_MULTIPLIER, "min": 2, "max": 4, "step": 2,
-                                       "tooltip": "2: one new frame per pair; 4: the 2x pass twice."}),
-                "frame_rate": ("FLOAT", {"default": _config.GENERATED_FPS, "min": 0.01, "max": 1000.0,
-                                         "step": 0.01, "tooltip": "Frame rate of the input frames (Sonic "
-                                                                  "generates 12.5 fps); the output is "
-                                                                  "this times the multiplier."}),
-                "batch_size": ("INT", {"default": _config.RIFE_BATCH, "min": 0, "max": 256,
-                                       "tooltip": RIFE_BATCH_TIP}),
+                "multiplier": _config.LIMITS["rife_multiplier"].widget(
+                    "2: one new frame per pair; 4: the 2x pass twice.", step=2),
+                "frame_rate": _config.LIMITS["frame_rate"].widget(
+                    "Frame rate of the input frames (Sonic generates 12.5 fps); the output is this times the "
+                    "multiplier.", step=0.01),
+                "batch_size": _config.LIMITS["rife_batch"].widget(RIFE_BATCH_TIP),
             }
         }
 
     def interpolate(self, images, rife_model, multiplier=_config.RIFE_MULTIPLIER,
                     frame_rate=_config.GENERATED_FPS, batch_size=_config.RIFE_BATCH):
+        n = _config.check_inputs(dict(multiplier=multiplier, frame_rate=frame_rate, batch_size=batch_size),
+                                 {"multiplier": "rife_multiplier", "batch_size": "rife_batch"})
+        multiplier, frame_rate, batch_size = n["multiplier"], n["frame_rate"], n["batch_size"]
         images = _check_images(images, "Frame Interpolate")
-        multiplier = int(multiplier)
         interp = core("interpolate")
         if multiplier not in interp.MULTIPLIERS:
             raise ValueError(f"multiplier {multiplier} is not supported: use one of {interp.MULTIPLIERS}")
@@ -263,9 +262,9 @@ class SonicVideoCombine:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "Video frames in order."}),
-                "frame_rate": ("FLOAT", {"default": _config.OUTPUT_FPS, "min": 0.01, "max": _video.MAX_FPS,
-                                         "step": 0.01, "tooltip": "Frames per second of the file (25 after "
-                                                                  "RIFE 2x of Sonic's 12.5 fps)."}),
+                "frame_rate": _config.LIMITS["frame_rate"].widget(
+                    "Frames per second of the file (25 after RIFE 2x of Sonic's 12.5 fps).",
+                    default=_config.OUTPUT_FPS, step=0.01),
                 **file_inputs(),
             },
             "optional": {
@@ -280,6 +279,8 @@ class SonicVideoCombine:
 
     def combine(self, images, frame_rate, filename_prefix, format="h264-mp4", crf=_config.VIDEO_CRF,
                 pix_fmt="yuv420p", audio=None, segment=None, prompt=None, extra_pnginfo=None):
+        n = _config.check_inputs(dict(frame_rate=frame_rate, crf=crf))  # NaN, inf, out of range
+        frame_rate, crf = n["frame_rate"], n["crf"]
         images = _check_images(images, "Video Combine")
         sound = audio_track(audio)
         metadata = file_metadata(prompt, extra_pnginfo)

@@ -28,6 +28,7 @@ from .config import (
     BUCKET_PAD_AFTER,
     BUCKET_PAD_BEFORE,
     BUCKET_WINDOW,
+    DECODE_MARGIN_S,
     FRAME_STEP,
     GENERATED_FPS,
     MIN_AUDIO_SECONDS,
@@ -102,6 +103,29 @@ def pcm_to_float(samples: np.ndarray) -> np.ndarray:
     return (samples.astype(np.float64) / -float(info.min)).astype(np.float32)  # / 32768 for int16
 
 
+def float_waveform(waveform):
+    """The one rule for AUDIO samples, used by every node that takes AUDIO (Whisper Audio Encode,
+    Video Combine, Latent To Video): a floating-point waveform is returned as it is; integer PCM
+    (int16, int32, uint8, ... from a torch tensor or a numpy array) becomes float32 by
+    ``pcm_to_float``; booleans are refused. Returns a torch tensor (a numpy array: converted)."""
+    if isinstance(waveform, torch.Tensor):
+        if waveform.is_floating_point():
+            return waveform
+        if waveform.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise ValueError(f"audio samples are {str(waveform.dtype).removeprefix('torch.')}; give PCM or float "
+                             "samples")
+        raw = waveform.detach().to("cpu").numpy()
+    elif isinstance(waveform, np.ndarray):
+        raw = waveform
+    else:
+        raise ValueError(f"audio waveform must be a torch.Tensor [B, C, T], got {type(waveform).__name__}")
+    if raw.dtype.kind not in "iuf" and raw.dtype.kind != "b":
+        raise ValueError(f"audio samples are {raw.dtype}; give PCM or float samples")
+    if raw.dtype.kind in "iu":
+        log.info("audio is %s PCM: converted to float", raw.dtype)
+    return torch.from_numpy(np.ascontiguousarray(pcm_to_float(raw)))
+
+
 def check_sample_rate(sample_rate, what: str = "audio") -> None:
     """Raise unless ``sample_rate`` is a finite number of Hz of at least ``MIN_SAMPLE_RATE``."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)) \
@@ -115,12 +139,11 @@ def check_sample_rate(sample_rate, what: str = "audio") -> None:
 
 
 def check_waveform(waveform: torch.Tensor, sample_rate: float) -> torch.Tensor:
-    """Validate a ComfyUI-style waveform and return it as ``[C, T]``.
+    """Validate a ComfyUI-style waveform and return it as ``[C, T]`` float (``float_waveform``).
 
     Accepts ``[C, T]`` or ``[1, C, T]``; raises ValueError naming the bad value otherwise.
     """
-    if not isinstance(waveform, torch.Tensor):
-        raise ValueError(f"audio waveform must be a torch.Tensor [B, C, T], got {type(waveform).__name__}")
+    waveform = float_waveform(waveform)  # integer PCM -> float32
     check_sample_rate(sample_rate)
     if waveform.dim() == 3:
         if waveform.shape[0] != 1:
@@ -132,8 +155,6 @@ def check_waveform(waveform: torch.Tensor, sample_rate: float) -> torch.Tensor:
         raise ValueError(f"audio waveform must be [B, C, T] or [C, T], got shape {tuple(waveform.shape)}")
     if waveform.shape[0] == 0 or waveform.shape[1] == 0:
         raise ValueError(f"audio is empty (waveform shape {tuple(waveform.shape)}); load a clip with sound")
-    if not waveform.is_floating_point():
-        raise ValueError(f"audio waveform must be floating point in [-1, 1], got dtype {waveform.dtype}")
     bad = ~torch.isfinite(waveform)
     if bool(bad.any()):
         where = int(bad.nonzero()[0, 1])
@@ -147,6 +168,28 @@ def check_waveform(waveform: torch.Tensor, sample_rate: float) -> torch.Tensor:
     return waveform
 
 
+def frame_cap(max_seconds: float) -> int:
+    """25 fps frames ``max_seconds`` allows (the official ``frame_num``); ValueError for a bad cap."""
+    if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) \
+            or not math.isfinite(max_seconds) or max_seconds < 0:
+        raise ValueError(f"max_seconds must be 0 (all) or a positive number of seconds, got {max_seconds!r}")
+    # 40 ms frames; rounding to 1e-6 frame first keeps 8.04 s -> 201 (8.04 * 25 = 200.99999999999997)
+    return math.floor(round(max_seconds * SAMPLE_RATE / SAMPLES_PER_25FPS_FRAME, 6))
+
+
+def source_samples_needed(max_seconds: float, sample_rate: float) -> int | None:
+    """Source samples (at ``sample_rate``) a run capped at ``max_seconds`` reads; None: all (no cap).
+
+    The capped frames, rounded up to whole 30 s whisper chunks (each chunk is encoded whole, so a
+    capped run's values equal an uncapped one's), plus DECODE_MARGIN_S for the resampler's filter.
+    """
+    if not max_seconds:
+        return None
+    positions = POSITIONS_PER_25FPS_FRAME * frame_cap(max_seconds)  # whisper positions the frames use
+    chunks = max(1, -(-positions // N_WHISPER_POSITIONS))
+    return math.ceil((chunks * N_SAMPLES_CHUNK / SAMPLE_RATE + DECODE_MARGIN_S) * sample_rate)
+
+
 def frame_counts(num_samples_16k: int, max_seconds: float = 0.0) -> tuple[int, int]:
     """``(audio_len, num_frames)`` for a 16 kHz waveform of ``num_samples_16k`` samples.
 
@@ -154,12 +197,9 @@ def frame_counts(num_samples_16k: int, max_seconds: float = 0.0) -> tuple[int, i
     ``frame_num`` at ``floor(max_seconds * 25)`` when ``max_seconds > 0``;
     ``num_frames = audio_len // 2`` generated frames (SPEC §3, §4.3).
     """
-    if not math.isfinite(max_seconds) or max_seconds < 0:
-        raise ValueError(f"max_seconds must be 0 (all) or a positive number of seconds, got {max_seconds!r}")
+    cap = frame_cap(max_seconds)  # validates max_seconds
     audio_len = num_samples_16k // SAMPLES_PER_25FPS_FRAME
     if max_seconds > 0:
-        # 40 ms frames; rounding to 1e-6 frame first keeps 8.04 s -> 201 (8.04 * 25 = 200.99999999999997)
-        cap = math.floor(round(max_seconds * SAMPLE_RATE / SAMPLES_PER_25FPS_FRAME, 6))
         audio_len = min(audio_len, cap)
     num_frames = audio_len // FRAME_STEP
     if num_frames < 1:
@@ -409,6 +449,7 @@ def encode_audio(models: Any, waveform: torch.Tensor, sample_rate: float, max_se
     """
     from .budget import DEVICE, HOST, MemoryEstimate, add_audio, check_fits
 
+    waveform = float_waveform(waveform)  # integer PCM -> float32 (the same rule as Video Combine's)
     out_device = waveform.device if out_device is None else out_device
     n16 = int(np.ceil(check_waveform(waveform, sample_rate).shape[-1] * (float(SAMPLE_RATE) / sample_rate)))
     check_fits(add_audio(MemoryEstimate(frame_counts(n16, max_seconds)[1]), models.dtype,

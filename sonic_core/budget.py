@@ -108,6 +108,12 @@ def add_audio(est: MemoryEstimate, token_dtype: torch.dtype, where: str = HOST) 
     return est
 
 
+def add_source_audio(est: MemoryEstimate, num_samples: int, channels: int) -> MemoryEstimate:
+    """The decoded source waveform (float32, every channel at its own rate), held for muxing."""
+    est.add("source audio (float32)", num_samples * channels * FLOAT32_BYTES, HOST)
+    return est
+
+
 def add_sampler(est: MemoryEstimate, size: tuple[int, int], dtype: torch.dtype,
                 on_device: bool) -> MemoryEstimate:
     """The sampler's noise, latents and start at the working ``size = (w, h)`` px (its step

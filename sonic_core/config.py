@@ -28,6 +28,7 @@ FRAME_STEP = 2  # 25 fps frames per generated frame (12.5 fps generated)
 FRAME_CAP = 10000  # official cap on 25 fps frames (``frame_num``)
 MIN_AUDIO_SECONDS = FRAME_STEP * SAMPLES_PER_25FPS_FRAME / SAMPLE_RATE  # 0.08 s = one video frame
 MIN_SAMPLE_RATE = 4000  # Hz; lower audio rates are refused (telephone audio is 8000 Hz)
+DECODE_MARGIN_S = 1.0  # s decoded past the last 30 s chunk a capped run needs (soxr's filter reaches ~ms past it)
 TRUNCATED_AUDIO_TOLERANCE_S = 0.25  # s; decoded this much shorter than the file's declared length: warn
 
 # token window (audio2token input): 10 positions centred on the frame, padding 4 before / 6 after
@@ -218,3 +219,127 @@ RESUME_FOLDER = "sonic_resume"  # folder name under ComfyUI's user directory
 # UNet call per window between later ones.
 DIST_TIMEOUT_S = 900.0
 DIST_ERROR_EXIT = 4  # CLI exit status when another rank failed (2: bad input, 3: missing weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits of every user-facing number (issue 22): the nodes' widgets take min/max/default from here
+# and the CLI checks each of its numbers against the node's own range. NaN and inf are refused.
+# ----------------------------------------------------------------------------------------------
+SEED_MAX = 0xFFFFFFFFFFFFFFFF  # largest noise seed (ComfyUI's seed widgets stop here)
+STEPS_MAX = 1000  # denoising steps
+GUIDANCE_MAX = 100.0  # appearance / audio guidance scale
+WINDOW_MAX = 256  # frames per window (and overlap / shift offset)
+WINDOW_BATCH_MAX = 64  # windows per UNet call
+FPS_CONDITIONING_MAX = 120.0  # frames/s the UNet may be conditioned on
+AUDIO_SCALE_MAX = 10.0  # weight of the audio cross-attention
+MIN_RESOLUTION_MAX = 4096  # px, short side of the working size
+MAX_SECONDS_LIMIT = 36000.0  # s (10 h) of audio at most; 0 = the whole clip
+MOTION_SCALE_MAX = 10.0  # multiplier of a motion bucket (official dynamic_scale)
+BUCKET_FIXED_MAX = 1024.0  # a fixed motion bucket value
+BUCKET_PREDICT = -1.0  # fixed-bucket value meaning "use the prediction"
+FRAME_RATE_MIN = 0.01  # frames/s of a video file
+FRAME_RATE_MAX = 1000.0  # frames/s of a video file
+DIST_TIMEOUT_MIN_S = 1.0  # s, shortest bound on a torchrun exchange
+DIST_TIMEOUT_MAX_S = 7 * 24 * 3600.0  # s, longest (a week: longer ones overflow nothing but help no one)
+
+
+def _number_text(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Range and default of one number a user sets (a node widget and/or a CLI flag).
+
+    ``integer``: whole numbers only. ``flag``: the CLI flag checked against this range (None: the
+    CLI has none). ``hint``: what the number means, said in the refusal.
+    """
+
+    lo: float
+    hi: float
+    default: float
+    integer: bool = False
+    flag: str | None = None
+    hint: str = ""
+
+    def widget(self, tooltip: str, default=None, **extra) -> tuple[str, dict]:
+        """A ComfyUI INT/FLOAT input of this range: ``("INT", {"default", "min", "max", ...})``."""
+        opts = {"default": self.default if default is None else default, "min": self.lo, "max": self.hi}
+        return ("INT" if self.integer else "FLOAT", {**opts, **extra, "tooltip": tooltip})
+
+    def check(self, value, name: str):
+        """``value`` as an int / float inside the range, or a ValueError naming ``name``, the value,
+        the range and what the number means (NaN, inf, booleans and text are refused)."""
+        kind = "a whole number" if self.integer else "a finite number"
+        hint = f" ({self.hint})" if self.hint else ""
+        span = f"{kind} from {_number_text(self.lo)} to {_number_text(self.hi)}{hint}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+            raise ValueError(f"{name} {value!r} must be {span}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{name} {value!r} must be {span}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} {value!r} must be {span}")
+        if self.integer:
+            if number != int(number) and not isinstance(value, int):
+                raise ValueError(f"{name} {value!r} must be {span}")
+            number = int(value) if isinstance(value, int) else int(number)
+        if not self.lo <= number <= self.hi:
+            raise ValueError(f"{name} {value!r} is out of range: must be {span}")
+        return number
+
+
+_D = SAMPLER_DEFAULTS
+LIMITS: dict[str, Limit] = {
+    # Sonic Sampler
+    "seed": Limit(0, SEED_MAX, _D.seed, True, "--seed", "the noise seed"),
+    "steps": Limit(1, STEPS_MAX, _D.steps, True, "--steps", "denoising steps; official 25"),
+    "min_resolution": Limit(SIZE_MULTIPLE, MIN_RESOLUTION_MAX, _D.min_resolution, True, "--min-resolution",
+                            "short side in px before rounding to a multiple of 64; official 512"),
+    "min_appearance_guidance": Limit(0.0, GUIDANCE_MAX, _D.min_appearance_guidance),
+    "max_appearance_guidance": Limit(0.0, GUIDANCE_MAX, _D.max_appearance_guidance),
+    "min_audio_guidance": Limit(0.0, GUIDANCE_MAX, _D.min_audio_guidance),
+    "max_audio_guidance": Limit(0.0, GUIDANCE_MAX, _D.max_audio_guidance),
+    "frames_per_window": Limit(1, WINDOW_MAX, _D.frames_per_window, True),
+    "overlap": Limit(0, WINDOW_MAX - 1, _D.overlap, True),
+    "shift_offset": Limit(0, WINDOW_MAX, _D.shift_offset, True),
+    "i2i_strength": Limit(0.01, 1.0, _D.i2i_strength),
+    "noise_aug": Limit(0.0, 1.0, _D.noise_aug_strength),
+    "fps_conditioning": Limit(0.0, FPS_CONDITIONING_MAX, _D.fps_conditioning, hint="official 12.5"),
+    "audio_scale": Limit(0.0, AUDIO_SCALE_MAX, _D.audio_scale),
+    # the node's 0 = auto; the CLI's default stays 1 window per call (its --window-batch 0 is auto)
+    "window_batch": Limit(0, WINDOW_BATCH_MAX, 0, True, "--window-batch",
+                          "windows per UNet call; 0 = as many as free GPU memory allows"),
+    # Whisper Audio Encode
+    "max_seconds": Limit(0.0, MAX_SECONDS_LIMIT, 0.0, flag="--max-seconds", hint="0 = the whole audio"),
+    # Motion Bucket Predict (the CLI's --dynamic-scale sets both scales, as the official dynamic_scale)
+    "motion_scale": Limit(0.0, MOTION_SCALE_MAX, _D.motion_bucket_scale, flag="--dynamic-scale",
+                          hint="0.5 mild, 1.0 normal, 2.0 intense"),
+    "fixed_bucket": Limit(BUCKET_PREDICT, BUCKET_FIXED_MAX, BUCKET_PREDICT, hint="-1 = predict"),
+    # Face Mask Detect
+    "expand_ratio": Limit(0.0, 5.0, CROP_EXPAND_RATIO),
+    "mask_area": Limit(0.1, 5.0, MASK_AREA),
+    "confidence": Limit(0.01, 0.99, DETECTOR_CONFIDENCE),
+    # decoding, interpolation and saving
+    "decode_chunk_size": Limit(1, 1024, _D.decode_chunk_size, True),  # SVD loader; Latent nodes: 0 = the VAE's
+    "decode_chunk_or_auto": Limit(0, 1024, 0, True),
+    "rife_multiplier": Limit(2, 4, RIFE_MULTIPLIER, True),
+    "rife_batch": Limit(0, 256, RIFE_BATCH, True),
+    "crf": Limit(0, VIDEO_CRF_MAX, VIDEO_CRF, True),
+    "frame_rate": Limit(FRAME_RATE_MIN, FRAME_RATE_MAX, GENERATED_FPS),  # Video Combine's default: 25
+    "segment_frames": Limit(1, 100_000, 96, True),
+    "segment_index": Limit(0, 100_000, 0, True),
+    # CLI only
+    "dist_timeout": Limit(DIST_TIMEOUT_MIN_S, DIST_TIMEOUT_MAX_S, DIST_TIMEOUT_S, flag="--dist-timeout",
+                          hint="seconds a torchrun rank waits for the others"),
+}
+del _D
+
+
+def check_inputs(values: dict, limit_of: dict | None = None) -> dict:
+    """``{input name: value}`` checked against ``LIMITS[limit_of.get(name, name)]`` (a node's numbers,
+    before any heavy work: ComfyUI's own min/max check lets NaN through and skips linked inputs).
+    Returns the values as int / float; raises the first ValueError."""
+    limit_of = limit_of or {}
+    return {name: LIMITS[limit_of.get(name, name)].check(v, name) for name, v in values.items()}

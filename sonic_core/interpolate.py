@@ -13,12 +13,23 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .config import GENERATED_FPS
 from .models.rife import pad_for_rife
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, int], None] | None
 MULTIPLIERS = (2, 4)  # 4 = the 2x pass applied twice
+MIN_FRAMES = 2  # frames RIFE needs: it makes a new frame between two
+
+
+def check_frame_count(num_frames: int) -> None:
+    """Refuse fewer than MIN_FRAMES frames, saying how to do without interpolation."""
+    if num_frames < MIN_FRAMES:
+        raise ValueError(f"RIFE needs at least {MIN_FRAMES} frames to interpolate, got {num_frames}: give at "
+                         f"least {MIN_FRAMES} video frames of audio ({MIN_FRAMES / GENERATED_FPS:g} s), or skip frame interpolation "
+                         "(--no-interpolate on the command line; bypass Frame Interpolate, or rife_model none "
+                         "in Latent To Video)")
 
 
 def interpolated_length(num_frames: int, multiplier: int) -> int:
@@ -33,8 +44,7 @@ def _check(frames: torch.Tensor, multiplier: int, batch_size: int) -> None:
         raise ValueError(f"multiplier {multiplier} is not supported: use one of {MULTIPLIERS}")
     if frames.ndim != 4 or frames.shape[-1] < 3:
         raise ValueError(f"frames must be an IMAGE batch [N, H, W, 3], got shape {tuple(frames.shape)}")
-    if frames.shape[0] < 2:
-        raise ValueError(f"RIFE needs at least 2 frames to interpolate, got {frames.shape[0]}")
+    check_frame_count(frames.shape[0])
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be at least 1")
 

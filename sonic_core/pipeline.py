@@ -25,6 +25,7 @@ from .config import (
     DIST_ERROR_EXIT,
     DIST_TIMEOUT_S,
     GENERATED_FPS,
+    LIMITS,
     OUTPUT_FPS,
     PASTE_FACE_SCALE,
     PASTE_FEATHER,
@@ -275,20 +276,23 @@ def wav_declared_seconds(path: str | os.PathLike) -> float | None:
         return None
 
 
-def read_audio(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
+def read_audio(path: str | os.PathLike, max_seconds: float = 0.0) -> tuple[torch.Tensor, int]:
     """Decode any audio (or video-with-audio) file with PyAV: waveform [1,C,T] float32, sample rate.
 
     Integer PCM becomes float (8-bit unsigned around 128, wider PCM signed). A file that decodes
     to less than it declares (a truncated download) is used as far as it goes, with a warning.
+    ``max_seconds > 0``: decoding stops once the samples a run capped there reads are in
+    (``audio.source_samples_needed``: the cap rounded up to whole 30 s whisper chunks, plus a
+    second), so an hour-long file costs what half a minute does.
     """
     import av
 
-    from .audio import pcm_to_float
+    from .audio import pcm_to_float, source_samples_needed
     from .config import TRUNCATED_AUDIO_TOLERANCE_S
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio {path} does not exist")
-    chunks, rate, declared, damage = [], None, None, None
+    chunks, rate, declared, damage, limit, held = [], None, None, None, None, 0
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as e:
@@ -307,8 +311,14 @@ def read_audio(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
                 arr = frame.to_ndarray()  # [C,n] planar or [1,n*C] packed
                 if not frame.format.is_planar:
                     arr = arr.reshape(-1, len(frame.layout.channels)).T  # [C,n]
+                if limit is None and max_seconds:
+                    limit = source_samples_needed(max_seconds, frame.sample_rate)
+                if limit is not None:
+                    arr = arr[:, :limit - held]  # [C, <=n] the samples the cap still needs
                 chunks.append(pcm_to_float(arr))
-                rate = frame.sample_rate
+                rate, held = frame.sample_rate, held + arr.shape[1]
+                if limit is not None and held >= limit:
+                    break  # the rest of the file is never decoded
         except av.error.FFmpegError as e:  # damaged data part way: keep what decoded
             damage = e
             if not chunks:
@@ -318,7 +328,12 @@ def read_audio(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
     wave = np.concatenate(chunks, axis=1)  # [C,T]
     decoded = wave.shape[1] / rate
     declared = wav_declared_seconds(path) or declared
-    if damage is not None or (declared is not None and declared - decoded > TRUNCATED_AUDIO_TOLERANCE_S):
+    stopped = limit is not None and held >= limit  # stopped at the cap on purpose: not a truncated file
+    if stopped:
+        log.info("audio %s: read the first %.1f s (--max-seconds %g and whole 30 s whisper chunks)", path,
+                 decoded, max_seconds)
+    if damage is not None or (not stopped and declared is not None
+                              and declared - decoded > TRUNCATED_AUDIO_TOLERANCE_S):
         said = f"declares {declared:.2f} s of audio but" if declared else "is damaged:"
         log.warning("audio %s %s only %.2f s could be decoded%s; the file is probably truncated (an "
                     "interrupted download or copy): only the decoded part is used, the video will be that "
@@ -382,9 +397,11 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     models_dir = Path(models_dir)
     device = torch.device(device)
     image, alpha_mask = read_image(image_path)
-    wave, rate = read_audio(audio_path)
-    budget.check_fits(preflight.estimate_run(tuple(image.shape[1:3]), wave.shape[-1], rate, settings, dtype,
-                                             device), device, "this run")
+    wave, rate = read_audio(audio_path, settings.max_seconds)  # [1,C,T]: decoding stops at the cap's needs
+    estimate = preflight.estimate_run(tuple(image.shape[1:3]), wave.shape[-1], rate, settings, dtype, device,
+                                      channels=wave.shape[1])
+    preflight.check_frame_count(estimate.frames, settings.interpolate)  # RIFE with one frame: before loading
+    budget.check_fits(estimate, device, "this run")
     preflight.check_output_space(output, tuple(image.shape[1:3]), wave.shape[-1], rate, settings)
     detector_path = models_dir / "yoloface_v5m.pt"
     # transparency marks the face only if it plausibly is a face mask; else the detector finds it
@@ -502,6 +519,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
+def _span(key: str, default: float | None = None) -> str:
+    """``default; lo-hi`` of a number's limit (or the CLI's own ``default``), for --help."""
+    limit = LIMITS[key]
+    return f"{limit.default if default is None else default:g}; {limit.lo:g}-{limit.hi:g}"
+
+
 def configure_cli(p) -> None:
     p.add_argument("image", help="portrait image (png/jpg/webp; transparent pixels mark the face if any)")
     p.add_argument("audio", help="speech or singing (wav/mp3/flac/m4a/... or a video with sound)")
@@ -509,12 +532,14 @@ def configure_cli(p) -> None:
     p.add_argument("--models", default=os.environ.get(MODELS_ENV, DEFAULT_MODELS_DIR),
                    help=f"models folder (default ${MODELS_ENV} or {DEFAULT_MODELS_DIR}); see README 'Weights'")
     p.add_argument("--svd", default=None, help=f"diffusers SVD-xt folder (default MODELS/{SVD_FOLDER})")
-    p.add_argument("--steps", type=int, default=SAMPLER_DEFAULTS.steps, help="denoising steps (25)")
-    p.add_argument("--seed", type=int, default=SAMPLER_DEFAULTS.seed, help="noise seed (72589)")
-    p.add_argument("--min-resolution", type=int, default=SAMPLER_DEFAULTS.min_resolution,
-                   help="short side before rounding to a multiple of 64 (512)")
-    p.add_argument("--dynamic-scale", type=float, default=SAMPLER_DEFAULTS.motion_bucket_scale,
-                   help="motion intensity: 0.5 mild, 1.0 normal, 2.0 intense")
+    # every number: the default and range of the node input it stands for (config.LIMITS, checked by
+    # preflight.check_settings before anything is read)
+    p.add_argument("--steps", type=int, default=LIMITS["steps"].default, help=f"denoising steps ({_span('steps')})")
+    p.add_argument("--seed", type=int, default=LIMITS["seed"].default, help="noise seed (72589)")
+    p.add_argument("--min-resolution", type=int, default=LIMITS["min_resolution"].default,
+                   help=f"short side before rounding to a multiple of 64 ({_span('min_resolution')})")
+    p.add_argument("--dynamic-scale", type=float, default=LIMITS["motion_scale"].default,
+                   help=f"motion intensity: 0.5 mild, 1.0 normal, 2.0 intense ({_span('motion_scale')})")
     p.add_argument("--crop", action="store_true", help="crop a square around the face first (official --crop)")
     p.add_argument("--paste-back", action="store_true",
                    help="with --crop: paste the animated crop back into the whole photo, so the video has the "
@@ -525,10 +550,12 @@ def configure_cli(p) -> None:
                    help=f"paste-back area: the whole crop square (default) or the face box scaled by "
                         f"{PASTE_FACE_SCALE:g}")
     p.add_argument("--no-interpolate", action="store_true", help="keep 12.5 fps (skip RIFE 2x)")
-    p.add_argument("--max-seconds", type=float, default=0.0, help="use only the first N seconds of audio (0 = all)")
+    p.add_argument("--max-seconds", type=float, default=LIMITS["max_seconds"].default,
+                   help=f"use only the first N seconds of audio; only those are decoded ({_span('max_seconds')}, "
+                        "0 = all)")
     p.add_argument("--window-batch", type=int, default=1,
                    help="windows per UNet call (more = faster, more memory; 0 = as many as free GPU memory "
-                        "allows)")
+                        f"allows; {_span('window_batch', 1)})")
     p.add_argument("--guidance-rows", default="auto", choices=["auto", "3", "1"],
                    help="guidance branches per UNet call: 3 (fastest), 1 (a third of the activation memory: "
                         "512x512 on an 8 GB GPU), auto (3 if free GPU memory allows); same result either way")
@@ -560,6 +587,8 @@ def run_cli(args) -> int:
                                weight_dtype=args.weight_dtype, paste_back=args.paste_back,
                                paste_feather=args.paste_feather, paste_region=args.paste_region)
     check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)  # before any download
+    limit = LIMITS["dist_timeout"]
+    args.dist_timeout = limit.check(args.dist_timeout, limit.flag)
     check_output(args.output)
     device = pick_device(args.device)
     from . import distributed

@@ -15,24 +15,37 @@ from pathlib import Path
 
 import torch
 
-from .config import GUIDANCE_ROWS_CHOICES, RIFE_MULTIPLIER, SAMPLE_RATE, SAMPLER_DEFAULTS, SIZE_MULTIPLE
+from .audio import frame_cap
+from .config import (
+    FRAME_STEP,
+    GENERATED_FPS,
+    GUIDANCE_ROWS_CHOICES,
+    LIMITS,
+    RIFE_MULTIPLIER,
+    SAMPLE_RATE,
+    SAMPLER_DEFAULTS,
+)
 
 OUTPUT_SUFFIXES = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 WRITE_PROBE_PREFIX = ".sonic-write-check-"
 
 
+# AnimateSettings field -> config.LIMITS key: every number of the CLI is checked against the range
+# of the node input it stands for (the flag named in the refusal is the limit's own)
+SETTING_LIMITS = {"steps": "steps", "seed": "seed", "min_resolution": "min_resolution",
+                  "dynamic_scale": "motion_scale", "max_seconds": "max_seconds", "window_batch": "window_batch",
+                  "frames_per_window": "frames_per_window", "crf": "crf"}
+
+
 def check_settings(settings, fps: float) -> None:
-    """Raise ValueError naming the first bad number of an ``AnimateSettings`` (and the crf's format)."""
+    """Raise ValueError naming the first bad number of an ``AnimateSettings`` (its flag, the value and
+    the node's range; NaN and inf too), the crf's format and a clip too short for RIFE."""
     from .video import _check_args
 
-    def whole(name: str, lo: int) -> None:
-        v = getattr(settings, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a whole number >= {lo}")
-
-    whole("steps", 1)
-    whole("window_batch", 0)  # 0 = auto
+    for field, key in SETTING_LIMITS.items():
+        limit = LIMITS[key]
+        setattr(settings, field, limit.check(getattr(settings, field), limit.flag or field))
     if getattr(settings, "guidance_rows", 0) not in (0, *GUIDANCE_ROWS_CHOICES):
         raise ValueError(f"--guidance-rows {settings.guidance_rows!r} must be one of {GUIDANCE_ROWS_CHOICES} "
                          "(0 = auto)")
@@ -40,13 +53,8 @@ def check_settings(settings, fps: float) -> None:
 
     if getattr(settings, "weight_dtype", "default") not in WEIGHT_DTYPES:
         raise ValueError(f"--weight-dtype {settings.weight_dtype!r} must be one of {list(WEIGHT_DTYPES)}")
-    whole("frames_per_window", 1)
-    whole("min_resolution", SIZE_MULTIPLE)
-    for name, hint in (("max_seconds", "0 = the whole audio"),
-                       ("dynamic_scale", "0.5 mild, 1.0, 2.0 intense")):
-        v = getattr(settings, name)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"--{name.replace('_', '-')} {v!r} must be a finite number >= 0 ({hint})")
+    if settings.max_seconds > 0:  # the cap alone gives too few frames: said before any file is read
+        check_frame_count(frame_cap(settings.max_seconds) // FRAME_STEP, settings.interpolate)
     _check_args(fps, "h264-mp4", settings.crf, "yuv420p")
     if getattr(settings, "paste_back", False):
         from .config import PASTE_FEATHER_MAX, PASTE_REGIONS
@@ -60,6 +68,16 @@ def check_settings(settings, fps: float) -> None:
                              "region's shorter side; 0 = hard edge)")
         if settings.paste_region not in PASTE_REGIONS:
             raise ValueError(f"--paste-region {settings.paste_region!r} must be one of {PASTE_REGIONS}")
+
+
+def check_frame_count(frames: int, interpolate: bool) -> None:
+    """Refuse a clip of fewer frames than RIFE needs when interpolation is on, naming --no-interpolate."""
+    from .interpolate import MIN_FRAMES
+
+    if interpolate and frames < MIN_FRAMES:
+        raise ValueError(f"the audio gives {frames} video frame(s) (one per {1 / GENERATED_FPS:g} s, after "
+                         f"--max-seconds); RIFE frame interpolation needs at least {MIN_FRAMES}: add "
+                         "--no-interpolate to keep the frame as it is, or give more audio (a larger --max-seconds)")
 
 
 def _nearest_folder(path: Path) -> Path:
@@ -121,14 +139,17 @@ def check_device(name: str) -> torch.device:
 
 
 def estimate_run(image_hw: tuple[int, int], num_samples: int, sample_rate: int, settings,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, channels: int = 1):
     """The run's main tensors (sonic_core.budget) from the input sizes, before any model loads.
+
+    ``num_samples`` x ``channels`` at ``sample_rate``: the decoded source audio the run holds (kept
+    for muxing), counted as it is.
 
     Raises the working-size error (image.working_size) and returns a ``MemoryEstimate``. With crop
     the face crop is a square of at most the short side, so that square's working size is used.
     """
     from .audio import check_sample_rate, frame_counts
-    from .budget import HOST, MemoryEstimate, add_audio, add_decode, add_paste, add_sampler
+    from .budget import HOST, MemoryEstimate, add_audio, add_decode, add_paste, add_sampler, add_source_audio
     from .image import working_size
 
     h, w = image_hw
@@ -137,7 +158,7 @@ def estimate_run(image_hw: tuple[int, int], num_samples: int, sample_rate: int, 
         working_size(w, h, settings.min_resolution)
     check_sample_rate(sample_rate)
     frames = frame_counts(math.ceil(num_samples * SAMPLE_RATE / sample_rate), settings.max_seconds)[1]
-    est = add_audio(MemoryEstimate(frames), dtype, HOST)
+    est = add_source_audio(add_audio(MemoryEstimate(frames), dtype, HOST), num_samples, channels)
     add_sampler(est, size, dtype, device.type != "cpu")
     add_decode(est, size, SAMPLER_DEFAULTS.decode_chunk_size, RIFE_MULTIPLIER if settings.interpolate else 1)
     if getattr(settings, "paste_back", False):
@@ -152,7 +173,7 @@ def check_output_space(output: Path, image_hw: tuple[int, int], num_samples: int
     gives and the working size. Returns that estimate in bytes."""
     from .audio import frame_counts
     from .config import GENERATED_FPS, OUTPUT_FPS
-    from .face import working_size
+    from .image import working_size
     from .video import estimate_bytes
 
     h, w = image_hw

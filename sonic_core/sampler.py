@@ -121,6 +121,28 @@ def validate(settings: SamplerDefaults, num_frames: int) -> None:
                          "3 runs the three guidance branches in one UNet call, 1 one after another (less memory)")
 
 
+def check_face_mask(face_mask) -> None:
+    """Refuse a face mask that is all zero (or holds NaN), before any model loads.
+
+    The audio attention's output is multiplied by the mask (``audio_scale * M * Attn``), so an empty
+    mask gives exactly ``audio_scale = 0``: a video in which nothing follows the speech. That is
+    almost always a wiring slip (Load Image's mask of an opaque image is all zero), and the
+    deliberate case has its own control, so this is an error with advice, not a warning.
+    """
+    if not isinstance(face_mask, torch.Tensor) or face_mask.numel() == 0:
+        got = tuple(face_mask.shape) if isinstance(face_mask, torch.Tensor) else type(face_mask).__name__
+        raise ValueError(f"face_mask must be a MASK [1, H, W] marking the face, got {got}; connect Face Mask "
+                         "Detect's mask")
+    m = face_mask.detach()
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError("face_mask holds NaN or inf values; connect Face Mask Detect's mask (values 0..1)")
+    if not bool((m > 0).any()):
+        raise ValueError(f"face_mask {tuple(face_mask.shape)} is all zero: the audio acts only inside the face "
+                         "mask, so nothing would move with the speech. Connect Face Mask Detect's mask (Load "
+                         "Image's mask of an image without transparency is empty), or paint the face in the mask "
+                         "editor; to animate without the audio's motion on purpose, set audio_scale to 0")
+
+
 def auto_window_batch(
     free_bytes: int | None,
     height: int,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .interpolate import MULTIPLIERS, _double, interpolated_length
+from .interpolate import MULTIPLIERS, _double, check_frame_count, interpolated_length
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ def video_frames(vae, latents: torch.Tensor, chunk_size: int, rife: nn.Module | 
     chunks: Iterable[torch.Tensor] = decode_chunks(vae, latents, chunk_size)
     length = num
     if rife is not None:
-        if num < 2:
-            raise ValueError(f"RIFE needs at least 2 frames to interpolate, got {num}")
+        check_frame_count(num)
         length = interpolated_length(num, multiplier)
         pairs, n = 0, num
         for _ in range(multiplier.bit_length() - 1):  # each 2x pass interpolates n - 1 pairs

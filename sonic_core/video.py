@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .config import (
+    FRAME_RATE_MAX,
     AAC_FALLBACK_RATE,
     AAC_MIN_RATE,
     AUDIO_BITRATE,
@@ -69,7 +70,7 @@ Audio = tuple[torch.Tensor, int] | None  # (waveform [C,T] float, sample rate Hz
 
 BT709 = 1  # AVCOL_SPC / AVCOL_PRI / AVCOL_TRC value of ITU-R BT.709
 RANGE_LIMITED = 1  # AVCOL_RANGE_MPEG (16..235)
-MAX_FPS = 1000.0  # frames/s accepted
+MAX_FPS = FRAME_RATE_MAX  # frames/s accepted
 GIF_COLOURS = 256  # palette entries per GIF frame
 AUDIO_FRAME_SAMPLES = 1024  # samples per audio frame handed to an encoder without a fixed frame size
 PIX_FMTS = ("yuv420p", "yuv444p", "yuv420p10le")
@@ -306,17 +307,15 @@ def _pad_even(a: np.ndarray) -> np.ndarray:
 def _audio_array(audio: tuple[torch.Tensor, int]) -> tuple[np.ndarray, int]:
     """(waveform [C,T] float32 numpy with C in {1,2}, sample rate).
 
-    Integer PCM is converted (``pcm_to_float``); NaN/inf samples are an error; float samples
+    Integer PCM is converted (``audio.float_waveform``, the rule every AUDIO input uses); NaN/inf samples are an error; float samples
     beyond [-1, 1] are clipped with a warning that names the peak.
     """
-    from .audio import check_sample_rate, pcm_to_float
+    from .audio import check_sample_rate, float_waveform
 
     wave, sr = audio
     check_sample_rate(sr, "Video Combine audio:")
-    raw = wave.detach().to("cpu").numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
-    if raw.dtype.kind in "iub":
-        log.info("audio is %s PCM: converted to float", raw.dtype)
-    wave = torch.from_numpy(pcm_to_float(raw))
+    wave = float_waveform(wave if isinstance(wave, torch.Tensor) else np.asarray(wave))  # PCM -> float32
+    wave = wave.detach().to("cpu", torch.float32)
     if wave.ndim == 3:  # ComfyUI AUDIO [B,C,T]: first item
         wave = wave[0]
     if wave.ndim == 1:

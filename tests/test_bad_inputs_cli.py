@@ -39,12 +39,13 @@ def _run(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["--steps", "0"], r"--steps 0 must be a whole number >= 1"),
-    (["--window-batch", "-1"], r"--window-batch -1 must be a whole number >= 0"),  # 0 = auto
-    (["--max-seconds", "-1"], r"--max-seconds -1\.0 must be a finite number >= 0 \(0 = the whole audio\)"),
+    (["--steps", "0"], r"--steps 0 is out of range: must be a whole number from 1 to 1000"),
+    (["--window-batch", "-1"], r"--window-batch -1 is out of range: must be a whole number from 0 to 64"),
+    (["--max-seconds", "-1"], r"--max-seconds -1\.0 is out of range: must be a finite number from 0 to 36000 "
+                              r"\(0 = the whole audio\)"),
     (["--max-seconds", "inf"], r"--max-seconds inf must be a finite number"),
-    (["--dynamic-scale", "nan"], r"--dynamic-scale nan must be a finite number >= 0"),
-    (["--min-resolution", "8"], r"--min-resolution 8 must be a whole number >= 64"),
+    (["--dynamic-scale", "nan"], r"--dynamic-scale nan must be a finite number from 0 to 10"),
+    (["--min-resolution", "8"], r"--min-resolution 8 is out of range: must be a whole number from 64 to 4096"),
     (["--device", "bogus"], r"--device 'bogus' is not a device; use auto, cpu, cuda"),
     (["--device", "cuda:x"], r"--device 'cuda:x' is not a device"),
 ])

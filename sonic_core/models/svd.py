@@ -111,6 +111,10 @@ class SVDVAE:
         ``callback(done, total)`` (else the one ``self.progress`` gives) runs after every chunk."""
         if latents.ndim != 4:
             raise ValueError(f"VAE decode takes latents [frames, 4, h, w], got {tuple(latents.shape)}")
+        if latents.shape[1] != self.latent_channels:  # VAE Decode of another model's latent: say so, not a conv error
+            raise ValueError(f"the latent has {latents.shape[1]} channels (shape {tuple(latents.shape)}), but this "
+                             f"SVD-xt VAE decodes {self.latent_channels}-channel latents: connect the Sonic "
+                             "Sampler's latent (another model's latent needs that model's VAE)")
         chunk = int(chunk_size or self.decode_chunk_size)
         total = latents.shape[0]
         if callback is None and self.progress is not None:
