@@ -325,8 +325,15 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     scale = expected.abs().max().item() if expected.numel() else 0.0
     rel = err / scale if scale > 0 else err
+    if os.environ.get(TOL_LOG_ENV):  # measuring tolerances: one JSON line per comparison
+        with open(os.environ[TOL_LOG_ENV], "a") as f:
+            f.write(json.dumps(dict(test=os.environ.get("PYTEST_CURRENT_TEST", ""), what=what, rel=rel,
+                                    err=err, rtol=rtol, atol=atol)) + "\n")
     assert err <= rtol * scale + atol, f"{what}: max abs err {err:.3e} (rel {rel:.3e}) > rtol {rtol:g}"
     return rel
+
+
+TOL_LOG_ENV = "SONIC_TOL_LOG"  # a file: every assert_close_rel appends what it measured (tolerance audits)
 
 
 # ----------------------------------------------------------------------------------------------
