@@ -333,6 +333,28 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     return rel
 
 
+def with_weight_off(model: torch.nn.Module, factor: float = 1.01) -> torch.nn.Module:
+    """A copy of ``model`` whose last LayerNorm/GroupNorm weight (else its first weight) is ``factor``
+    x off: a key mis-assigned or cast wrongly, the planted bug a parity tolerance must catch."""
+    import copy
+
+    bad = copy.deepcopy(model)
+    norms = [m for m in bad.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+             and m.weight is not None]
+    weight = norms[-1].weight if norms else next(p for n, p in bad.named_parameters() if n.endswith("weight"))
+    with torch.no_grad():
+        weight.mul_(factor)
+    return bad
+
+
+def assert_planted_fails(bad: torch.Tensor, expected: torch.Tensor, rtol: float, what: str,
+                         margin: float = 10.0) -> float:
+    """A planted bug's output must miss ``expected`` by more than ``margin`` x the tolerance ``rtol``."""
+    rel = rel_err(bad, expected)
+    assert rel > margin * rtol, f"planted bug ({what}) is within {margin:g} x rtol {rtol:g}: rel {rel:.2e}"
+    return rel
+
+
 TOL_LOG_ENV = "SONIC_TOL_LOG"  # a file: every assert_close_rel appends what it measured (tolerance audits)
 
 
@@ -468,9 +490,10 @@ if __name__ == "__main__":  # python -m tests._golden derive VARIANT DEST_BASE |
     if args[:1] == ["derive-frame-cap"] and len(args) == 2:
         args = ["derive", "frame_cap", args[1]]
     if len(args) != 3 or args[0] != "derive" or args[1] not in VARIANTS:
-        raise SystemExit(f"usage: python -m tests._golden derive {{{','.join(VARIANTS)}}} DEST_BASE (no extension)")
+        raise SystemExit(f"usage: python -m tests._golden derive {{{','.join(VARIANTS)}}} DEST_BASE "
+                         "(no extension)")
     if not DEFAULT_GOLDEN.with_suffix(".json").exists():
         raise SystemExit(f"{DEFAULT_GOLDEN} is absent")
     spec = VARIANTS[args[1]]
-    print(derive_variant(Golden(DEFAULT_GOLDEN), Path(args[2]), spec.get("settings"), spec.get("frame_cap", False),
-                         label=f"public+{args[1]}"))
+    print(derive_variant(Golden(DEFAULT_GOLDEN), Path(args[2]), spec.get("settings"),
+                         spec.get("frame_cap", False), label=f"public+{args[1]}"))
