@@ -50,10 +50,22 @@ class Golden:
         return self.meta.get("case", self.base.name)
 
     def t(self, name: str) -> torch.Tensor:
+        self._skip_if_stale(name)
         return self._tensors[name]
 
     def has(self, name: str) -> bool:
-        return name in self._tensors
+        return name in self._tensors and self.stale_reason(name) is None
+
+    def stale_reason(self, name: str) -> str | None:
+        """Why ``name`` (a tensor, or ``scalars.<key>``) is no official output of this case's
+        settings (a variant derived with other self-consistency settings), or None."""
+        return self.meta.get("derived_from", {}).get("stale", {}).get(name)
+
+    def _skip_if_stale(self, name: str) -> None:
+        why = self.stale_reason(name)
+        if why is not None:
+            pytest.skip(f"golden case {self.name}: {name} is no official output for its settings ({why}); "
+                        "the parity check that reads it skips on this derived case")
 
     def weights(self, prefix: str) -> dict[str, torch.Tensor]:
         """State dict of one tiny model: ``weights.<prefix>.*`` with the prefix removed."""
@@ -64,9 +76,9 @@ class Golden:
     def models(self) -> dict:
         return self.meta["models"]
 
-    @property
+    @cached_property
     def scalars(self) -> dict:
-        return self.meta["scalars"]
+        return _Scalars(self, self.meta["scalars"])
 
     @property
     def pipeline_kwargs(self) -> dict:
@@ -78,12 +90,29 @@ class Golden:
 
     @cached_property
     def windows(self) -> list[dict]:
+        """The official windows as run (step, frames, sigma, ...): official outputs, so a derived case
+        with other window or schedule settings has none (the test skips); count with sampler.*."""
         return self.scalars["windows"]
 
     @cached_property
     def case(self) -> "CaseSettings":
         """Every setting of this case, read in full from ``process_args`` + ``config_overrides``."""
         return case_settings(self.meta)
+
+
+class _Scalars(dict):
+    """``meta["scalars"]`` whose stale entries (see Golden.stale_reason) skip the test that reads them."""
+
+    def __init__(self, golden: Golden, values: dict):
+        super().__init__(values)
+        self._golden = golden
+
+    def __getitem__(self, key):
+        self._golden._skip_if_stale(f"scalars.{key}")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,8 +325,37 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     scale = expected.abs().max().item() if expected.numel() else 0.0
     rel = err / scale if scale > 0 else err
+    if os.environ.get(TOL_LOG_ENV):  # measuring tolerances: one JSON line per comparison
+        with open(os.environ[TOL_LOG_ENV], "a") as f:
+            f.write(json.dumps(dict(test=os.environ.get("PYTEST_CURRENT_TEST", ""), what=what, rel=rel,
+                                    err=err, rtol=rtol, atol=atol)) + "\n")
     assert err <= rtol * scale + atol, f"{what}: max abs err {err:.3e} (rel {rel:.3e}) > rtol {rtol:g}"
     return rel
+
+
+def with_weight_off(model: torch.nn.Module, factor: float = 1.01) -> torch.nn.Module:
+    """A copy of ``model`` whose last LayerNorm/GroupNorm weight (else its first weight) is ``factor``
+    x off: a key mis-assigned or cast wrongly, the planted bug a parity tolerance must catch."""
+    import copy
+
+    bad = copy.deepcopy(model)
+    norms = [m for m in bad.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+             and m.weight is not None]
+    weight = norms[-1].weight if norms else next(p for n, p in bad.named_parameters() if n.endswith("weight"))
+    with torch.no_grad():
+        weight.mul_(factor)
+    return bad
+
+
+def assert_planted_fails(bad: torch.Tensor, expected: torch.Tensor, rtol: float, what: str,
+                         margin: float = 10.0) -> float:
+    """A planted bug's output must miss ``expected`` by more than ``margin`` x the tolerance ``rtol``."""
+    rel = rel_err(bad, expected)
+    assert rel > margin * rtol, f"planted bug ({what}) is within {margin:g} x rtol {rtol:g}: rel {rel:.2e}"
+    return rel
+
+
+TOL_LOG_ENV = "SONIC_TOL_LOG"  # a file: every assert_close_rel appends what it measured (tolerance audits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,11 +398,102 @@ def derive_frame_cap_case(src: Golden, dest_base: Path, extra_frames: int = 10) 
 SAMPLES_PER_25FPS = 640  # samples of 16 kHz audio in one 25 fps frame
 
 
-if __name__ == "__main__":  # python -m tests._golden derive-frame-cap DEST_BASE
+# ----------------------------------------------------------------------------------------------
+# Derived variants: the case with other self-consistency settings
+# ----------------------------------------------------------------------------------------------
+# The official outputs that depend on a setting (SPEC §8-§10): a variant that changes the setting
+# drops them (its parity tests skip); every input, weight and earlier output stays exact, so every
+# self-consistency test must pass on it. Names are prefixes of tensor names or ``scalars.<key>``.
+_LOOP_OUTPUTS = ("win.", "pipe.latents_after_step", "pipe.latents_final", "pipe.frames_decoded", "out.video",
+                 "scalars.windows")
+OUTPUTS_OF_SETTING = {
+    "i2i_noise_strength": _LOOP_OUTPUTS + ("pipe.timesteps", "pipe.guidance_scale1", "pipe.guidance_scale2",
+                                           "pipe.latents_init", "scalars.num_denoising_steps_run"),
+    "overlap": _LOOP_OUTPUTS,  # which frames each window holds
+    "shift_offset": _LOOP_OUTPUTS,
+}
+# The variants CI runs (.ci/run): each value a valid setting the public case does not have
+# (public: i2i 1.0, overlap 1 of a 4-frame window, shift 3, no effective frame cap).
+VARIANTS = {
+    "frame_cap": dict(frame_cap=True),
+    "i2i": dict(settings={"i2i_noise_strength": 0.75}),  # 3 steps -> int(3 x 0.75) = 2 run
+    "overlap": dict(settings={"overlap": 2}),  # stride 2: every frame in two windows
+    "shift0": dict(settings={"shift_offset": 0}),  # the same windows at every step
+    "settings": dict(frame_cap=True, settings={"i2i_noise_strength": 0.75, "overlap": 2, "shift_offset": 0}),
+}
+
+
+def derive_variant(src: Golden, dest_base: Path, settings: dict | None = None, frame_cap: bool = False,
+                   label: str | None = None) -> Path:
+    """Write ``dest_base``.json/.safetensors: ``src`` with ``config_overrides`` fields ``settings``
+    changed (only those OUTPUTS_OF_SETTING knows) and, with ``frame_cap``, an effective frame cap
+    (derive_frame_cap_case). The official outputs a changed setting would change are left out and
+    named in ``derived_from.stale``; Golden.t/scalars skip the test that asks for one."""
+    from safetensors.torch import save_file
+
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(OUTPUTS_OF_SETTING))
+    if unknown:
+        raise ValueError(f"derive_variant: no rule for which official outputs {unknown} change; "
+                         f"known: {sorted(OUTPUTS_OF_SETTING)}")
+    if frame_cap:
+        src = Golden(derive_frame_cap_case(src, dest_base))
+    meta = json.loads(json.dumps(src.meta))
+    tensors = dict(src._tensors)
+    stale = dict(meta.get("derived_from", {}).get("stale", {}))
+    changed = {}
+    for name, value in settings.items():
+        old = meta["config_overrides"].get(name)
+        if value == old:
+            raise ValueError(f"derive_variant: {name}={value!r} is already the case's value")
+        meta["config_overrides"][name] = value
+        changed[f"config_overrides.{name}"] = value
+        why = f"config_overrides.{name}={value!r}, the official outputs had {old!r}"
+        for key in list(tensors) + [f"scalars.{k}" for k in meta["scalars"]]:
+            if not key.startswith("weights.") and key.startswith(OUTPUTS_OF_SETTING[name]):
+                stale.setdefault(key, why)
+        if name in meta.get("effective_pipeline_kwargs", {}):  # the same name there for these three
+            meta["effective_pipeline_kwargs"][name] = value
+    for key in stale:  # dropped, so that no test can read a stale value by another way
+        if key.startswith("scalars."):
+            meta["scalars"].pop(key[len("scalars."):], None)
+        else:
+            tensors.pop(key, None)
+            meta.get("tensors", {}).pop(key, None)
+    meta["case"] = label or "+".join([src.name] + [f"{k}={v}" for k, v in settings.items()])
+    derived = dict(meta.get("derived_from", {"case": src.name}))
+    derived.update(changed)
+    derived["stale"] = stale
+    meta["derived_from"] = derived
+    settings_now = case_settings(meta)  # every field still read (and agreeing with effective kwargs)
+    _check_runs(settings_now)
+    dest_base.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest_base.with_suffix(".safetensors")))
+    dest_base.with_suffix(".json").write_text(json.dumps(meta))
+    return dest_base
+
+
+def _check_runs(c: CaseSettings) -> None:
+    """A variant's settings must be ones the official pipeline runs (never a case no test can honour)."""
+    if not 0 <= c.overlap < c.frames_per_window:
+        raise ValueError(f"overlap={c.overlap} must be in [0, frames_per_window={c.frames_per_window})")
+    if c.shift_offset < 0:
+        raise ValueError(f"shift_offset={c.shift_offset} must be >= 0")
+    if not 0 < c.i2i_strength <= 1 or int(c.steps * c.i2i_strength) < 1:
+        raise ValueError(f"i2i_noise_strength={c.i2i_strength} with steps={c.steps} runs no step")
+
+
+if __name__ == "__main__":  # python -m tests._golden derive VARIANT DEST_BASE | derive-frame-cap DEST_BASE
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "derive-frame-cap":
-        raise SystemExit("usage: python -m tests._golden derive-frame-cap DEST_BASE (no extension)")
+    args = sys.argv[1:]
+    if args[:1] == ["derive-frame-cap"] and len(args) == 2:
+        args = ["derive", "frame_cap", args[1]]
+    if len(args) != 3 or args[0] != "derive" or args[1] not in VARIANTS:
+        raise SystemExit(f"usage: python -m tests._golden derive {{{','.join(VARIANTS)}}} DEST_BASE "
+                         "(no extension)")
     if not DEFAULT_GOLDEN.with_suffix(".json").exists():
         raise SystemExit(f"{DEFAULT_GOLDEN} is absent")
-    print(derive_frame_cap_case(Golden(DEFAULT_GOLDEN), Path(sys.argv[2])))
+    spec = VARIANTS[args[1]]
+    print(derive_variant(Golden(DEFAULT_GOLDEN), Path(args[2]), spec.get("settings"),
+                         spec.get("frame_cap", False), label=f"public+{args[1]}"))

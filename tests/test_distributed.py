@@ -7,6 +7,7 @@ reference runs on rank 0 with the same thread count, so both take the same kerne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sonic_core import distributed
+from sonic_core import distributed, sampler
 from sonic_core.config import DIST_ERROR_EXIT
 from tests._golden import REPO, assert_same_math
 
@@ -217,12 +218,22 @@ def test_ranks_with_other_clips_are_refused(equal_runs):
 
 
 def test_two_ranks_equal_one_process_on_the_golden_case(equal_runs):
-    """The golden tiny case: its own 4 windows a step (2 + 2), and with overlap 0 (3 windows: 2 + 1)."""
+    """The golden tiny case: its own windows (public: 4 a step, 2 + 2), and with overlap 0 (public: 3, 2 + 1)."""
     if "golden" not in equal_runs[0]:
         pytest.skip("the golden case is absent (tests that need ../shared skip without it)")
+    from tests._golden import load_golden
+    from tests.test_sampler import golden_settings, steps_run
+
+    g = load_golden()
+    uneven = dataclasses.replace(golden_settings(g), overlap=0)  # the golden_uneven scenario
+    n_win = sampler.window_count(g.scalars["num_frames"], uneven)
+    assert n_win % 2 == 1, (f"golden case {g.name}: {n_win} windows a step at overlap 0 (frames_per_window="
+                            f"{uneven.frames_per_window}) split evenly; this test needs an odd count")
     _check_equal(equal_runs, "golden", "golden")
-    _check_equal(equal_runs, "golden_uneven", "golden, 3 windows on 2 ranks")
-    assert equal_runs[1]["golden_uneven"]["progress"][-1][1] == 3, "rank 1 ran 1 window in each of 3 steps"
+    _check_equal(equal_runs, "golden_uneven", f"golden, {n_win} windows on 2 ranks")
+    want = n_win // 2 * steps_run(uneven)  # rank 1's share of every step the schedule runs
+    assert equal_runs[1]["golden_uneven"]["progress"][-1][1] == want, \
+        f"rank 1 ran {n_win // 2} of {n_win} windows in each of {steps_run(uneven)} steps"
 
 
 # ----------------------------------------------------------------------------------------------

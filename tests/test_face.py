@@ -21,7 +21,7 @@ from sonic_core.image import to_u8
 from sonic_core.models import face_detector as fd
 from sonic_core.models import torchscript_check, torchscript_code
 from tests import _yoloface as yolo
-from tests._golden import load_json
+from tests._golden import assert_same_math, load_json
 
 BIG = 100.0  # logit whose sigmoid is exactly 1.0 in float32
 LOW = -100.0  # logit whose sigmoid is ~0 (cells without a face)
@@ -409,7 +409,7 @@ def test_yoloface_style_export_passes_the_check_and_detects_as_before(yolo_expor
         n = 3 * sum((x.shape[2] // s) * (x.shape[3] // s) for s in config.DETECTOR_STRIDES)
         assert raw.shape == (n, yolo.manifest()["network"]["outputs_per_anchor"])
         assert torch.allclose(raw, eager, rtol=1e-4, atol=1e-3)
-        assert torch.allclose(raw, before.raw(x), rtol=1e-5, atol=1e-4)
+        assert_same_math(raw, before.raw(x), f"{name}: checked loader vs plain torch.jit.load")  # one file
         _same_detections(checked.detect(img), before.detect(img))
 
 

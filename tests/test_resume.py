@@ -17,6 +17,7 @@ from sonic_core import sampler
 from sonic_core.config import SAMPLER_DEFAULTS
 from sonic_core.resume import PREFIX, ResumeStore
 from tests._golden import REPO, assert_same_math, rel_err, same_math_tol
+from tests.test_sampler import golden_settings, steps_run
 from tests.test_unet import TINY, TINY_HW, TINY_K, _tiny_unet
 
 FRAMES = 7
@@ -80,7 +81,7 @@ def test_state_of_other_inputs_is_never_used(unet, uninterrupted, tmp_path):
     with pytest.raises(Crash):
         _run(unet, store, inputs=other, crash_at=sampler.window_count(FRAMES, SETTINGS) + 1)
     out, calls = _run(unet, store)  # the original inputs: a full run
-    assert calls[0] == 1 and len(calls) == SETTINGS.steps * sampler.window_count(FRAMES, SETTINGS)
+    assert calls[0] == 1 and len(calls) == steps_run(SETTINGS) * sampler.window_count(FRAMES, SETTINGS)
     assert_same_math(out, uninterrupted, "fresh run beside another run's state")
     assert len(list(tmp_path.glob(f"{PREFIX}*"))) == 1, "the other run's state stays for that run"
     # planted bug: had the other state been used, the result would be far off
@@ -101,7 +102,7 @@ def test_state_of_other_weights_is_never_used(unet, uninterrupted, tmp_path):
             _run(other, store, crash_at=2 * n_win + 1)  # leaves a state after step 2
         assert len(list(tmp_path.glob(f"{PREFIX}*"))) == i + 1, "each model's state is its own"
     out, calls = _run(unet, store)
-    assert calls[0] == 1 and len(calls) == SETTINGS.steps * n_win, "the original weights start afresh"
+    assert calls[0] == 1 and len(calls) == steps_run(SETTINGS) * n_win, "the original weights start afresh"
     assert_same_math(out, uninterrupted, "fresh run beside other weights' states")
     resumed, calls = _run(fp8, store)  # and the fp8 run still finds its own state
     assert calls[0] == 2 * n_win + 1
@@ -186,9 +187,12 @@ def test_sampler_node_resumes_after_a_cancel(golden, tmp_path, monkeypatch):
     from tests.test_e2e_parity import _run_chain
 
     monkeypatch.setenv(runtime.RESUME_ENV, str(tmp_path / "states"))
+    s = golden_settings(golden)
+    n_win, n_run = sampler.window_count(golden.scalars["num_frames"], s), steps_run(s)
+    assert n_run >= 2, (f"golden case {golden.name} runs {n_run} denoising step (steps={s.steps}, "
+                        f"i2i_strength={s.i2i_strength}): a cancel in step 2 needs a case that runs 2 or more")
     want = _run_chain(golden, tmp_path / "a", replay=False)
     calls = {"n": 0}
-    n_win = len([w for w in golden.windows if w["step"] == 0])
 
     def cancel_in_step_2():
         calls["n"] += 1
@@ -204,5 +208,5 @@ def test_sampler_node_resumes_after_a_cancel(golden, tmp_path, monkeypatch):
     monkeypatch.setattr(smp, "euler_step", real)
     got = _run_chain(golden, tmp_path / "c", replay=False)
     assert not list((tmp_path / "states").glob(f"{PREFIX}*"))
-    assert sorted(got.steps) == list(range(1, golden.case.steps)), "the rerun must start at step 2"
+    assert sorted(got.steps) == list(range(1, n_run)), "the rerun must start at step 2"
     assert_same_math(got.latent["samples"], want.latent["samples"], "node: resumed vs uninterrupted")
