@@ -191,3 +191,43 @@ def test_pending_strings_cover_the_announced_additions():
     assert {"photo", "face_box", "video"} <= set(pend["SonicLatentToVideo"]["inputs"]) | set(
         pend["SonicLatentToVideo"]["outputs"])
     assert gen_docs.prose_file("SonicPasteBack", "en") and gen_docs.prose_file("SonicPasteBack", "zh")
+
+
+def _planted_paste_back(specs) -> dict:
+    """The specs as they will be after the issue-26 branches merge (names from the issue)."""
+    planted = copy.deepcopy(specs)
+    item = {"type": "IMAGE", "optional": False, "tooltip": "English.", "default": None, "min": None,
+            "max": None, "step": None, "choices": None, "picker": False}
+    planted["SonicPasteBack"] = {
+        "display_name": "Sonic Paste Back", "description": "Pastes the face back.", "category": "Sonic",
+        "inputs": [{**item, "name": n} for n in ("frames", "photo", "face_box", "feather", "region")],
+        "outputs": [{"index": 0, "name": "images", "type": "IMAGE", "tooltip": "Frames."}]}
+    planted["SonicLatentToVideo"]["inputs"] += [{**item, "name": "photo", "optional": True},
+                                                {**item, "name": "face_box", "optional": True}]
+    planted["SonicVideoCombine"]["outputs"].append({"index": 1, "name": "video", "type": "VIDEO",
+                                                    "tooltip": "The video."})
+    return planted
+
+
+def test_pending_strings_are_used_once_their_node_exists(specs, tmp_path, monkeypatch):
+    """After the merge the pending strings fill the new names: --check asks only for a review, and
+    --accept moves them into the main table, after which nothing is left to do for them."""
+    planted = _planted_paste_back(specs)
+    problems = gen_docs.zh_problems(planted, gen_docs.load_zh())
+    new = [p for p in problems if "SonicPasteBack" in p or ".photo" in p or ".face_box" in p or ".video" in p]
+    assert new and all("never reviewed" in p for p in new), problems
+    assert not [p for p in problems if "missing" in p], problems
+    zh_doc = gen_docs.render_doc("SonicPasteBack", planted["SonicPasteBack"], "zh",
+                                 gen_docs._merged_zh_node(gen_docs.load_zh(), "SonicPasteBack"))
+    assert "Sonic 贴回原图" in zh_doc and "`feather` 羽化" in zh_doc
+    defs = gen_docs.node_defs(planted, "zh", gen_docs.load_zh())
+    assert defs["SonicVideoCombine"]["outputs"]["1"]["name"] == "视频"
+
+    table = tmp_path / "zh.json"
+    table.write_text(gen_docs.ZH_TABLE.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setattr(gen_docs, "ZH_TABLE", table)
+    gen_docs.accept(planted, gen_docs.load_zh(), "all")
+    after = gen_docs.load_zh()
+    assert gen_docs.zh_problems(planted, after) == []
+    assert "SonicPasteBack" in after["nodes"] and "SonicPasteBack" not in after["_pending"]
+    assert "photo" in after["nodes"]["SonicLatentToVideo"]["inputs"]
