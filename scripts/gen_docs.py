@@ -280,7 +280,7 @@ def _default(item: dict, w: dict) -> str:
         return "true" if d else "false"
     if isinstance(d, str):
         return f"`{d}`" if d else '""'
-    return _num(d)
+    return repr(d) if isinstance(d, float) else str(d)
 
 
 def _range(item: dict, w: dict) -> str:
@@ -339,6 +339,25 @@ def prose_file(node_id: str, lang: str) -> Path | None:
     return None
 
 
+CJK_END = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef“”‘’…—]$")
+BLOCK_START = re.compile(r"^(#|- |\* |\||```|\d+\. |>)")
+
+
+def join_cjk_lines(text: str) -> str:
+    """Chinese prose is wrapped in the source; Markdown turns each line break into a space, which
+    shows between two Chinese characters. A line that ends in Chinese is joined to the next line of
+    the same paragraph or list item."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        body = line.strip()
+        if (out and body and out[-1].strip() and CJK_END.search(out[-1])
+                and not BLOCK_START.match(body)):
+            out[-1] += body if CJK_END.search(body[0]) else " " + body
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
 def render_doc(node_id: str, spec: dict, lang: str, zh: dict | None) -> str:
     """The help page of one node in one language (ValueError when its prose file is missing or bad)."""
     src = prose_file(node_id, lang)
@@ -347,6 +366,8 @@ def render_doc(node_id: str, spec: dict, lang: str, zh: dict | None) -> str:
         raise ValueError(f"{want.relative_to(REPO)} is missing: write the {lang} prose of {node_id} "
                          f"(with {PLACEHOLDERS[0]} and {PLACEHOLDERS[1]}) and run the generator again")
     prose = src.read_text(encoding="utf-8").strip()
+    if lang != "en":
+        prose = join_cjk_lines(prose)
     for mark in PLACEHOLDERS:
         if prose.count(mark) != 1:
             raise ValueError(f"{src.relative_to(REPO)} must hold {mark} exactly once")
