@@ -19,6 +19,7 @@ import torch
 
 from nodes import NODE_CLASS_MAPPINGS, nodes_long, nodes_video, runtime
 from tests.test_long_nodes import FRAMES, _audio, _run_segments, env, models  # noqa: F401 (fixtures)
+from tests.test_workflows import specs  # noqa: F401 (fixture)
 
 # Every node's outputs as released before issue 26 (type, name): saved workflows link to these slot
 # indices, so they stay first and in this order; new outputs are appended after them.
@@ -151,3 +152,23 @@ def test_requeue_refuses_a_prompt_without_the_segment_node(monkeypatch):
     srv = _server(monkeypatch, (3, "prompt-1", PROMPT, EXTRA, ["12"]))
     assert not runtime.queue_prompt_again("99", "segment_index", 1)
     assert not srv.prompt_queue.queued
+
+
+def test_workflows_saved_before_the_video_output_stay_valid(specs):  # noqa: F811 (the imported fixture)
+    """The shipped workflows list both outputs; one saved before issue 26 lists only 'filename' and is
+    still valid (its links keep their slots), while a saved output order that differs is caught."""
+    import json
+
+    from tests._workflows import check_ui
+    from tests.test_workflows import WORKFLOWS
+
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        wf = json.loads(path.read_text())
+        savers = [n for n in wf["nodes"] if n["type"] in ("SonicVideoCombine", "SonicLatentToVideo")]
+        assert savers and all([o["type"] for o in n["outputs"]] == ["STRING", "VIDEO"] for n in savers), path.name
+        for n in savers:
+            n["outputs"] = n["outputs"][:1]  # as saved before the VIDEO output
+        assert not check_ui(wf, specs), path.name
+        savers[0]["outputs"] = [{"name": "video", "type": "VIDEO", "links": None},
+                                {"name": "filename", "type": "STRING", "links": None}]
+        assert any("not a prefix" in p for p in check_ui(wf, specs)), path.name
