@@ -16,8 +16,8 @@ import torch
 
 from . import runtime
 from .nodes_paste import paste_inputs
-from .nodes_video import (AUDIO_INPUT, RIFE_BATCH_TIP, _load_rife, _rife_files, audio_track, file_inputs,
-                          file_metadata, rife_batch)
+from .nodes_video import (AUDIO_INPUT, RIFE_BATCH_TIP, VIDEO_TIP, _load_rife, _rife_files, audio_track,
+                          file_inputs, file_metadata, rife_batch, saved)
 from .runtime import core
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ class SonicLatentToVideo:
     CATEGORY = "Sonic"
     FUNCTION = "save"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("filename",)
-    OUTPUT_TOOLTIPS = ("Full path of the saved video file.",)
+    RETURN_TYPES = ("STRING", "VIDEO")
+    RETURN_NAMES = ("filename", "video")
+    OUTPUT_TOOLTIPS = ("Full path of the saved video file.", VIDEO_TIP)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -144,8 +144,7 @@ class SonicLatentToVideo:
         path, subfolder, name = _video.save_video(
             frames, runtime.output_dir(), filename_prefix, out_fps, audio=sound, format=format, crf=int(crf),
             pix_fmt=pix_fmt, metadata=file_metadata(prompt, extra_pnginfo), callback=progress.callback())
-        preview = {"filename": name, "subfolder": subfolder, "type": "output"}
-        return {"ui": {"images": [preview], "animated": (True,)}, "result": (path,)}
+        return saved(path, subfolder, name)
 
 
 def _job_key(samples: torch.Tensor, length: int, chunk: int) -> str:

@@ -105,6 +105,16 @@ def file_metadata(prompt, extra_pnginfo) -> dict:
     return metadata
 
 
+VIDEO_TIP = ("The saved file as ComfyUI's VIDEO, for core nodes such as Get Video Components or Save "
+             "Video. With segments, nodes after it run once, after the last segment, on the whole video.")
+
+
+def saved(path: str, subfolder: str, name: str) -> dict:
+    """A saving node's return: the file shown in the UI, its path (STRING) and the core VIDEO."""
+    preview = {"filename": name, "subfolder": subfolder, "type": "output"}
+    return {"ui": {"images": [preview], "animated": (True,)}, "result": (path, runtime.video_output(path))}
+
+
 # ----------------------------------------------------------------------------------------------
 # Segments of a long clip: appended to one open file across queue runs
 # ----------------------------------------------------------------------------------------------
@@ -173,11 +183,11 @@ def _append_segment(images, segment, fps, prefix, format, crf, pix_fmt, sound, m
         log.info("Video Combine: segment %d/%d appended (%d frames so far); %s", seg.index + 1, seg.count,
                  live.writer.frames, "the next one is queued" if queued else
                  f"run segment_index {seg.index + 1} next")
-        return {"ui": {"text": [f"segment {seg.index + 1}/{seg.count}"]}, "result": ("",)}
+        return {"ui": {"text": [f"segment {seg.index + 1}/{seg.count}"]},
+                "result": ("", runtime.video_not_ready())}  # no file yet: nodes after VIDEO wait
     del _live[job]
     path, subfolder, name = live.writer.close()
-    preview = {"filename": name, "subfolder": subfolder, "type": "output"}
-    return {"ui": {"images": [preview], "animated": (True,)}, "result": (path,)}
+    return saved(path, subfolder, name)
 
 
 RIFE_BATCH_TIP = ("Frame pairs RIFE computes together; 0 = as many as the free memory of RIFE's device "
@@ -253,9 +263,10 @@ class SonicVideoCombine:
     CATEGORY = "Sonic"
     FUNCTION = "combine"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("filename",)
-    OUTPUT_TOOLTIPS = ("Full path of the saved video file.",)
+    RETURN_TYPES = ("STRING", "VIDEO")
+    RETURN_NAMES = ("filename", "video")
+    OUTPUT_TOOLTIPS = ("Full path of the saved video file (empty after a segment that is not the last).",
+                       VIDEO_TIP)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -291,8 +302,7 @@ class SonicVideoCombine:
         path, subfolder, name = _video.save_video(
             images, runtime.output_dir(), filename_prefix, float(frame_rate), audio=sound, format=format,
             crf=int(crf), pix_fmt=pix_fmt, metadata=metadata, callback=progress.callback())
-        preview = {"filename": name, "subfolder": subfolder, "type": "output"}
-        return {"ui": {"images": [preview], "animated": (True,)}, "result": (path,)}
+        return saved(path, subfolder, name)
 
 
 NODE_CLASS_MAPPINGS = {"SonicFrameInterpolate": SonicFrameInterpolate, "SonicVideoCombine": SonicVideoCombine}

@@ -7,6 +7,7 @@ same calls fall back to plain torch, so the node classes import and run anywhere
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -193,6 +194,47 @@ def latent_previewer() -> Callable[[torch.Tensor], Any] | None:
     if previewer is None:
         return None
     return lambda latents: previewer.decode_latent_to_preview_image("JPEG", latents[:1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The core VIDEO type (comfy_api's VideoInput: SaveVideo, GetVideoComponents, CreateVideo)
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VideoFile:
+    """The VIDEO output where ComfyUI's own type is absent (tests, scripts, a ComfyUI older than
+    comfy_api): the saved file's path, with the one call of comfy_api's VideoFromFile that reads it."""
+
+    path: str
+
+    def get_stream_source(self) -> str:
+        return self.path
+
+
+def video_output(path: str) -> Any:
+    """The core VIDEO value of a saved video file: comfy_api's ``VideoFromFile(path)`` (imported as
+    ``comfy_api.input_impl.VideoFromFile`` in ComfyUI 0.3.64 and 0.8.0), else a ``VideoFile``. Both
+    only hold the path: the frames are read when a later node asks for them."""
+    if COMFY:
+        try:
+            from comfy_api.input_impl import VideoFromFile  # type: ignore
+        except ImportError:  # a ComfyUI from before the VIDEO type
+            log.debug("comfy_api.input_impl.VideoFromFile is absent: VIDEO output is a plain VideoFile")
+        else:
+            return VideoFromFile(path)
+    return VideoFile(path)
+
+
+def video_not_ready() -> Any:
+    """The VIDEO output of a run that has no file yet (a segment before the last one of a clip): with
+    ComfyUI a silent ExecutionBlocker, so the nodes after the VIDEO output skip that run and run once,
+    after the last segment, on the whole video; None without ComfyUI."""
+    if COMFY:
+        try:
+            from comfy_execution.graph_utils import ExecutionBlocker  # type: ignore
+        except ImportError:
+            return None
+        return ExecutionBlocker(None)  # None: blocked without an error message
+    return None
 
 
 class _Holder(torch.nn.Module):

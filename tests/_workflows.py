@@ -187,6 +187,10 @@ def check_ui(workflow: dict, specs: dict[str, dict]) -> list[str]:
             probs.append(f"link {lid}: output {src_slot} of node {src} does not list it")
     for node in nodes.values():
         spec = specs[node["type"]]
+        # a saved node lists the outputs its node had then: a prefix of today's (outputs are only appended)
+        saved = [o.get("type") for o in node.get("outputs") or []]
+        if len(saved) > len(spec["output"]) or not all(map(types_match, saved, spec["output"])):
+            probs.append(f"node {node['id']} ({node['type']}): outputs {saved} are not a prefix of {spec['output']}")
         entries = {n: (e, r) for n, e, r in ordered_inputs(spec)}
         for inp in node.get("inputs", []):
             if inp.get("link") is not None and inp["link"] not in links:
