@@ -200,12 +200,20 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
 
     from .image import check_image_size, pil_pixels
 
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"image {path} is a folder; give an image file (png, jpg, webp)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"image {path} is empty (0 bytes): an interrupted download or copy? Download or "
+                         "copy it again")
     try:
         with warnings.catch_warnings():  # Pillow only warns below twice its limit: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
+    except PermissionError as e:
+        raise PermissionError(e.errno, f"image {path} cannot be opened ({e.strerror}): give this user read "
+                                       "permission or copy the image somewhere readable") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"image {path} refused: {e} Resize it to a portrait of a few megapixels "
                          "(the model works at 512 px)") from None

@@ -343,6 +343,24 @@ def test_damaged_images_name_the_file_and_what_to_do(tmp_path, capsys, voice, ma
     assert took < 10 and sorted(os.listdir(tmp_path)) == [name]
 
 
+def test_empty_file_and_folder_instead_of_an_image(tmp_path, capsys, voice):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "folder.png").mkdir()
+    code, err, _ = _cli(capsys, tmp_path / "empty.png", tmp_path / "o.mp4", voice)
+    assert code == 2 and "empty.png is empty (0 bytes)" in err and "copy it again" in err, err
+    code, err, _ = _cli(capsys, tmp_path / "folder.png", tmp_path / "o.mp4", voice)
+    assert code == 2 and "folder.png is a folder; give an image file" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["empty.png", "folder.png"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_image_says_permission(tmp_path, capsys, voice):
+    path = _jpeg(tmp_path / "locked.jpg")
+    path.chmod(0)
+    code, err, _ = _cli(capsys, path, tmp_path / "o.mp4", voice)
+    assert code == 2 and "locked.jpg cannot be opened" in err and "read permission" in err, err
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. Face Mask Detect with Load Image's 64x64 placeholder mask
 # ----------------------------------------------------------------------------------------------
