@@ -416,7 +416,8 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     store = ResumeStore(state_dir or output.parent / f".{output.name}.resume", resume=resume)
     sonic_audio = audio_mod.encode_audio(models, wave, rate, settings.max_seconds, callback=stage("audio"),
                                          out_device=torch.device("cpu"))
-    found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop)
+    found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop,
+                                  mask_name=f"the transparency of {Path(image_path).name}")
     ref_image, ref_mask = found.image[None], found.mask[None]  # [1,h,w,3], [1,h,w]
     embeds = motion.reference_embeds(clip, ref_image, settings.min_resolution)
     sonic_motion = motion.predict_motion(models.load("audio2bucket"), sonic_audio, embeds,
