@@ -93,11 +93,11 @@ MASK_BOX_THRESHOLD = 0.5  # MASK values above this mark the face when a box is t
 U16_MAX = 65535  # 16-bit full scale: 16-bit greyscale PNG/TIFF (PIL modes I;16, I) read as x = v / 65535
 # An alpha channel (or a MASK input) marks the face only when it plausibly is a face mask
 # (sonic_core.face.judge_mask): one region, of plausible size, not covering much of the border.
-MASK_FACE_MIN_SIDE_FRACTION = 0.05  # a face region's box: short side >= this x the image's short side (else a speck)
+MASK_FACE_MIN_SIDE_FRACTION = 0.05  # a face region's box: short side >= this x the image's (else a speck)
 MASK_FACE_MAX_AREA_FRACTION = 0.9  # a face region's box covers at most this share of the image's area
-MASK_CUTOUT_BORDER_FRACTION = 0.3  # transparent on more than this share of the image border: a background cut-out
+MASK_CUTOUT_BORDER_FRACTION = 0.3  # marked on more than this share of the image border: a background cut-out
 MASK_GRID_SIDE = 128  # cells on the long side of the grid on which separate regions are counted
-CUTOUT_BACKGROUND = 1.0  # grey level (0..1) a cut-out is composited onto before detection: white, a studio backdrop
+CUTOUT_BACKGROUND = 1.0  # grey level (0..1) a cut-out is composited onto: white, as a studio backdrop
 
 # paste-back (issue 23, sonic_core/image.PasteBack): generated crop frames blended into the whole photo
 PASTE_REGIONS = ("crop", "face")  # blended area: the whole crop square, or the face box scaled by PASTE_FACE_SCALE

@@ -264,13 +264,15 @@ def detect_largest_face(detector, image: torch.Tensor, confidence: float = confi
 def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | None = None,
                      crop: bool = True, expand_ratio: float = config.CROP_EXPAND_RATIO,
                      mask_area: float = config.MASK_AREA, on_no_face: str = "error",
-                     confidence: float = config.DETECTOR_CONFIDENCE) -> FaceMaskResult:
+                     confidence: float = config.DETECTOR_CONFIDENCE,
+                     mask_name: str = "the mask") -> FaceMaskResult:
     """Find the face, optionally crop a square around it, and build the face mask.
 
     image: ComfyUI image (see ``to_rgb``). detector: a ``YoloFaceDetector`` or None. mask: an
     optional ``[H, W]`` / ``[B, H, W]`` MASK whose bounding box marks the face (wins over the
-    detector). Returns the (cropped) image ``[h, w, 3]``, its mask ``[h, w]`` and the face box in
-    its pixels.
+    detector) when ``judge_mask`` finds it a face mask; a cut-out is composited onto a plain
+    background first; ``mask_name`` names it in the log and in errors. Returns the (cropped) image
+    ``[h, w, 3]``, its mask ``[h, w]`` and the face box in its pixels.
     """
     if on_no_face not in ON_NO_FACE:
         raise ValueError(f"on_no_face={on_no_face!r}; choose one of {ON_NO_FACE}")
@@ -284,7 +286,7 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
     box, verdict = None, None
     if mask is not None:
         m = mask[0] if mask.ndim == 3 else mask  # [H, W]
-        verdict = judge_mask(m, "the mask")
+        verdict = judge_mask(m, mask_name)
         if verdict.kind != "none" and tuple(m.shape) != (h, w):
             raise ValueError(f"face mask is {m.shape[-1]}x{m.shape[-2]} but the image is {w}x{h}: "
                              "draw the mask on this image")

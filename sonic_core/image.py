@@ -138,8 +138,8 @@ def pil_pixels(im) -> tuple[np.ndarray, np.ndarray | None]:
     elif mode == "F":
         grey = np.asarray(im, dtype=np.float32)  # [H,W]
         if not np.isfinite(grey).all():
-            raise ValueError(f"the float (mode F) image has {int((~np.isfinite(grey)).sum())} NaN or infinite "
-                             "pixels: re-export it")
+            bad = int((~np.isfinite(grey)).sum())
+            raise ValueError(f"the float (mode F) image has {bad} NaN or infinite pixels: re-export it")
         peak = float(grey.max()) if grey.size else 0.0
         scale = next(s for s in (1.0, float(U8_MAX), float(U16_MAX), max(peak, 1.0)) if peak <= s)
         if scale != 1.0:

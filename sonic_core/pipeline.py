@@ -205,12 +205,20 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
 
     from .image import check_image_size, pil_pixels
 
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"image {path} is a folder; give an image file (png, jpg, webp)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"image {path} is empty (0 bytes): an interrupted download or copy? Download or "
+                         "copy it again")
     try:
         with warnings.catch_warnings():  # Pillow only warns below twice its limit: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
+    except PermissionError as e:
+        raise PermissionError(e.errno, f"image {path} cannot be opened ({e.strerror}): give this user read "
+                                       "permission or copy the image somewhere readable") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"image {path} refused: {e} Resize it to a portrait of a few megapixels "
                          "(the model works at 512 px)") from None
@@ -433,7 +441,8 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     store = ResumeStore(state_dir or output.parent / f".{output.name}.resume", resume=resume)
     sonic_audio = audio_mod.encode_audio(models, wave, rate, settings.max_seconds, callback=stage("audio"),
                                          out_device=torch.device("cpu"))
-    found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop)
+    found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop,
+                                  mask_name=f"the transparency of {Path(image_path).name}")
     paste = image_mod.PasteBack(image, found.box, settings.paste_feather, settings.paste_region) \
         if settings.paste_back else None
     ref_image, ref_mask = found.image[None], found.mask[None]  # [1,h,w,3], [1,h,w]

@@ -192,7 +192,7 @@ def check_output_space(output: Path, image_hw: tuple[int, int], num_samples: int
         return need  # the write probe (check_output) already passed; the late error is clear too
     if free < need:
         raise OSError(errno.ENOSPC, f"cannot write the output {output}: the video needs at least about "
-                                    f"{need / 2**20:.1f} MiB ({frames} frames of {width}x{height} px at {fps:g} "
-                                    f"fps) and {folder} has {free / 2**20:.1f} MiB free: free space there or "
-                                    "choose another -o")
+                                    f"{need / 2**20:.1f} MiB ({frames} frames of {width}x{height} px at "
+                                    f"{fps:g} fps) and {folder} has {free / 2**20:.1f} MiB free: free space "
+                                    "there or choose another -o")
     return need

@@ -52,7 +52,8 @@ def voice(tmp_path_factory) -> Path:
 
 def _cli(capsys, image: Path, out: Path, voice: Path) -> tuple[int, str, float]:
     t0 = time.perf_counter()
-    code = cli.main(["-q", "animate", str(image), str(voice), "-o", str(out), "--models", str(out.parent / "none")])
+    code = cli.main(["-q", "animate", str(image), str(voice), "-o", str(out),
+                     "--models", str(out.parent / "none")])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return code, err, time.perf_counter() - t0
@@ -216,7 +217,7 @@ def test_cutout_is_composited_and_detected(tmp_path, capsys, caplog, voice, node
     assert box.source == "detector" and [box.x, box.y, box.w, box.h] == [94.0, 46.5, 60.0, 75.0]
     assert torch.equal(out[0, 2, 2], torch.ones(3)) and "composited onto a plain background" in caplog.text
     assert torch.equal(out[0, H // 2, W // 2], image[0, H // 2, W // 2])  # the person is untouched
-    with pytest.raises(ValueError, match=r"a transparent background \(a cut-out\), not a face mask.*detector"):
+    with pytest.raises(ValueError, match=r"background \(a cut-out\), not a face mask.*detector"):
         node(image, mask, detector="none")
 
 
@@ -281,7 +282,8 @@ def test_too_small_image_is_refused_first(tmp_path, capsys, voice, size):
     Image.new("RGB", size, (128, 100, 90)).save(path)
     code, err, took = _cli(capsys, path, tmp_path / "o.mp4", voice)
     w, h = size
-    assert code == 2 and f"small.png is {w}x{h} px; both sides must be at least {config.MIN_IMAGE_SIDE} px" in err
+    least = config.MIN_IMAGE_SIDE
+    assert code == 2 and f"small.png is {w}x{h} px; both sides must be at least {least} px" in err
     assert took < 10 and sorted(os.listdir(tmp_path)) == ["small.png"]
 
 
@@ -341,6 +343,24 @@ def test_damaged_images_name_the_file_and_what_to_do(tmp_path, capsys, voice, ma
     assert took < 10 and sorted(os.listdir(tmp_path)) == [name]
 
 
+def test_empty_file_and_folder_instead_of_an_image(tmp_path, capsys, voice):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "folder.png").mkdir()
+    code, err, _ = _cli(capsys, tmp_path / "empty.png", tmp_path / "o.mp4", voice)
+    assert code == 2 and "empty.png is empty (0 bytes)" in err and "copy it again" in err, err
+    code, err, _ = _cli(capsys, tmp_path / "folder.png", tmp_path / "o.mp4", voice)
+    assert code == 2 and "folder.png is a folder; give an image file" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["empty.png", "folder.png"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_image_says_permission(tmp_path, capsys, voice):
+    path = _jpeg(tmp_path / "locked.jpg")
+    path.chmod(0)
+    code, err, _ = _cli(capsys, path, tmp_path / "o.mp4", voice)
+    assert code == 2 and "locked.jpg cannot be opened" in err and "read permission" in err, err
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. Face Mask Detect with Load Image's 64x64 placeholder mask
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +369,8 @@ def test_load_image_placeholder_mask_leaves_it_to_the_detector(node, caplog):
     placeholder = torch.zeros(1, 64, 64)  # what Load Image outputs for an image without alpha
     with caplog.at_level(logging.INFO, logger="sonic_core.face"):
         _, _, box = node(image, placeholder)
-    assert box.source == "detector" and "the mask is empty" in caplog.text and "the face detector runs" in caplog.text
+    assert box.source == "detector"
+    assert "the mask is empty" in caplog.text and "the face detector runs" in caplog.text
     with pytest.raises(ValueError, match=r"no face found.*the mask is empty") as e:
         node(image, placeholder, detector="none")
     assert "draw the mask on this image" not in str(e.value)
@@ -430,7 +451,8 @@ except OSError as e:
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.stdout.startswith(f"{errno.EFBIG} "), run.stdout + run.stderr
-    assert f"cannot write the video {tmp_path / 'o.mp4'}: the file size limit (ulimit -f) was reached" in run.stdout
+    out = tmp_path / "o.mp4"
+    assert f"cannot write the video {out}: the file size limit (ulimit -f) was reached" in run.stdout
     assert os.listdir(tmp_path) == []
 
 
@@ -440,19 +462,21 @@ def test_cutout_runs_through_the_detector_and_a_late_full_disk_is_clear(tmp_path
     disk that passes the up-front floor but not the real video fails at encoding, naming -o."""
     from tests.test_face import TinyYoloFace, plant
 
-    disk = small_disk(48)  # over the run's floor (about 40 KiB with the audio), under the real video (119 KiB)
+    disk = small_disk(48)  # over the run's floor (~40 KiB with the audio), under the real video (119 KiB)
     models = selftest.write_tiny_models(tmp_path / "models")
     torch.jit.save(torch.jit.script(TinyYoloFace(torch.stack([plant(1, 1, 10, 15)]))), str(models / DETECTOR))
     image = tmp_path / "cutout.png"
     _portrait(alpha_bg=0, size=selftest.SELFTEST_IMAGE).save(image)
     voice = selftest.write_voice(tmp_path / "v.wav")
     out = disk / "talk.mp4"
-    run = subprocess.run([sys.executable, "-m", "sonic_core", "animate", str(image), str(voice), "-o", str(out),
-                          "--models", str(models), "--device", "cpu", "--steps", "2", "--min-resolution", "128",
-                          "--window-batch", "2", "--state-dir", str(tmp_path / "state")],
+    run = subprocess.run([sys.executable, "-m", "sonic_core", "animate", str(image), str(voice),
+                          "-o", str(out), "--models", str(models), "--device", "cpu", "--steps", "2",
+                          "--min-resolution", "128", "--window-batch", "2",
+                          "--state-dir", str(tmp_path / "state")],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     err = run.stderr
-    assert "a transparent background (a cut-out), not a face mask: composited onto a plain background" in err
+    assert ("the transparency of cutout.png is marked on" in err
+            and "(a cut-out), not a face mask: composited onto a plain background" in err)
     assert "face detector: 1 face(s)" in err and "Traceback" not in err, err
     assert run.returncode == 2 and f"cannot write the video {out}: the disk is full after" in err, err
     assert ".partial" not in err and os.listdir(disk) == []
