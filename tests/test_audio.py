@@ -237,8 +237,10 @@ def test_bad_max_seconds_and_missing_fields(sonic_model):
     one_second = torch.zeros(1, 1, 16000)
     with pytest.raises(ValueError, match="max_seconds 0.05"):
         encode(sonic_model, one_second, 16000, 0.05)
-    with pytest.raises(ValueError, match="max_seconds must be"):
-        encode(sonic_model, one_second, 16000, -1.0)
+    with pytest.raises(ValueError, match=r"max_seconds -1.0 is out of range: must be a finite number from 0 to"):
+        encode(sonic_model, one_second, 16000, -1.0)  # the node's own range (config.LIMITS)
+    with pytest.raises(ValueError, match="max_seconds must be"):  # sonic_core's check, for Python callers
+        A.encode_audio(sonic_model, one_second, 16000, float("nan"))
     with pytest.raises(ValueError, match="Load Audio"):
         SonicWhisperAudioEncode().encode(sonic_model, {"waveform": one_second}, 0.0)
 

@@ -388,7 +388,7 @@ def test_nan_scale_into_motion_node_names_the_widget():
 
     from nodes.nodes_motion import SonicMotionBucketPredict
 
-    with pytest.raises(ValueError, match=r"head_motion_scale=nan must be a number >= 0"):
+    with pytest.raises(ValueError, match=r"head_motion_scale nan must be a finite number from 0 to 10"):
         SonicMotionBucketPredict().predict(None, SimpleNamespace(bucket_windows=None), None, None,
                                            head_motion_scale=float("nan"))
 

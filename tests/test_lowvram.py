@@ -339,7 +339,7 @@ def test_sampler_node_guidance_rows_input(monkeypatch):
     motion = SimpleNamespace(buckets=torch.zeros(4, 2))
     image = torch.zeros(1, 64, 64, 3)
     run = lambda **kw: nodes_sampler.SonicSampler().sample(  # noqa: E731
-        model, None, None, image, torch.zeros(1, 64, 64), audio, motion, steps=1, min_resolution=64,
+        model, None, None, image, torch.ones(1, 64, 64), audio, motion, steps=1, min_resolution=64,
         frames_per_window=4, **kw)
     run()  # a saved workflow without the input: auto (CPU: the official 3 rows)
     assert seen == {"rows": 3, "window_batch": 1}
