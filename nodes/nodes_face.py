@@ -71,7 +71,8 @@ class SonicFaceMaskDetect:
     OUTPUT_TOOLTIPS = (
         "The cropped image (or the original when crop is off / no face was found).",
         "Face region of that image: 1 inside the face box scaled by mask_area, 0 outside.",
-        "Face box (x, y, w, h in output-image pixels, source, score, crop) for inspection.",
+        "Face box (x, y, w, h in output-image pixels, source, score, crop): connect it to Sonic Paste Back or "
+        "Latent To Video to paste the animation back into the photo.",
     )
     FUNCTION = "detect"
     CATEGORY = "Sonic"
