@@ -385,8 +385,10 @@ def derive_frame_cap_case(src: Golden, dest_base: Path, extra_frames: int = 10) 
     meta["config_overrides"]["frame_num"] = audio_len
     meta["scalars"]["num_samples"] = wav.numel() + pad
     meta["inputs"]["audio_seconds"] = (wav.numel() + pad) / meta["inputs"]["sample_rate"]
-    meta["derived_from"] = {"case": src.name, "waveform_zero_padding_samples": pad,
-                            "config_overrides.frame_num": audio_len}
+    prior = src.meta.get("derived_from", {})  # a variant's own changes (and stale outputs) stay
+    padded = prior.get("waveform_zero_padding_samples", 0) + pad
+    meta["derived_from"] = {**prior, "case": prior.get("case", src.name),
+                            "waveform_zero_padding_samples": padded, "config_overrides.frame_num": audio_len}
     tensors = dict(src._tensors)
     tensors["input.waveform"] = torch.cat([wav, wav.new_zeros(pad)])  # [T + pad]
     dest_base.parent.mkdir(parents=True, exist_ok=True)
@@ -436,6 +438,13 @@ def derive_variant(src: Golden, dest_base: Path, settings: dict | None = None, f
     if unknown:
         raise ValueError(f"derive_variant: no rule for which official outputs {unknown} change; "
                          f"known: {sorted(OUTPUTS_OF_SETTING)}")
+    trial = json.loads(json.dumps(src.meta))
+    for name, value in settings.items():
+        if value == trial["config_overrides"].get(name):
+            raise ValueError(f"derive_variant: {name}={value!r} is already the case's value")
+        trial["config_overrides"][name] = value
+        trial.get("effective_pipeline_kwargs", {}).pop(name, None)
+    _check_runs(case_settings(trial))  # before anything is written
     if frame_cap:
         src = Golden(derive_frame_cap_case(src, dest_base))
     meta = json.loads(json.dumps(src.meta))
@@ -444,8 +453,6 @@ def derive_variant(src: Golden, dest_base: Path, settings: dict | None = None, f
     changed = {}
     for name, value in settings.items():
         old = meta["config_overrides"].get(name)
-        if value == old:
-            raise ValueError(f"derive_variant: {name}={value!r} is already the case's value")
         meta["config_overrides"][name] = value
         changed[f"config_overrides.{name}"] = value
         why = f"config_overrides.{name}={value!r}, the official outputs had {old!r}"
@@ -465,8 +472,7 @@ def derive_variant(src: Golden, dest_base: Path, settings: dict | None = None, f
     derived.update(changed)
     derived["stale"] = stale
     meta["derived_from"] = derived
-    settings_now = case_settings(meta)  # every field still read (and agreeing with effective kwargs)
-    _check_runs(settings_now)
+    case_settings(meta)  # every field still read, and agreeing with effective_pipeline_kwargs
     dest_base.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest_base.with_suffix(".safetensors")))
     dest_base.with_suffix(".json").write_text(json.dumps(meta))

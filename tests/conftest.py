@@ -25,6 +25,21 @@ if os.environ.get(THREADS_ENV):
 logging.getLogger("sonic_core").setLevel(logging.INFO)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--golden-only", action="store_true",
+                     help="run only the tests that read the golden case (the `golden` fixture or the golden "
+                          "marker): CI's passes on derived variants of it (tests/_golden.py VARIANTS)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--golden-only"):
+        return
+    keep = [i for i in items if "golden" in getattr(i, "fixturenames", ()) or i.get_closest_marker("golden")]
+    kept = {id(i) for i in keep}
+    config.hook.pytest_deselected(items=[i for i in items if id(i) not in kept])
+    items[:] = keep
+
+
 def pytest_report_header(config):
     return (f"sonic kernels: ATen {torch.backends.cpu.get_cpu_capability()} "
             f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')!s}), "

@@ -217,6 +217,7 @@ def test_ranks_with_other_clips_are_refused(equal_runs):
         assert "do not run the same clip" in err and ("frames 12 vs 11" in err or "frames 11 vs 12" in err)
 
 
+@pytest.mark.golden
 def test_two_ranks_equal_one_process_on_the_golden_case(equal_runs):
     """The golden tiny case: its own windows (public: 4 a step, 2 + 2), and with overlap 0 (public: 3, 2 + 1)."""
     if "golden" not in equal_runs[0]:

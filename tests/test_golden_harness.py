@@ -87,3 +87,52 @@ def test_frame_cap_case_needs_the_cap(golden, tmp_path, model_dir, monkeypatch):
     assert A.frame_counts(capped.t("input.waveform").numel(), capped.case.max_seconds)[0] == out.audio_len
     assert torch.equal(capped.t("input.waveform")[: golden.t("input.waveform").numel()],
                        golden.t("input.waveform"))  # a copy plus zeros
+
+
+def _other_settings(c) -> dict:
+    """Self-consistency settings unlike case ``c``'s own, each valid for it."""
+    out = {"overlap": (c.overlap + 1) % c.frames_per_window, "shift_offset": 0 if c.shift_offset else 1}
+    i2i = 0.75 if c.i2i_strength == 1.0 else 1.0
+    if int(c.steps * i2i) >= 1:
+        out["i2i_noise_strength"] = i2i
+    return out
+
+
+def test_derived_variant_drops_the_outputs_its_settings_change(golden, tmp_path):
+    """A variant (tests/_golden.py VARIANTS) holds its new settings and only official outputs that
+    still hold for them: a test asking for another one skips (parity), never compares a stale one."""
+    from tests._golden import derive_variant
+
+    other = _other_settings(golden.case)
+    v = Golden(derive_variant(golden, tmp_path / "v", other, frame_cap=True))
+    c = v.case
+    assert (c.overlap, c.shift_offset) == (other["overlap"], other["shift_offset"])
+    assert c.i2i_strength == other.get("i2i_noise_strength", golden.case.i2i_strength)
+    assert c.frame_cap == golden.scalars["audio_len"] and c.steps == golden.case.steps
+    for name in ("pipe.latents_final", "win.s0.b0.unet_out", "out.video"):
+        assert not v.has(name) and "config_overrides." in v.stale_reason(name)
+        with pytest.raises(pytest.skip.Exception, match=name):
+            v.t(name)
+    with pytest.raises(pytest.skip.Exception, match="scalars.windows"):
+        v.windows
+    for name in ("input.latents_noise", "pipe.image_latents", "tokens.cond", "pipe.sigmas"):
+        assert v.has(name) and torch.equal(v.t(name), golden.t(name)), name
+    assert v.scalars["num_frames"] == golden.scalars["num_frames"]
+    # one setting alone drops only what it changes: overlap keeps the schedule
+    o = Golden(derive_variant(golden, tmp_path / "o", {"overlap": other["overlap"]}))
+    assert o.has("pipe.timesteps") == golden.has("pipe.timesteps") and not o.has("pipe.latents_final")
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"n_sample_frames": 5}, "n_sample_frames"),  # no rule for which outputs it changes
+    ({"overlap": 4}, "overlap=4"),  # not below the 4-frame window
+    ({"i2i_noise_strength": 0.2}, "i2i_noise_strength=0.2 with steps=3 runs no step"),
+])
+def test_derived_variant_refuses_settings_no_test_can_honour(golden, tmp_path, settings, match):
+    from tests._golden import derive_variant
+
+    if golden.case.frames_per_window != 4 or golden.case.steps != 3:
+        pytest.skip("the values are chosen for the public case (a 4-frame window, 3 steps)")
+    with pytest.raises(ValueError, match=match):
+        derive_variant(golden, tmp_path / "bad", settings)
+    assert not list(tmp_path.iterdir()), "nothing half-written"
