@@ -178,6 +178,11 @@ OUTPUT_COUNTER_DIGITS = 5  # ComfyUI's output counter: <prefix>_00001_.mp4
 PARTIAL_STALE_AGE_S = 3600  # s; an unlocked temp video of ours unchanged this long is a killed encode's
 MAX_FILENAME_BYTES = 255  # bytes per file name where the OS does not say (NAME_MAX of ext4, NTFS, APFS)
 
+# CLI progress (sonic_core/progress.py)
+PROGRESS_LOG_INTERVAL_S = 30.0  # s between progress log lines when stderr is not a terminal (log files, CI)
+PROGRESS_BAR_MIN_INTERVAL_S = 0.5  # s between redraws of a terminal progress bar
+PROGRESS_BAR_FALLBACK_SIZE = (100, 24)  # (columns, lines) assumed for a terminal whose size is unknown
+
 
 @dataclass(frozen=True)
 class SamplerDefaults:

@@ -7,6 +7,7 @@ decode -> RIFE 2x -> PyAV encode with the audio. Devices and dtypes are argument
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -488,27 +489,6 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
-class TextProgress:
-    """A one-line progress bar on stderr: ``sampling [#######.....] 30/75``."""
-
-    WIDTH = 30  # characters of the bar
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.stage = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self.stage and self.stage is not None:
-            self.stream.write("\n")
-        self.stage = stage
-        fill = self.WIDTH * done // max(total, 1)
-        self.stream.write(f"\r{stage:<9} [{'#' * fill}{'.' * (self.WIDTH - fill)}] {done}/{total}")
-        if done >= total:
-            self.stream.write("\n")
-            self.stage = None
-        self.stream.flush()
-
-
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         from .preflight import check_device
@@ -587,6 +567,7 @@ def configure_cli(p) -> None:
 
 def run_cli(args) -> int:
     from .preflight import check_output, check_settings
+    from .progress import CliProgress
 
     settings = AnimateSettings(steps=args.steps, seed=args.seed, min_resolution=args.min_resolution,
                                dynamic_scale=args.dynamic_scale, crop=args.crop,
@@ -617,10 +598,11 @@ def run_cli(args) -> int:
             main = distributed.rank_of(run.group) == 0
             if not main and not getattr(args, "verbose", False):  # one rank speaks; the others only warn
                 logging.getLogger(__package__).setLevel(logging.WARNING)
-            out = animate(args.image, args.audio, args.output, args.models, settings, device=run.device,
-                          dtype=pick_dtype(args.dtype, run.device), svd_dir=args.svd,
-                          progress=TextProgress() if main else None, state_dir=args.state_dir,
-                          resume=args.resume, group=run.group)
+            progress = CliProgress() if main else None  # tqdm bars on a terminal, else log lines
+            with progress.logging_around_bars() if progress else contextlib.nullcontext():
+                out = animate(args.image, args.audio, args.output, args.models, settings, device=run.device,
+                              dtype=pick_dtype(args.dtype, run.device), svd_dir=args.svd, progress=progress,
+                              state_dir=args.state_dir, resume=args.resume, group=run.group)
     except MissingWeights as e:
         print(str(e), file=sys.stderr)
         return 3
