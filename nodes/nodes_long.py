@@ -158,6 +158,31 @@ def _job_key(samples: torch.Tensor, length: int, chunk: int) -> str:
     return h.hexdigest()
 
 
+def _check_cache(latent: dict, segments: int) -> None:
+    """Segments re-queue the workflow; what the sampler costs each time depends on ComfyUI's cache.
+    Classic and --cache-lru keep its output. --cache-ram may drop it and --cache-none always does:
+    then the sampler runs again, which is cheap only when it kept its result on disk (the LATENT
+    says so, see runtime.KEPT_RESULT_KEY): it returns that without sampling."""
+    mode = runtime.cache_mode()
+    kept = latent.get(runtime.KEPT_RESULT_KEY) if isinstance(latent, dict) else None
+    if mode not in ("none", "ram"):
+        return
+    if kept:
+        log.info("Latent Segment: ComfyUI runs with --cache-%s; the nodes before this one may run again for "
+                 "each of the %d segments, but the sampler returns its kept result %s without sampling",
+                 mode, segments, kept)
+        return
+    why = (f"the Sonic Sampler did not keep its result on disk ({runtime.RESUME_ENV} not writable, "
+           f"{_config.RESULT_KEEP_ENV}=0, or the result is over that cap)")
+    if mode == "none":
+        raise ValueError("ComfyUI runs with --cache-none, which forgets the sampler's result between "
+                         f"segments, and {why}, so all {segments} segments would sample the clip again: raise "
+                         f"{_config.RESULT_KEEP_ENV} or fix the folder, start ComfyUI without --cache-none, "
+                         "or use Latent To Video (streaming)")
+    log.warning("Latent Segment: ComfyUI runs with --cache-ram, which may drop the sampler's result between "
+                "segments, and %s: a later segment may sample the clip again", why)
+
+
 class SonicLatentSegment:
     DESCRIPTION = ("Long clips through any IMAGE nodes (upscalers, face restorers, ...): decodes one segment of "
                    "the sampler's latent at a time. Connect its segment to Sonic Video Combine, which appends "
@@ -204,10 +229,8 @@ class SonicLatentSegment:
         if not 0 <= index < len(plan):
             raise ValueError(f"segment_index {index} is past the last segment: this clip has {len(plan)} "
                              f"segment(s) of {plan[0].stop - plan[0].start} frames; set it to 0")
-        if len(plan) > 1 and runtime.cache_forgets_outputs():
-            raise ValueError("ComfyUI runs with --cache-none, which forgets the sampler's result between "
-                             f"segments, so all {len(plan)} segments would sample the clip again: start "
-                             "ComfyUI without --cache-none, or use Latent To Video (streaming)")
+        if len(plan) > 1:
+            _check_cache(latent, len(plan))
         seg = plan[index]
         log.info("Latent Segment %d/%d: latent frames %d-%d of %d", index + 1, len(plan), seg.start, seg.stop - 1,
                  seg.total)

@@ -197,6 +197,11 @@ class SonicSampler:
         w_img, h_img = core("image").working_size(  # refuses an oversized working size before loading
             image.shape[-2], image.shape[-3], settings.min_resolution
         )
+        resume = core("resume")
+        store = resume.ResumeStore(runtime.resume_dir(), keep_bytes=resume.keep_limit_bytes())
+        problem = store.check()  # before the UNet loads: one warning, and the run goes on without states
+        if problem:
+            store.disable(f"{problem}: set {runtime.RESUME_ENV} to a writable folder")
         unet = sonic_model.load("unet")
         device = next(unet.parameters()).device
         n_windows = smp.window_count(int(sonic_audio.num_frames), settings)
@@ -242,9 +247,12 @@ class SonicSampler:
             noise=noise,
             callback=callback,
             on_step=on_step,
-            resume=core("resume").ResumeStore(runtime.resume_dir()),  # a crashed run continues here
+            resume=store,  # a crashed run continues here; an identical finished one is returned at once
         )  # [F,4,h,w] VAE space
-        return ({"samples": latents.to(runtime.intermediate_device())}, float(sonic_audio.fps))
+        latent = {"samples": latents.to(runtime.intermediate_device())}
+        if store.kept is not None:  # tells Latent Segment that a forgetful cache costs no second sampling
+            latent[runtime.KEPT_RESULT_KEY] = str(store.kept)
+        return (latent, float(sonic_audio.fps))
 
 
 NODE_CLASS_MAPPINGS = {"SonicSampler": SonicSampler}

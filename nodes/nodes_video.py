@@ -178,7 +178,8 @@ def _append_segment(images, segment, fps, prefix, format, crf, pix_fmt, sound, m
     live.next_index, live.touched = seg.index + 1, time.monotonic()
     if not seg.last:
         if runtime.cache_forgets_outputs():
-            log.warning("ComfyUI runs with --cache-none: the sampler runs again for every segment")
+            log.info("ComfyUI runs with --cache-none: the nodes before Latent Segment run again for the next "
+                     "segment (the sampler returns its kept result)")
         queued = runtime.queue_prompt_again(segment.node_id, "segment_index", seg.index + 1)
         log.info("Video Combine: segment %d/%d appended (%d frames so far); %s", seg.index + 1, seg.count,
                  live.writer.frames, "the next one is queued" if queued else

@@ -396,14 +396,31 @@ def metadata_enabled() -> bool:
 # ----------------------------------------------------------------------------------------------
 # Long clips: segments queued one after another, decoding either kind of VAE chunk by chunk
 # ----------------------------------------------------------------------------------------------
-def cache_forgets_outputs() -> bool:
-    """True when ComfyUI runs with --cache-none: then nothing (the sampler's latents included) is
-    kept between two queued prompts, so a clip rendered in segments would be sampled again for each."""
+KEPT_RESULT_KEY = "sonic_kept_result"  # in the sampler's LATENT: the file its result is kept in (resume.py)
+
+
+def cache_mode() -> str:
+    """ComfyUI's cache of node outputs between queued prompts: "classic" (the default: the last
+    prompt's outputs), "lru" (--cache-lru N), "ram" (--cache-ram: evicted whenever free RAM is
+    short, 0.8.0 and later) or "none" (--cache-none: nothing kept). "classic" without ComfyUI."""
     if not COMFY:
-        return False
+        return "classic"
     from comfy.cli_args import args  # type: ignore
 
-    return bool(getattr(args, "cache_none", False))
+    if getattr(args, "cache_none", False):
+        return "none"
+    if getattr(args, "cache_ram", 0):
+        return "ram"
+    if getattr(args, "cache_lru", 0):
+        return "lru"
+    return "classic"
+
+
+def cache_forgets_outputs() -> bool:
+    """True when ComfyUI runs with --cache-none: then nothing (the sampler's latents included) is
+    kept between two queued prompts, so a clip rendered in segments would be sampled again for each
+    (unless the sampler kept its result on disk, see KEPT_RESULT_KEY)."""
+    return cache_mode() == "none"
 
 
 def queue_prompt_again(node_id: str, input_name: str, value: Any) -> bool:

@@ -216,6 +216,16 @@ SAMPLER_DEFAULTS = SamplerDefaults()
 RESUME_FORMAT_VERSION = 1  # bump when the saved state's meaning changes (old states are then ignored)
 RESUME_MAX_AGE_S = 7 * 24 * 3600  # s; states of other runs older than a week are deleted
 RESUME_FOLDER = "sonic_resume"  # folder name under ComfyUI's user directory
+# largest |value| a state or kept result read back may hold (sampler space, x 0.18215): an honest start is
+# ref + sigma x noise <= ~9 + SIGMA_MAX (700) x 6.1 (the largest of ~1e9 unit normal draws) = ~4300, and
+# every Euler step moves the latents toward the denoised estimate, never past both; 1e4 leaves 2.3x headroom,
+# and a state beyond it (1e30, or NaN/inf, always refused) was not written by this sampler
+RESUME_LATENT_ABS_MAX = 1e4
+# Finished samplings kept beside the states (the same fingerprint: an identical rerun returns them at once,
+# what keeps Latent Segment's later segments from sampling again when ComfyUI's cache forgot the result)
+# MiB of kept results in all, the oldest evicted first: 4 ten-minute 512x512 clips in fp32 (491 MB each), 8 in fp16
+RESULT_KEEP_MB = 2048
+RESULT_KEEP_ENV = "SONIC_KEEP_MB"  # overrides RESULT_KEEP_MB (MiB; 0 = keep none)
 
 # Several processes on one clip (sonic_core/distributed.py, torchrun)
 # s; bound on every collective (and the start-up rendezvous): a rank that died or stalls makes the

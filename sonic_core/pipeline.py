@@ -32,6 +32,8 @@ from .config import (
     PASTE_FEATHER,
     PASTE_REGION,
     PASTE_REGIONS,
+    RESULT_KEEP_ENV,
+    RESULT_KEEP_MB,
     RIFE_BATCH,
     RIFE_MULTIPLIER,
     SAMPLER_DEFAULTS,
@@ -381,12 +383,17 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
             models_dir: str | os.PathLike, settings: AnimateSettings | None = None, *,
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
             svd_dir: str | os.PathLike | None = None, progress: Progress | None = None,
-            state_dir: str | os.PathLike | None = None, resume: bool = False, group=None) -> Path | None:
+            state_dir: str | os.PathLike | None = None, resume: bool = False, keep_result: bool = True,
+            group=None) -> Path | None:
     """Image + audio files -> ``output`` (.mp4 with the audio). Returns the output path.
 
     The sampler's state is saved after every denoising step in ``state_dir`` (default: a hidden
     ``.<output name>.resume`` folder beside the output); with ``resume`` a run with the same inputs
     continues from the last saved step (sonic_core/resume.py). The state goes once sampling ends.
+    With an explicit ``state_dir`` (and ``keep_result``) the final latents stay there too, up to
+    RESULT_KEEP_MB / $SONIC_KEEP_MB in all: a later run with equal inputs (another -o, crf, RIFE
+    choice) skips the sampler. A ``state_dir`` that cannot hold states is refused up front
+    (ValueError); the default one only turns resume off, with a warning.
     ``group``: a torch.distributed process group (torchrun): the ranks share the sampler's windows
     (sonic_core/distributed.py); rank 0 alone decodes and writes the video, the others return None
     once sampling ends.
@@ -423,6 +430,7 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
             log.warning("image %s: %s; the face detector is needed to find the face", image_path,
                         face.judge_mask(alpha_mask[0], "its transparency").why)
         raise MissingWeights(missing_message(models_dir, missing))
+    store = state_store(output, state_dir, resume, keep_result)  # before any model loads
 
     def stage(name: str) -> Callable[..., None] | None:
         if progress is None:
@@ -439,7 +447,6 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     vae, clip = svd.load_svd(svd_dir or models_dir / SVD_FOLDER, dtype, device)
     log.info("models loaded in %.1f s", time.perf_counter() - t0)
 
-    store = ResumeStore(state_dir or output.parent / f".{output.name}.resume", resume=resume)
     sonic_audio = audio_mod.encode_audio(models, wave, rate, settings.max_seconds, callback=stage("audio"),
                                          out_device=torch.device("cpu"))
     found = face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=settings.crop,
@@ -484,6 +491,26 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
                       callback=stage("encoding"))
     log.info("%s: %d frames at %g fps in %.1f s", output, len(frames), fps, time.perf_counter() - t0)
     return output
+
+
+def state_store(output: Path, state_dir: str | os.PathLike | None, resume: bool,
+                keep_result: bool) -> ResumeStore:
+    """The run's ResumeStore, its folder checked (and left as it was). A ``state_dir`` the user named
+    that cannot hold states is a ValueError naming it; the default one (hidden, beside the output,
+    removed once empty: it keeps no results) turns resume off with one warning."""
+    from .resume import keep_limit_bytes
+
+    if state_dir is None:
+        store = ResumeStore(output.parent / f".{output.name}.resume", resume=resume)
+    else:
+        store = ResumeStore(state_dir, resume=resume, keep_bytes=keep_limit_bytes() if keep_result else 0)
+    problem = store.check()
+    if problem and state_dir is not None:
+        raise ValueError(f"--state-dir: {problem}: choose a writable folder, or leave --state-dir out "
+                         "(the state then goes beside -o)")
+    if problem:
+        store.disable(problem)
+    return store
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,7 +584,12 @@ def configure_cli(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same inputs from its last finished step")
     p.add_argument("--state-dir", default=None,
-                   help="where the sampler saves its state after every step (default: .OUTPUT.resume beside -o)")
+                   help="where the sampler saves its state after every step (default: .OUTPUT.resume beside "
+                        "-o); a given folder also keeps finished samplings (see --no-keep-result)")
+    p.add_argument("--no-keep-result", action="store_true",
+                   help=f"with --state-dir: neither keep this run's final latents nor use kept ones (by "
+                        f"default an identical run skips the sampler; up to ${RESULT_KEEP_ENV} MiB in all, "
+                        f"{RESULT_KEEP_MB} by default, the oldest removed first)")
     p.add_argument("--download", action="store_true",
                    help="download the missing weights (only the files used) with huggingface_hub first")
     p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
@@ -579,7 +611,9 @@ def run_cli(args) -> int:
     check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)  # before any download
     limit = LIMITS["dist_timeout"]
     args.dist_timeout = limit.check(args.dist_timeout, limit.flag)
-    check_output(args.output)
+    output = check_output(args.output)
+    if args.state_dir is not None:  # a bad --state-dir is refused before any download
+        state_store(output, args.state_dir, args.resume, not args.no_keep_result)
     device = pick_device(args.device)
     from . import distributed
 
@@ -602,7 +636,8 @@ def run_cli(args) -> int:
             with progress.logging_around_bars() if progress else contextlib.nullcontext():
                 out = animate(args.image, args.audio, args.output, args.models, settings, device=run.device,
                               dtype=pick_dtype(args.dtype, run.device), svd_dir=args.svd, progress=progress,
-                              state_dir=args.state_dir, resume=args.resume, group=run.group)
+                              state_dir=args.state_dir, resume=args.resume,
+                              keep_result=not args.no_keep_result, group=run.group)
     except MissingWeights as e:
         print(str(e), file=sys.stderr)
         return 3

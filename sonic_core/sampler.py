@@ -320,7 +320,9 @@ def sample(
     on_step(i, latents) after every outer step (latents [F,4,h,w], not a copy: the next step
     updates it in place, so clone what you keep).
     resume: a sonic_core.resume.ResumeStore: the state is saved after every outer step and a saved
-    state of the same inputs (fingerprint) is continued from; removed once the run finishes.
+    state of the same inputs (fingerprint) is continued from; removed once the run finishes. A
+    store that keeps results returns a kept result of the same inputs without sampling (no UNet
+    call, no callback) and keeps this run's result.
     group: a torch.distributed process group: every rank runs a share of each step's windows,
     all ranks return the same latents, equal to one process's (sonic_core/distributed.py); only
     rank 0 reads and writes ``resume``; ``callback`` counts this rank's windows.
@@ -365,10 +367,16 @@ def sample(
     if resume is not None and shard.is_main:  # one writer, one reader; the others get rank 0's state
         fp = _fingerprint(unet, image_latents, ref_latents, clip_embeds, cond_tokens, uncond_tokens, buckets,
                           face_mask, noise, settings, dtype, sched, scheduler_config)
-        state = resume.load(fp, latents, n_run)
-        if state is not None:
-            start, latents = state
-            log.info("resuming at step %d of %d from %s", start + 1, n_run, resume.path(fp))
+        kept = resume.find_result(fp, latents, n_run)  # validated like a state: untrusted
+        if kept is not None:  # start at the end: the loop below runs no step, on any rank
+            start, latents = n_run, kept
+            log.info("Sonic sampler: these inputs equal a finished sampling kept in %s; returning it without "
+                     "sampling", resume.kept)
+        else:
+            state = resume.load(fp, latents, n_run)
+            if state is not None:
+                start, latents = state
+                log.info("resuming at step %d of %d from %s", start + 1, n_run, resume.path(fp))
     del noise  # only the start and the fingerprint need it: 64 KB a frame at 512x512 less while sampling
     if shard.world > 1:
         shard.check_same_run([num_frames, *latents.shape[1:], n_run, n_windows, window_batch,
@@ -433,8 +441,8 @@ def sample(
             resume.save(fp, i + 1, latents)
         if on_step is not None:
             on_step(i, latents)
-    if resume is not None and shard.is_main:
-        resume.clear(fp)
+    if resume is not None and shard.is_main and start < n_run:
+        resume.finish(fp, latents, n_run)  # keeps the result when the store keeps any; drops the state
     return latents
 
 

@@ -47,6 +47,13 @@ def pytest_report_header(config):
             f"{torch.get_num_threads()} torch threads; golden case {golden_base()}")
 
 
+@pytest.fixture(autouse=True)
+def _own_resume_dir(tmp_path_factory, monkeypatch):
+    """Each test its own sampler-node state folder: the node keeps finished results there, and one
+    test's kept result must not spare another test's sampling (module fixtures use the session's)."""
+    monkeypatch.setenv("SONIC_RESUME_DIR", str(tmp_path_factory.mktemp("sonic_resume")))
+
+
 @pytest.fixture(scope="session")
 def golden():
     """The golden parity case named by SONIC_GOLDEN (default: the public case in ../shared)."""

@@ -21,6 +21,7 @@ import torch
 
 from sonic_core import distributed, sampler
 from sonic_core.config import DIST_ERROR_EXIT
+from sonic_core.resume import RESULT_PREFIX
 from tests._golden import REPO, assert_same_math
 
 WORLD = 2
@@ -150,6 +151,7 @@ def equal_runs(tmp_path_factory):
         dict(name="fp32", window_batch=1, reference=True),
         dict(name="fp64_batched", window_batch=3, dtype="fp64", reference=True),  # calls of 2 + 1 vs 3
         dict(name="resume", window_batch=1, resume=True, reference=True),
+        dict(name="kept", window_batch=1, kept=True, reference=True),
         dict(name="mismatch", other_frames=1, expect_error=True),
     ]
     if _golden_present():
@@ -180,11 +182,22 @@ def test_resume_state_is_rank_0s_and_every_rank_starts_from_it(equal_runs):
     starts at step 2 too (broadcast), and the result is the uninterrupted one."""
     steps = 3
     res0, res1 = equal_runs[0]["resume"], equal_runs[1]["resume"]
-    assert res1["store_calls"] == [] and res0["store_calls"][0] == "load" and "save" in res0["store_calls"]
+    assert res1["store_calls"] == [] and res0["store_calls"][:2] == ["find_result", "load"]
+    assert "save" in res0["store_calls"] and res0["store_calls"][-1] == "finish"
     assert res0["progress"][0] == (2 + 1, 2 * steps) and res1["progress"][0] == (1 + 1, 1 * steps)
     assert len(res0["steps"]) == len(res1["steps"]) == steps - 1
     _check_equal(equal_runs, "resume", "tiny resumed")
     assert res0["states_left"] == [], "the finished run removes its state"
+
+
+def test_kept_result_is_rank_0s_and_no_rank_samples(equal_runs):
+    """A result kept by one finished process: rank 0 reads it, rank 1 gets it by broadcast, and no
+    rank runs a step (no window, no on_step); both return the uninterrupted latents."""
+    res0, res1 = equal_runs[0]["kept"], equal_runs[1]["kept"]
+    assert res1["store_calls"] == [] and res0["store_calls"] == ["find_result"]
+    assert res0["progress"] == res1["progress"] == [] and res0["steps"] == res1["steps"] == []
+    _check_equal(equal_runs, "kept", "tiny kept result")
+    assert [n[:len(RESULT_PREFIX)] for n in res0["states_left"]] == [RESULT_PREFIX]
 
 
 def test_leaving_the_group_ends_its_threads_before_the_interpreter_exits(equal_runs):

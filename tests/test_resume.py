@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from sonic_core import sampler
-from sonic_core.config import SAMPLER_DEFAULTS
-from sonic_core.resume import PREFIX, ResumeStore
+from sonic_core.config import RESULT_KEEP_ENV, SAMPLER_DEFAULTS
+from sonic_core.resume import PREFIX, RESULT_PREFIX, ResumeStore
 from tests._golden import REPO, assert_same_math, rel_err, same_math_tol
 from tests.test_sampler import golden_settings, steps_run
 from tests.test_unet import TINY, TINY_HW, TINY_K, _tiny_unet
@@ -136,7 +136,8 @@ DRIVER = textwrap.dedent("""
         if stage == "sampling" and done == int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
     s = pipeline.AnimateSettings(steps=4, interpolate=False, min_resolution=128)
-    pipeline.animate(image, audio, out, models, s, progress=progress, state_dir=state_dir, resume=True)
+    pipeline.animate(image, audio, out, models, s, progress=progress, state_dir=state_dir, resume=True,
+                     keep_result=False)  # each run samples: a kept result would make the comparison moot
 """)
 
 
@@ -178,7 +179,8 @@ def test_kill_9_mid_sampling_then_resume(tmp_path):
     assert run.returncode == 0 and "resuming at step 3 of 4" in run.stderr, run.stderr[-2000:]
     with av.open(str(tmp_path / "cli.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == a.shape[0]
-    assert not state.exists()
+    assert [p.name[:len(RESULT_PREFIX)] for p in state.iterdir()] == [RESULT_PREFIX], \
+        "the CLI with --state-dir removes its state and keeps its result"
 
 
 def test_sampler_node_resumes_after_a_cancel(golden, tmp_path, monkeypatch):
@@ -191,7 +193,9 @@ def test_sampler_node_resumes_after_a_cancel(golden, tmp_path, monkeypatch):
     n_win, n_run = sampler.window_count(golden.scalars["num_frames"], s), steps_run(s)
     assert n_run >= 2, (f"golden case {golden.name} runs {n_run} denoising step (steps={s.steps}, "
                         f"i2i_strength={s.i2i_strength}): a cancel in step 2 needs a case that runs 2 or more")
+    monkeypatch.setenv(RESULT_KEEP_ENV, "0")  # else the cancelled rerun would return this run's kept result
     want = _run_chain(golden, tmp_path / "a", replay=False)
+    monkeypatch.delenv(RESULT_KEEP_ENV)
     calls = {"n": 0}
 
     def cancel_in_step_2():
@@ -208,5 +212,116 @@ def test_sampler_node_resumes_after_a_cancel(golden, tmp_path, monkeypatch):
     monkeypatch.setattr(smp, "euler_step", real)
     got = _run_chain(golden, tmp_path / "c", replay=False)
     assert not list((tmp_path / "states").glob(f"{PREFIX}*"))
+    assert len(list((tmp_path / "states").glob(f"{RESULT_PREFIX}*"))) == 1, \
+        "the finished run keeps its result"
     assert sorted(got.steps) == list(range(1, n_run)), "the rerun must start at step 2"
     assert_same_math(got.latent["samples"], want.latent["samples"], "node: resumed vs uninterrupted")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kept results (issue 26 item 3): an identical finished sampling is returned without the UNet
+# ----------------------------------------------------------------------------------------------
+KEEP_ALL = 2**30  # bytes: room for every result of these tests
+
+
+class CountingUNet(torch.nn.Module):
+    """The tiny UNet, counting its forward calls (what a kept result must spare)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, *a, **k):
+        self.calls += 1
+        return self.inner(*a, **k)
+
+
+def _counted(unet, store, inputs=None, settings=SETTINGS):
+    counting = CountingUNet(unet)
+    out = sampler.sample(counting, **(inputs or _inputs()), settings=settings, resume=store)
+    return out, counting.calls
+
+
+def _results(folder):
+    return sorted(folder.glob(f"{RESULT_PREFIX}*"))
+
+
+def test_identical_run_returns_the_kept_result_without_the_unet(unet, uninterrupted, tmp_path, caplog):
+    store = ResumeStore(tmp_path, keep_bytes=KEEP_ALL)
+    first, calls = _counted(unet, store)
+    assert calls == SETTINGS.steps * sampler.window_count(FRAMES, SETTINGS)  # one call a window (3 rows)
+    assert_same_math(first, uninterrupted, "first run with a keeping store")
+    [kept] = _results(tmp_path)
+    assert not list(tmp_path.glob(f"{PREFIX}*")), "the state goes, the result stays"
+    caplog.clear()
+    again, calls = _counted(unet, ResumeStore(tmp_path, keep_bytes=KEEP_ALL))
+    assert calls == 0, "an identical run must not call the UNet"
+    assert torch.equal(again, first)  # the same bytes read back from the file: no float computation between
+    assert f"kept in {kept}; returning it without sampling" in caplog.text
+    # a store that keeps nothing (the CLI's default folder, SONIC_KEEP_MB=0) neither reads nor writes results
+    _, calls = _counted(unet, ResumeStore(tmp_path))
+    assert calls > 0 and _results(tmp_path) == [kept]
+
+
+def test_changed_seed_or_steps_samples_again(unet, tmp_path):
+    store = ResumeStore(tmp_path, keep_bytes=KEEP_ALL)
+    base, _ = _counted(unet, store)
+    other_noise, calls = _counted(unet, store, inputs=_inputs(seed=1))  # another seed: other noise
+    assert calls > 0 and rel_err(other_noise, base) > 100 * same_math_tol()
+    more = dataclasses.replace(SETTINGS, steps=SETTINGS.steps + 1)
+    _, calls = _counted(unet, store, settings=more)
+    assert calls == more.steps * sampler.window_count(FRAMES, more)
+    assert len(_results(tmp_path)) == 3, "each finished sampling is kept under its own fingerprint"
+
+
+def test_cap_evicts_the_oldest_kept_result_first(unet, tmp_path):
+    """Room for two results: the least recently used one goes when a third is kept."""
+    one = FRAMES * 4 * TINY_HW[0] * TINY_HW[1] * 4  # bytes of one result's latents (fp32)
+    store = lambda: ResumeStore(tmp_path, keep_bytes=2 * one + one // 2)  # noqa: E731  2.5 results' latents
+    t0 = os.path.getmtime(tmp_path)
+    runs = {}
+    for age, seed in ((300, 1), (200, 2)):  # kept 5 and 3 minutes ago
+        _counted(unet, store(), inputs=_inputs(seed=seed))
+        [runs[seed]] = [p for p in _results(tmp_path) if p not in runs.values()]
+        os.utime(runs[seed], (t0 - age, t0 - age))
+    _, calls = _counted(unet, store(), inputs=_inputs(seed=1))  # seed 1 used again: now the newest
+    assert calls == 0
+    _, calls = _counted(unet, store(), inputs=_inputs(seed=3))
+    assert calls > 0
+    left = _results(tmp_path)
+    assert runs[1] in left and runs[2] not in left and len(left) == 2, "seed 2's result was the oldest"
+    # a result larger than the whole cap is not kept (and evicts nothing)
+    _counted(unet, ResumeStore(tmp_path, keep_bytes=one // 2), inputs=_inputs(seed=4))
+    assert _results(tmp_path) == left
+
+
+def _poison(path, latents=None, **meta):
+    """Rewrite a state or kept result with other latents or metadata, its name unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        old_meta, old = f.metadata(), f.get_tensor("latents")
+    save_file({"latents": old if latents is None else latents(old)}, str(path), metadata={**old_meta, **meta})
+
+
+@pytest.mark.parametrize("poison, why", [
+    (dict(latents=lambda x: x.index_fill(0, torch.tensor([3]), float("nan"))), "not finite"),
+    (dict(latents=lambda x: x.index_fill(0, torch.tensor([0]), 1e30)), "beyond the"),
+    (dict(steps_done="3"), "steps_done='3'"),
+])
+def test_poisoned_kept_result_is_discarded_with_a_warning(unet, uninterrupted, tmp_path, caplog, poison, why):
+    store = ResumeStore(tmp_path, keep_bytes=KEEP_ALL)
+    _counted(unet, store)
+    [kept] = _results(tmp_path)
+    _poison(kept, **poison)
+    caplog.clear()
+    out, calls = _counted(unet, ResumeStore(tmp_path, keep_bytes=KEEP_ALL))
+    assert calls == SETTINGS.steps * sampler.window_count(FRAMES, SETTINGS), "the poisoned result was used"
+    assert_same_math(out, uninterrupted, "run after a poisoned kept result")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(kept) in warned[0] and why in warned[0], warned
+    assert "discarded (removed it)" in warned[0]
+    assert _results(tmp_path) == [kept], "replaced by this run's own result"
+    again, calls = _counted(unet, ResumeStore(tmp_path, keep_bytes=KEEP_ALL))
+    assert calls == 0 and torch.isfinite(again).all()
