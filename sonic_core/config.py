@@ -292,7 +292,7 @@ class Limit:
             raise ValueError(f"{name} {value!r} must be {span}")
         try:
             number = float(value)
-        except (TypeError, ValueError, OverflowError):
+        except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of several values
             raise ValueError(f"{name} {value!r} must be {span}") from None
         if number != number or number in (float("inf"), float("-inf")):
             raise ValueError(f"{name} {value!r} must be {span}")

