@@ -204,7 +204,7 @@ LOADED_SIZE = {
     "SonicLoader": (210, 178), "SonicFaceMaskDetect": (210, 218), "SonicWhisperAudioEncode": (210, 78),
     "SonicMotionBucketPredict": (244, 214), "SonicSampler": (259, 562), "VAEDecode": (140, 46),
     "SonicFrameInterpolate": (210, 150), "SonicVideoCombine": (210, 194),
-    "SonicLatentToVideo": (372, 290), "SonicLatentSegment": (211, 126), "UpscaleModelLoader": (210, 58),
+    "SonicLatentToVideo": (372, 378), "SonicPasteBack": (210, 122), "SonicLatentSegment": (211, 126), "UpscaleModelLoader": (210, 58),
     "ImageUpscaleWithModel": (222, 46), "FaceRestoreCFWithModel": (210, 102),
     "FaceRestoreModelLoader": (210, 58),
 }
@@ -212,9 +212,9 @@ LOADED_SIZE = {
 # node's height, so the size above is stale until measured again (tests/test_comfyui_real.py's
 # browser test measures it) and the workflows' layout must make room for it
 MEASURED_WIDGETS = {
-    "SonicFaceMaskDetect": 6, "SonicFrameInterpolate": 4, "SonicLatentSegment": 3, "SonicLatentToVideo": 9,
+    "SonicFaceMaskDetect": 6, "SonicFrameInterpolate": 4, "SonicLatentSegment": 3, "SonicLatentToVideo": 11,
     "SonicLoader": 6, "SonicMotionBucketPredict": 5, "SonicSVDLoader": 3, "SonicSampler": 16,
-    "SonicVideoCombine": 5, "SonicWhisperAudioEncode": 1,
+    "SonicVideoCombine": 5, "SonicWhisperAudioEncode": 1, "SonicPasteBack": 2,
 }
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
