@@ -111,8 +111,13 @@ class _Scalars(dict):
         self._golden._skip_if_stale(f"scalars.{key}")
         return super().__getitem__(key)
 
+    def __contains__(self, key):
+        self._golden._skip_if_stale(f"scalars.{key}")
+        return super().__contains__(key)
+
     def get(self, key, default=None):
-        return self[key] if key in self else default
+        self._golden._skip_if_stale(f"scalars.{key}")
+        return super().get(key, default)
 
 
 # ----------------------------------------------------------------------------------------------
