@@ -30,13 +30,16 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 LOCALE = "zh"
 ZH_DEFS = json.loads((REPO / "locales" / LOCALE / "nodeDefs.json").read_text(encoding="utf-8"))
-ZH_CATEGORY = json.loads((REPO / "locales" / LOCALE / "main.json").read_text(encoding="utf-8"))["nodeCategories"]
+ZH_CATEGORY = json.loads(
+    (REPO / "locales" / LOCALE / "main.json").read_text(encoding="utf-8"))["nodeCategories"]
+SHOW_NODE_LIBRARY_JS = ("() => window.app.extensionManager.command.execute("
+                        "'Workspace.ToggleSidebarTab.node-library')")
 HELP_NODE = "SonicSampler"  # the node whose help page the browser opens
 HELP_TIMEOUT_MS = 60_000
 # Markdown the help panel renders (1.58.1: .comfy-markdown-content in the right-hand panel's Info tab;
 # older frontends: the node library's help page).
-HELP_TEXT_JS = """() => [...document.querySelectorAll('.comfy-markdown-content, .node-help-content, .markdown-content')]
-  .map(e => e.innerText).join('\\n')"""
+HELP_TEXT_JS = """() => [...document.querySelectorAll(
+    '.comfy-markdown-content, .node-help-content, .markdown-content')].map(e => e.innerText).join('\\n')"""
 
 
 def _doc(node_id: str, lang: str) -> str:
@@ -84,7 +87,8 @@ def test_help_pages_and_translations_are_served(zh_server):
     for lang in ("en", LOCALE):
         want = json.loads((REPO / "locales" / lang / "nodeDefs.json").read_text(encoding="utf-8"))
         got = i18n.get(lang, {}).get("nodeDefs", {})
-        problems += [f"/i18n {lang}: nodeDefs.{k} is not locales/{lang}'s" for k in want if got.get(k) != want[k]]
+        problems += [f"/i18n {lang}: nodeDefs.{k} is not locales/{lang}'s"
+                     for k in want if got.get(k) != want[k]]
         if i18n.get(lang, {}).get("nodeCategories", {}).get("Sonic") is None:
             problems.append(f"/i18n {lang}: nodeCategories.Sonic is missing")
     assert not problems, "\n".join(problems)
@@ -121,9 +125,9 @@ def test_chinese_names_on_the_canvas_and_in_the_node_library(zh_server):
                 shown = set(placed["inputs"]) | set(placed["widgets"])
                 missing = [v["name"] for v in entry["inputs"].values() if v["name"] not in shown]
                 if missing:
-                    problems.append(f"{version}: {node_id} does not show the inputs {missing}; shows {sorted(shown)}")
-            page.evaluate("() => window.app.extensionManager.command.execute("
-                          "'Workspace.ToggleSidebarTab.node-library')")
+                    problems.append(f"{version}: {node_id} does not show the inputs {missing}; "
+                                    f"shows {sorted(shown)}")
+            page.evaluate(SHOW_NODE_LIBRARY_JS)
             page.get_by_text(ZH_CATEGORY["Sonic"], exact=True).first.click()
             page.wait_for_timeout(real.SETTLE_MS)
             for node_id, entry in ZH_DEFS.items():
@@ -146,11 +150,12 @@ def _open_help(page, node_id: str, display_name: str) -> str:
         info.first.click()
         return "selection toolbox info button"
     # older frontends: the node library's help (?) button on the node's row
-    page.evaluate("() => window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library')")
+    page.evaluate(SHOW_NODE_LIBRARY_JS)
     page.get_by_text(ZH_CATEGORY["Sonic"], exact=True).first.click()
     row = page.get_by_text(display_name, exact=True).first
     row.hover()
-    button = row.locator("xpath=ancestor::*[.//i[contains(@class,'pi-question')]][1]//i[contains(@class,'pi-question')]")
+    button = row.locator("xpath=ancestor::*[.//i[contains(@class,'pi-question')]][1]"
+                         "//i[contains(@class,'pi-question')]")
     if not button.count():
         pytest.skip("this frontend offers no node help button (selection toolbox or node library)")
     button.first.click()

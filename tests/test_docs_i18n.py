@@ -112,7 +112,8 @@ def test_locale_node_defs_match_input_types(lang):
         got = entry.get("inputs", {})
         problems += [f"{where}: input {k!r} does not exist (stale)" for k in got if k not in inputs]
         for name, spec in inputs.items():
-            assert re.fullmatch(r"[A-Za-z0-9_]+", name), f"{node_id}.{name}: the frontend's i18n key would differ"
+            assert re.fullmatch(r"[A-Za-z0-9_]+", name), (
+                f"{node_id}.{name}: the frontend's i18n key would differ")
             item = got.get(name)
             if not isinstance(item, dict) or not item.get("name"):
                 problems.append(f"{where}: input {name!r} has no name")
