@@ -24,14 +24,15 @@ import av
 import pytest
 import torch
 
-from sonic_core import cli, sampler, selftest
+from sonic_core import cli, sampler
 from sonic_core.config import RESUME_LATENT_ABS_MAX
 from sonic_core.resume import PREFIX, RESULT_PREFIX, ResumeStore, folder_problem
 from tests._golden import assert_same_math
+from tests._node_chain import chain, run_node, tiny  # noqa: F401  (fixtures)
 from tests.test_resume import FRAMES, SETTINGS, Crash, _inputs, _poison, _run
 from tests.test_unet import _tiny_unet
 
-TMPFS_BYTES = 64 * 1024  # the full disk: a tiny state (20 KB) plus the filler does not fit
+TMPFS_BYTES = 64 * 1024  # the full disk: a tiny state (10-20 KB) plus the filler does not fit
 FILLER_LEFT = 4096  # bytes left free after the filler (one tmpfs page): a probe file fits, no state does
 
 
@@ -222,13 +223,6 @@ def test_failing_save_warns_once_and_the_run_finishes(unet, uninterrupted, caplo
 # ----------------------------------------------------------------------------------------------
 # The CLI: a bad --state-dir is refused up front; everything else runs on
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    return (selftest.write_tiny_models(d / "models"), selftest.write_portrait(d / "p.png"),
-            selftest.write_voice(d / "v.wav"))
-
-
 def _cli(tiny, out: Path, *extra: str, models: Path | None = None) -> list[str]:
     m, image, voice = tiny
     return ["animate", str(image), str(voice), "-o", str(out), "--models", str(models or m), "--steps", "2",
@@ -295,45 +289,6 @@ def test_cli_poisoned_states_do_not_block_the_next_run(tiny, tmp_path, caplog):
 # ----------------------------------------------------------------------------------------------
 # The node: SONIC_RESUME_DIR unusable or full, a poisoned state: one warning, finite latents
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def chain(tiny):
-    """The tiny models through the nodes up to the sampler's inputs (selftest models, no ../shared)."""
-    from nodes.nodes_audio import SonicWhisperAudioEncode
-    from nodes.nodes_loader import SonicLoader
-    from nodes.nodes_motion import SonicMotionBucketPredict
-    from nodes.nodes_svd import SonicSVDLoader
-    from sonic_core.pipeline import SVD_FOLDER, WHISPER_FOLDER, read_audio, read_image
-
-    models_dir, image_path, voice = tiny
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SONIC_MODELS_DIR", str(models_dir))
-    try:
-        (models,) = SonicLoader().load("Sonic/unet.pth", "Sonic/audio2token.pth", "Sonic/audio2bucket.pth",
-                                       WHISPER_FOLDER, "fp32")
-        wave, rate = read_audio(voice)
-        (audio,) = SonicWhisperAudioEncode().encode(models, {"waveform": wave, "sample_rate": rate}, 0.0)
-        image, alpha = read_image(image_path)  # [1,H,W,3], the face from the transparent pixels [1,H,W]
-        vae, clip = SonicSVDLoader().load(str(models_dir / SVD_FOLDER), "fp32", 4)
-        (motion,) = SonicMotionBucketPredict().predict(models, audio, clip, image, 1.0, 1.0, 64)
-    finally:
-        mp.undo()
-    return dict(sonic_model=models, vae=vae, clip_vision=clip, image=image, face_mask=alpha,
-                sonic_audio=audio, sonic_motion=motion)
-
-
-NODE_SETTINGS = dict(steps=2, min_resolution=64, frames_per_window=4, overlap=1, shift_offset=3)
-
-
-def _node(chain, monkeypatch, folder) -> tuple[dict, list[int]]:
-    from nodes import runtime
-    from nodes.nodes_sampler import SonicSampler
-
-    monkeypatch.setenv(runtime.RESUME_ENV, str(folder))
-    steps: list[int] = []
-    (latent, _fps) = SonicSampler().sample(**chain, **NODE_SETTINGS, on_step=lambda i, x: steps.append(i))
-    return latent, steps
-
-
 def test_node_runs_on_when_its_folder_is_unusable_or_full(chain, tmp_path, monkeypatch, caplog, disks):
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -341,7 +296,7 @@ def test_node_runs_on_when_its_folder_is_unusable_or_full(chain, tmp_path, monke
                           (disks("ro") / "sonic_resume", "is not writable (read-only file system)"),
                           (disks("full"), "could not save the resume state")):
         caplog.clear()
-        latent, steps = _node(chain, monkeypatch, folder)
+        latent, steps = run_node(chain, monkeypatch, folder)
         [warning] = _warnings(caplog)
         assert words in warning and "this run goes on without resume states" in warning, warning
         if "could not save" not in warning:
@@ -352,14 +307,14 @@ def test_node_runs_on_when_its_folder_is_unusable_or_full(chain, tmp_path, monke
 
 
 def test_node_discards_a_nan_state_and_returns_finite_latents(chain, tmp_path, monkeypatch, caplog):
-    want, _ = _node(chain, monkeypatch, tmp_path)
+    want, _ = run_node(chain, monkeypatch, tmp_path)
     [kept] = tmp_path.glob(f"{RESULT_PREFIX}*")
     assert want["sonic_kept_result"] == str(kept)
     state = tmp_path / kept.name.replace(RESULT_PREFIX, PREFIX)
     shutil.move(kept, state)
     _poison(state, latents=lambda x: torch.full_like(x, float("nan")), steps_done="1")
     caplog.clear()
-    got, steps = _node(chain, monkeypatch, tmp_path)
+    got, steps = run_node(chain, monkeypatch, tmp_path)
     [warning] = _warnings(caplog)
     assert str(state) in warning and "not finite" in warning
     assert steps == [0, 1], "the run must start at step 1"

@@ -7,6 +7,7 @@ in a real ComfyUI, where Video Combine queues the next segment itself.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import av
@@ -243,3 +244,38 @@ def test_latent_nodes_refuse_bad_input_before_decoding(env):
         nodes_video.SonicVideoCombine().combine(torch.zeros(2, 8, 8, 3), 25.0, "Sonic/x", segment="seg")
     assert not written and _files(out) == []
     assert np.isfinite(float(latents.sum()))
+
+
+@pytest.mark.parametrize("mode", ["classic", "lru", "ram", "none"])
+def test_latent_segment_under_each_cache_mode(env, monkeypatch, caplog, mode):
+    """Classic and --cache-lru keep the sampler's output: segments run as they are. --cache-ram may
+    drop it and --cache-none always does: allowed when the sampler kept its result on disk (its
+    LATENT names the file: the sampler reruns, returns it, no sampling), else --cache-ram warns
+    and --cache-none refuses before decoding."""
+    from nodes import runtime
+
+    vae, _rife, latents, _out, _written = env
+    monkeypatch.setattr(runtime, "cache_mode", lambda: mode)
+    node = nodes_long.SonicLatentSegment()
+    kept = {"samples": latents, runtime.KEPT_RESULT_KEY: "/states/sonic-result-x.safetensors"}
+    caplog.set_level(logging.INFO, logger=nodes_long.log.name)
+    images, seg = node.decode(kept, vae, SEGMENT, 0)
+    assert images.shape[0] == 8 and seg.segment.index == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "cache" in r.getMessage()]
+    if mode in ("ram", "none"):
+        assert said == [f"Latent Segment: ComfyUI runs with --cache-{mode}; the nodes before this one may run "
+                        f"again for each of the {-(-FRAMES // 8)} segments, but the sampler returns its kept "
+                        "result /states/sonic-result-x.safetensors without sampling"]
+    else:
+        assert said == []
+    caplog.clear()
+    plain = {"samples": latents}  # SONIC_KEEP_MB=0, a result over the cap, or an unwritable folder
+    if mode == "none":
+        with pytest.raises(ValueError, match=r"--cache-none, .* did not keep its result on disk .* raise "
+                                             r"SONIC_KEEP_MB"):
+            node.decode(plain, vae, SEGMENT, 0)
+        return
+    node.decode(plain, vae, SEGMENT, 0)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (warned[0].startswith("Latent Segment: ComfyUI runs with --cache-ram") if mode == "ram"
+            else warned == []), warned

@@ -18,6 +18,7 @@ from sonic_core.config import RESULT_KEEP_ENV, SAMPLER_DEFAULTS
 from sonic_core.resume import PREFIX, RESULT_PREFIX, ResumeStore
 from tests._golden import REPO, assert_same_math, rel_err, same_math_tol
 from tests.test_sampler import golden_settings, steps_run
+from tests._node_chain import chain, run_node, tiny  # noqa: F401  (fixtures: the tiny node chain)
 from tests.test_unet import TINY, TINY_HW, TINY_K, _tiny_unet
 
 FRAMES = 7
@@ -325,3 +326,29 @@ def test_poisoned_kept_result_is_discarded_with_a_warning(unet, uninterrupted, t
     assert _results(tmp_path) == [kept], "replaced by this run's own result"
     again, calls = _counted(unet, ResumeStore(tmp_path, keep_bytes=KEEP_ALL))
     assert calls == 0 and torch.isfinite(again).all()
+
+
+def test_sampler_node_returns_a_kept_result_without_sampling(chain, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """Through SonicSampler (what each segment's requeue runs when ComfyUI's cache forgot it): the
+    second identical run calls no step and no UNet, names the kept file, and its LATENT says so."""
+    from nodes import runtime
+
+    first, steps = run_node(chain, monkeypatch, tmp_path)
+    [kept] = _results(tmp_path)
+    assert steps == [0, 1] and first[runtime.KEPT_RESULT_KEY] == str(kept)
+    calls = {"n": 0}
+    real = sampler._guided_velocity
+
+    def counted(*a):
+        calls["n"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(sampler, "_guided_velocity", counted)
+    caplog.clear()
+    again, steps = run_node(chain, monkeypatch, tmp_path)
+    assert steps == [] and calls["n"] == 0, "the second identical run sampled"
+    assert torch.equal(again["samples"], first["samples"])  # the kept bytes, no computation between
+    assert again[runtime.KEPT_RESULT_KEY] == str(kept)
+    assert f"kept in {kept}; returning it without sampling" in caplog.text
+    run_node(chain, monkeypatch, tmp_path / "other")  # control: the same counter sees a real sampling
+    assert calls["n"] > 0
