@@ -81,13 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    """Log sonic_core messages to stderr (the package logger only; the root logger is left alone)."""
+def _setup_logging(verbose: bool, quiet: bool) -> tuple[logging.Handler, int]:
+    """Log sonic_core messages to stderr (the package logger only; the root logger is left alone).
+    Returns the handler and the logger's previous level, for ``main`` to undo when it returns."""
     root = logging.getLogger(__package__)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    before = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    return handler, before
 
 
 SIGTERM_EXIT = 128 + signal.SIGTERM  # the shell's status for a process ended by SIGTERM (143)
@@ -101,7 +104,7 @@ def _exit_on_sigterm(signum, _frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
+    handler, level_before = _setup_logging(args.verbose, args.quiet)
     if argv is None:  # the real command line, not a call from Python (whose handlers stay its own)
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -111,3 +114,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:  # a caller from Python (tests, scripts) keeps no handler on a stream it may close
+        logging.getLogger(__package__).removeHandler(handler)
+        logging.getLogger(__package__).setLevel(level_before)
