@@ -26,7 +26,7 @@ _config = core("config")
 _video = core("video")
 NO_RIFE = "none"
 LIMIT_OF = {"fps": "frame_rate", "multiplier": "rife_multiplier", "decode_chunk_size": "decode_chunk_or_auto",
-            "rife_batch_size": "rife_batch"}  # input name -> config.LIMITS key
+            "rife_batch_size": "rife_batch", "paste_feather": "paste_feather"}  # input name -> config.LIMITS key
 KEY_SAMPLES = 4096  # latent values hashed to tell one clip from another
 
 
@@ -111,9 +111,11 @@ class SonicLatentToVideo:
              paste_region=_config.PASTE_REGION, prompt=None, extra_pnginfo=None):
         stream, interp = core("stream"), core("interpolate")
         n = _config.check_inputs(dict(fps=fps, multiplier=multiplier, crf=crf, decode_chunk_size=decode_chunk_size,
-                                      rife_batch_size=rife_batch_size), LIMIT_OF)  # NaN, inf, out of range
+                                      rife_batch_size=rife_batch_size, paste_feather=paste_feather),
+                                 LIMIT_OF)  # NaN, inf, out of range
         fps, multiplier, crf = n["fps"], n["multiplier"], n["crf"]
         decode_chunk_size, rife_batch_size = n["decode_chunk_size"], n["rife_batch_size"]
+        paste_feather = n["paste_feather"]
         latents = _latents(latent, "Latent To Video")
         multiplier = int(multiplier)
         if multiplier not in interp.MULTIPLIERS:

@@ -27,8 +27,7 @@ REGION_TIP = ("crop: the whole crop square is pasted (the head, hair and neck mo
 def paste_inputs(prefix: str = "") -> dict:
     """The blend's widgets, shared with Latent To Video (there named paste_feather / paste_region)."""
     return {
-        f"{prefix}feather": ("FLOAT", {"default": _config.PASTE_FEATHER, "min": 0.0,
-                                       "max": _config.PASTE_FEATHER_MAX, "step": 0.01, "tooltip": FEATHER_TIP}),
+        f"{prefix}feather": _config.LIMITS["paste_feather"].widget(FEATHER_TIP, step=0.01),
         f"{prefix}region": (list(_config.PASTE_REGIONS), {"default": _config.PASTE_REGION, "tooltip": REGION_TIP}),
     }
 
@@ -63,6 +62,7 @@ class SonicPasteBack:
         }
 
     def paste(self, frames, photo, face_box, feather=_config.PASTE_FEATHER, region=_config.PASTE_REGION):
+        feather = _config.check_inputs(dict(feather=feather), {"feather": "paste_feather"})["feather"]
         frames = _check_images(frames, "Sonic Paste Back")
         paste = core("image").plan_paste(photo, face_box, float(feather), region)
         if paste is None:

@@ -345,6 +345,9 @@ LIMITS: dict[str, Limit] = {
     "frame_rate": Limit(FRAME_RATE_MIN, FRAME_RATE_MAX, GENERATED_FPS),  # Video Combine's default: 25
     "segment_frames": Limit(1, 100_000, 96, True),
     "segment_index": Limit(0, 100_000, 0, True),
+    # Sonic Paste Back and Latent To Video's paste_feather (the CLI's --paste-feather)
+    "paste_feather": Limit(0.0, PASTE_FEATHER_MAX, PASTE_FEATHER, flag="--paste-feather",
+                           hint="a fraction of the pasted region's shorter side; 0 = hard edge"),
     # CLI only
     "dist_timeout": Limit(DIST_TIMEOUT_MIN_S, DIST_TIMEOUT_MAX_S, DIST_TIMEOUT_S, flag="--dist-timeout",
                           hint="seconds a torchrun rank waits for the others"),

@@ -59,6 +59,7 @@ NODE_LIMITS = {
     ("SonicLatentSegment", "segment_frames"): "segment_frames",
     ("SonicLatentSegment", "segment_index"): "segment_index",
     ("SonicLatentSegment", "decode_chunk_size"): "decode_chunk_or_auto",
+    ("SonicPasteBack", "feather"): "paste_feather", ("SonicLatentToVideo", "paste_feather"): "paste_feather",
 }
 DEFAULT_DIFFERS = {("SonicVideoCombine", "frame_rate"): config.OUTPUT_FPS}  # 25 fps after RIFE, not 12.5
 CLI_DEFAULT_DIFFERS = {"--window-batch": 1}  # one window per call unless asked (0 = auto, the node's default)
@@ -179,7 +180,8 @@ def test_every_cli_number_is_held_to_the_node_range(key):
 def _settings(args) -> pipeline.AnimateSettings:
     return pipeline.AnimateSettings(steps=args.steps, seed=args.seed, min_resolution=args.min_resolution,
                                     dynamic_scale=args.dynamic_scale, interpolate=not args.no_interpolate,
-                                    max_seconds=args.max_seconds, window_batch=args.window_batch)
+                                    max_seconds=args.max_seconds, window_batch=args.window_batch,
+                                    paste_feather=args.paste_feather)
 
 
 def test_limit_check_refuses_what_is_not_a_number():

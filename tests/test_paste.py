@@ -317,7 +317,7 @@ def test_cli_paste_back_without_crop_is_refused_before_loading(tmp_path):
     assert not (tmp_path / "o.mp4").exists()
     run = _cli("animate", str(tmp_path / "p.png"), str(voice), "-o", str(tmp_path / "o.mp4"), "--crop",
                "--paste-back", "--paste-feather", "0.9", "--models", str(tmp_path / "empty"))
-    assert run.returncode == 2 and "--paste-feather 0.9 must be 0..0.5" in run.stderr, run.stderr
+    assert run.returncode == 2 and "--paste-feather 0.9 is out of range: must be a finite number from 0 to 0.5" in run.stderr, run.stderr
 
 
 @pytest.mark.slow
