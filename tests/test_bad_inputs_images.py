@@ -36,10 +36,11 @@ DETECTOR = "yoloface_v5m.pt"
 
 @pytest.fixture(autouse=True)
 def _cli_logging():
-    """cli.main adds a stderr handler to the sonic_core logger per call: drop it after each test
-    (it would write to this test's captured stderr, closed by then)."""
+    """cli.main adds a stderr handler to the sonic_core logger per call, bound to that test's captured
+    stderr (closed after it): none of the earlier ones may write during these tests, nor theirs later."""
     logger = logging.getLogger("sonic_core")
     handlers, level = list(logger.handlers), logger.level
+    logger.handlers[:] = []
     yield
     logger.handlers[:] = handlers
     logger.setLevel(level)
