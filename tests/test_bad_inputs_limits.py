@@ -381,6 +381,9 @@ def test_one_latent_with_rife_is_refused_before_rife_loads(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"RIFE needs at least 2 frames to interpolate, got 1: .*rife_model none"):
         nodes_long.SonicLatentToVideo().save({"samples": torch.randn(1, 4, 4, 4)}, _NoDecode(), 12.5,
                                              "RIFE/flownet.pkl", 2, "Sonic/x")
+    monkeypatch.setattr(nodes_video, "_load_rife", lambda name: pytest.fail("RIFE loaded before the refusal"))
+    with pytest.raises(ValueError, match=r"got 1: .*bypass Frame Interpolate"):
+        nodes_video.SonicFrameInterpolate().interpolate(torch.rand(1, 8, 8, 3), "RIFE/flownet.pkl", 2, 12.5)
     assert os.listdir(tmp_path) == []
 
 
