@@ -507,3 +507,20 @@ def test_run_estimate_counts_the_source_audio_it_holds(long_file):
                                  channels=wave.shape[1])
     assert est.parts["source audio (float32)"] == (wave.numel() * 4, "host")
     assert est.frames == 25  # 2 s at 12.5 fps
+
+
+def test_steps_past_the_limit_from_a_real_process(inputs, tmp_path):
+    """Item 16 through ``python -m sonic_core``: one line, exit 2, nothing written (the run that was
+    accepted allocated 23 GB before the OOM killer ended it)."""
+    import sys
+
+    from tests._golden import REPO
+
+    out = tmp_path / "o.mp4"
+    run = subprocess.run([sys.executable, "-m", "sonic_core", "animate", str(inputs[0]), str(inputs[1]), "-o",
+                          str(out), "--models", str(tmp_path / "none"), "--steps", "1000000000"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: --steps 1000000000 is out of range: must be a whole number from 1 to 1000 (denoising steps; "
+        "official 25)"], run.stderr
+    assert os.listdir(tmp_path) == []
