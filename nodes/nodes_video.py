@@ -249,6 +249,7 @@ class SonicFrameInterpolate:
         interp = core("interpolate")
         if multiplier not in interp.MULTIPLIERS:
             raise ValueError(f"multiplier {multiplier} is not supported: use one of {interp.MULTIPLIERS}")
+        interp.check_frame_count(images.shape[0])  # one frame: said before RIFE loads
         model = _load_rife(rife_model).load()
         progress = runtime.Progress(1, "Frame Interpolate (RIFE)")
         batch = rife_batch(batch_size, model, images.shape[1], images.shape[2])

@@ -383,6 +383,9 @@ def test_one_latent_with_rife_is_refused_before_rife_loads(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"RIFE needs at least 2 frames to interpolate, got 1: .*rife_model none"):
         nodes_long.SonicLatentToVideo().save({"samples": torch.randn(1, 4, 4, 4)}, _NoDecode(), 12.5,
                                              "RIFE/flownet.pkl", 2, "Sonic/x")
+    monkeypatch.setattr(nodes_video, "_load_rife", lambda name: pytest.fail("RIFE loaded before the refusal"))
+    with pytest.raises(ValueError, match=r"got 1: .*bypass Frame Interpolate"):
+        nodes_video.SonicFrameInterpolate().interpolate(torch.rand(1, 8, 8, 3), "RIFE/flownet.pkl", 2, 12.5)
     assert os.listdir(tmp_path) == []
 
 
@@ -506,3 +509,20 @@ def test_run_estimate_counts_the_source_audio_it_holds(long_file):
                                  channels=wave.shape[1])
     assert est.parts["source audio (float32)"] == (wave.numel() * 4, "host")
     assert est.frames == 25  # 2 s at 12.5 fps
+
+
+def test_steps_past_the_limit_from_a_real_process(inputs, tmp_path):
+    """Item 16 through ``python -m sonic_core``: one line, exit 2, nothing written (the run that was
+    accepted allocated 23 GB before the OOM killer ended it)."""
+    import sys
+
+    from tests._golden import REPO
+
+    out = tmp_path / "o.mp4"
+    run = subprocess.run([sys.executable, "-m", "sonic_core", "animate", str(inputs[0]), str(inputs[1]), "-o",
+                          str(out), "--models", str(tmp_path / "none"), "--steps", "1000000000"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: --steps 1000000000 is out of range: must be a whole number from 1 to 1000 (denoising steps; "
+        "official 25)"], run.stderr
+    assert os.listdir(tmp_path) == []
