@@ -707,7 +707,8 @@ def test_segments_sample_once_when_the_cache_forgets(forgetful):
     its result on disk and every later one returns it without sampling: one sampling for the clip."""
     segments, node_runs, log_text = _render_segments(forgetful)
     tail = log_text[-LOG_TAIL_CHARS * 3:]
-    print(f"{forgetful.proc.args[-1]}: {segments} segments, {node_runs} sampler node runs, "
+    mode = next(a for a in forgetful.proc.args if a.startswith("--cache-"))
+    print(f"{mode}: {segments} segments, {node_runs} sampler node runs, "
           f"{log_text.count(KEPT_WRITTEN)} sampling kept, {log_text.count(KEPT_HIT)} returned without sampling")
     assert node_runs == segments, f"{node_runs} sampler node runs for {segments} segments\n{tail}"
     assert log_text.count(KEPT_WRITTEN) == 1 and log_text.count(KEPT_HIT) == segments - 1, tail
