@@ -370,7 +370,7 @@ def sample(
         kept = resume.find_result(fp, latents, n_run)  # validated like a state: untrusted
         if kept is not None:  # start at the end: the loop below runs no step, on any rank
             start, latents = n_run, kept
-            log.info("Sonic sampler: these inputs equal a finished sampling kept in %s; returning it without "
+            log.info("these inputs equal a finished sampling kept in %s; returning it without "
                      "sampling", resume.kept)
         else:
             state = resume.load(fp, latents, n_run)

@@ -279,8 +279,11 @@ def _write_ui_inputs(input_dir: Path) -> None:
         f.writeframes((tone * (PCM16_SCALE - 1)).astype(np.int16).tobytes())
 
 
-def _serve(tmp: Path, front_end_root: str | None = None):
-    """Start ComfyUI on its own folders under ``tmp``; yields the Server, stops it afterwards."""
+def _serve(tmp: Path, front_end_root: str | None = None, extra_args: tuple[str, ...] = (),
+           own_resume_dir: bool = False):
+    """Start ComfyUI on its own folders under ``tmp``; yields the Server, stops it afterwards.
+    ``extra_args`` go on ComfyUI's command line; ``own_resume_dir``: the sampler keeps its states in
+    ComfyUI's own user/sonic_resume (SONIC_RESUME_DIR unset), not the test session's folder."""
     base, output, model_root = tmp / "base", tmp / "output", tmp / "models"
     model_dir = model_root / "sonic"
     for d in (base / "input", base / "user" / "default", output, model_dir):
@@ -320,8 +323,11 @@ def _serve(tmp: Path, front_end_root: str | None = None):
             cmd += ["--user-directory", str(base / "user")]
     if "--temp-directory" in flags:
         cmd += ["--temp-directory", str(tmp / "temp")]
+    cmd += list(extra_args)
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if own_resume_dir:
+        env.pop("SONIC_RESUME_DIR", None)
     if os.environ.get("COMFYUI_STUBS"):
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (os.environ["COMFYUI_STUBS"], os.environ.get("LD_LIBRARY_PATH", "")) if p)
@@ -627,10 +633,10 @@ def test_low_vram_settings_run_under_model_management(comfy):
 SEGMENT_CHUNK = 2  # decode chunk of the segment test: several segments from a few frames
 
 
-def test_segments_queue_themselves_into_one_video(comfy):
+def _render_segments(comfy: Server) -> tuple[int, int, str]:
     """Latent Segment -> RIFE -> a core IMAGE node (standing in for an upscaler) -> Video Combine with
-    ``segment``: one Queue renders every segment into one file with the whole soundtrack, each next
-    segment queued by Video Combine, and the sampler runs once (ComfyUI's cache keeps its latents)."""
+    ``segment``, queued once: every segment renders into one file with the whole soundtrack, each next
+    segment queued by Video Combine. Returns (segments, sampler node runs, the log of this render)."""
     chain = ("LoadImage", "LoadAudio", "SonicLoader", "SonicSVDLoader", "SonicFaceMaskDetect",
              "SonicWhisperAudioEncode", "SonicMotionBucketPredict", "SonicSampler", "SonicLatentSegment",
              "SonicFrameInterpolate", "ImageScaleBy", "SonicVideoCombine")
@@ -647,8 +653,7 @@ def test_segments_queue_themselves_into_one_video(comfy):
     combine["inputs"]["segment"] = [seg_id, specs["SonicLatentSegment"]["output"].index("SONIC_SEGMENT")]
     expected_segments = -(-frames // (-(-per_segment // SEGMENT_CHUNK) * SEGMENT_CHUNK))
     assert expected_segments >= 2, f"{frames} frames make a single segment: the test needs several"
-    sampler_runs = re.compile(r"Sonic sampler: \d+ frames, \d+ windows")  # one line per sampler run
-    sampled_before = len(sampler_runs.findall(comfy.log_text()))
+    log_before = len(comfy.log_text())
     history_before = set(_request(f"{comfy.url}/history"))
     _run(comfy, prompt)
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -670,9 +675,44 @@ def test_segments_queue_themselves_into_one_video(comfy):
     with av.open(str(video)) as c:
         width = c.streams.video[0].width
     assert width >= 2 * comfy.case.min_resolution, f"{width} px: the IMAGE node between did not run"
-    log_text = comfy.log_text()
-    assert len(sampler_runs.findall(log_text)) == sampled_before + 1, \
-        "the sampler ran more than once:\n" + log_text[-LOG_TAIL_CHARS * 3:]
+    log_text = comfy.log_text()[log_before:]
+    return expected_segments, len(SAMPLER_NODE_RUN.findall(log_text)), log_text
+
+
+SAMPLER_NODE_RUN = re.compile(r"Sonic sampler: \d+ frames, \d+ windows")  # one line per SonicSampler run
+KEPT_HIT = "returning it without sampling"  # the sampler found an identical finished sampling on disk
+KEPT_WRITTEN = "kept the sampler's result in"
+
+
+def test_segments_queue_themselves_into_one_video(comfy):
+    """The default (classic) cache keeps the sampler's latents: one Queue, every segment, the sampler
+    node runs once."""
+    _segments, node_runs, log_text = _render_segments(comfy)
+    assert node_runs == 1, "the sampler ran more than once:\n" + log_text[-LOG_TAIL_CHARS * 3:]
+
+
+@pytest.fixture(scope="module", params=[("--cache-ram", "1000"), ("--cache-none",)],
+                ids=["cache-ram", "cache-none"])
+def forgetful(request, tmp_path_factory):
+    """A server whose cache forgets the sampler's output between segments: --cache-ram with 1000 GB
+    of headroom (0.8.0: every output is evicted after each node, as under real RAM pressure) or
+    --cache-none. The sampler keeps its states in ComfyUI's own user/sonic_resume."""
+    if request.param[0] not in _cli_flags():
+        pytest.skip(f"this ComfyUI has no {request.param[0]}")
+    yield from _serve(tmp_path_factory.mktemp("forgetful"), extra_args=request.param, own_resume_dir=True)
+
+
+def test_segments_sample_once_when_the_cache_forgets(forgetful):
+    """The cache forgets, so ComfyUI reruns the sampler node for every segment; the first run keeps
+    its result on disk and every later one returns it without sampling: one sampling for the clip."""
+    segments, node_runs, log_text = _render_segments(forgetful)
+    tail = log_text[-LOG_TAIL_CHARS * 3:]
+    mode = next(a for a in forgetful.proc.args if a.startswith("--cache-"))
+    print(f"{mode}: {segments} segments, {node_runs} sampler node runs, "
+          f"{log_text.count(KEPT_WRITTEN)} sampling kept, {log_text.count(KEPT_HIT)} returned without sampling")
+    assert node_runs == segments, f"{node_runs} sampler node runs for {segments} segments\n{tail}"
+    assert log_text.count(KEPT_WRITTEN) == 1 and log_text.count(KEPT_HIT) == segments - 1, tail
+    assert re.search(r"kept the sampler's result in \S*user/sonic_resume/sonic-result-", log_text), tail
 
 
 def test_interrupt_stops_the_sampler(comfy):
