@@ -162,7 +162,8 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         r = rows[-1]
-        print(f"{r['path']:8s} {r['seconds']:7.0f} s {r['side']}px {args.photo} peak {r['peak_rss_mb']:8.1f} MB  growth "
+        print(f"{r['path']:8s} {r['seconds']:7.0f} s {r['side']}px {args.photo} peak {r['peak_rss_mb']:8.1f} MB  "
+              f"growth "
               f"{r['growth_mb']:8.1f} MB  after sampler {r['after_sampler_growth_mb']:8.1f} MB  "
               f"wall {r['wall_s']:7.1f} s (sampler {r['sampler_s']:.1f} s, after it {r['after_sampler_s']:.1f} s)",
               flush=True)
