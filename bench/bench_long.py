@@ -18,6 +18,10 @@ Paths (``--paths``, default cli and comfyui):
 
     python bench/bench_long.py --seconds 20 120 [--json FILE] [--steps 1] [--paths cli comfyui]
 
+``--photo 1080x1920``: a photo of that size with a transparent face square instead; the face is cropped
+(``--side`` is then the crop's working size) and pasted back into the photo while streaming (issue 23):
+the CLI with ``--crop --paste-back``, Latent To Video with its photo and face_box inputs.
+
 Writes a JSON list of {"path": "cli" | "comfyui" | "comfyui-stream", "seconds": S, "peak_rss_mb": X,
 "growth_mb": Y, "wall_s": Z, ...}.
 """
@@ -44,9 +48,13 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from sonic_core import pipeline, sampler, selftest
     work, seconds, steps, path = sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    photo = [int(v) for v in sys.argv[6].split("x")] if sys.argv[6] else None  # (w, h)
     models = selftest.write_tiny_models(work + "/models")
-    img = np.full((%(side)d, %(side)d, 4), 255, np.uint8); img[..., :3] = 120
-    img[%(side)d // 4:3 * %(side)d // 4, %(side)d // 4:3 * %(side)d // 4, 3] = 0  # transparent face
+    pw, ph = photo or (%(side)d, %(side)d)
+    img = np.full((ph, pw, 4), 255, np.uint8); img[..., :3] = 120
+    f = min(pw, ph) // 4 if photo else %(side)d // 4  # face square side (half the portrait without --photo)
+    fx, fy = (pw - f) // 2, ph // 3 if photo else %(side)d // 4
+    img[fy:fy + (f if photo else %(side)d // 2), fx:fx + (f if photo else %(side)d // 2), 3] = 0  # transparent face
     Image.fromarray(img).save(work + "/face.png")
     import av
     n = int(seconds * %(rate)d); t = np.arange(n) / %(rate)d
@@ -82,7 +90,7 @@ CHILD = textwrap.dedent("""
             raise Sampled
         sampler.generate = sample_then_stop
     t0 = time.perf_counter()
-    s = pipeline.AnimateSettings(steps=steps, min_resolution=%(side)d)
+    s = pipeline.AnimateSettings(steps=steps, min_resolution=%(side)d, crop=bool(photo), paste_back=bool(photo))
     try:
         pipeline.animate(work + "/face.png", work + "/voice.wav", work + "/out.mp4", models, s)
     except Sampled:
@@ -95,8 +103,13 @@ CHILD = textwrap.dedent("""
         audio = {"waveform": wave[None], "sample_rate": rate}
         latent = {"samples": base.pop("latents")}
         if path == "comfyui-stream":
+            paste = {}
+            if photo:
+                from sonic_core import face
+                image, alpha = pipeline.read_image(work + "/face.png")
+                paste = {"photo": image, "face_box": face.detect_face_mask(image, mask=alpha, crop=True).box}
             nodes_long.SonicLatentToVideo().save(latent, vae, 12.5, "RIFE/flownet.pkl", 2, "bench/long",
-                                                 audio=audio)
+                                                 audio=audio, **paste)
         else:
             seg_node, rife_node = nodes_long.SonicLatentSegment(), nodes_video.SonicFrameInterpolate()
             combine, k, cache = nodes_video.SonicVideoCombine(), 0, None
@@ -118,15 +131,15 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def run(seconds: float, steps: int, side: int = SIDE, repo: Path = REPO, path: str = "cli") -> dict:
+def run(seconds: float, steps: int, side: int = SIDE, repo: Path = REPO, path: str = "cli", photo: str = "") -> dict:
     child = CHILD % {"side": side, "rate": RATE}
     with tempfile.TemporaryDirectory() as work:
-        out = subprocess.run([sys.executable, "-c", child, str(repo), work, str(seconds), str(steps), path],
+        out = subprocess.run([sys.executable, "-c", child, str(repo), work, str(seconds), str(steps), path, photo],
                              capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"{seconds} s failed:\n{out.stderr[-3000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"path": path, "seconds": seconds, "side": side, **row}
+    return {"path": path, "seconds": seconds, "side": side, **({"photo": photo} if photo else {}), **row}
 
 
 def main() -> None:
@@ -137,14 +150,20 @@ def main() -> None:
     p.add_argument("--repo", type=Path, default=REPO, help="checkout to measure (e.g. an older commit)")
     p.add_argument("--paths", nargs="+", default=["cli", "comfyui"], choices=PATHS)
     p.add_argument("--json", default=None, help="write the rows to this file (after every row)")
+    p.add_argument("--photo", default="", help="WxH: crop the face of a photo this size and paste it back (cli, "
+                                               "comfyui-stream)")
     args = p.parse_args()
     rows = []
     for s, path in [(s, path) for s in args.seconds for path in args.paths]:
-        rows.append(run(s, args.steps, args.side, args.repo, path))
+        if args.photo and path == "comfyui":
+            raise SystemExit("--photo: the segment path pastes back with the Sonic Paste Back node; use cli or "
+                             "comfyui-stream")
+        rows.append(run(s, args.steps, args.side, args.repo, path, args.photo))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         r = rows[-1]
-        print(f"{r['path']:8s} {r['seconds']:7.0f} s {r['side']}px  peak {r['peak_rss_mb']:8.1f} MB  growth "
+        print(f"{r['path']:8s} {r['seconds']:7.0f} s {r['side']}px {args.photo} peak {r['peak_rss_mb']:8.1f} MB  "
+              f"growth "
               f"{r['growth_mb']:8.1f} MB  after sampler {r['after_sampler_growth_mb']:8.1f} MB  "
               f"wall {r['wall_s']:7.1f} s (sampler {r['sampler_s']:.1f} s, after it {r['after_sampler_s']:.1f} s)",
               flush=True)

@@ -38,7 +38,8 @@ class SonicPasteBack:
                    "and blended in with a soft edge; outside it the photo stays exactly as it is. Works frame "
                    "by frame: put it after Frame Interpolate or an upscaler, in a Latent Segment chain for long "
                    "clips (or use Latent To Video's photo input). Head motion past the crop edge is cut by the "
-                   "blend: for big moves lower head_motion_scale (Motion Bucket Predict) or raise expand_ratio (Face Mask Detect). "
+                   "blend: for big moves lower head_motion_scale (Motion Bucket Predict) or raise expand_ratio "
+                   "(Face Mask Detect). "
                    "When the crop is much larger than 512 px, upscale the frames first: a resize cannot add "
                    "detail. A face box without a crop passes the frames through unchanged (with a warning).")
     CATEGORY = "Sonic"

@@ -59,6 +59,7 @@ VIDEO_PREFIX = "sonic_real_comfyui"
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
 PCM16_SCALE = 32768.0  # int16 full scale
 BASIC_API = REPO / "workflows" / "api" / "sonic_basic.json"
+PASTE_API = REPO / "workflows" / "api" / "sonic_paste_back.json"
 CHECKPOINT_LOADER = "ImageOnlyCheckpointLoader"  # what sonic_basic.json loads svd_xt with
 # The basic graph in execution order; each input is fed by the latest earlier output of its type.
 CHAIN = ("LoadImage", "LoadAudio", "SonicLoader", "SonicSVDLoader", "SonicFaceMaskDetect",
@@ -608,6 +609,28 @@ def test_basic_workflow_renders_a_video(comfy):
     _check_video(video, comfy.case, frames)
     loads = set(re.findall(r"Requested to load (\w+)", comfy.log_text()))  # ComfyUI names the module class
     assert "_Holder" not in loads and {"SonicUNet", "SonicAudio2Token", "WhisperEncoder"} <= loads, loads
+
+
+def test_paste_back_workflow_renders_the_photo_sized_video(comfy):
+    """workflows/sonic_paste_back.json: the face cropped, animated and pasted back by Latent To Video
+    while it streams, so the video has the photo's own size and the whole soundtrack."""
+    import av
+    from PIL import Image
+
+    specs = _specs_with(comfy, CHAIN[:-3] + ("SonicLatentToVideo",))
+    values = _widget_values(comfy)
+    # the test portraits are small: the widest margin keeps the square crop over the 64 px minimum
+    values["SonicFaceMaskDetect"] = {**values["SonicFaceMaskDetect"], "crop": True, "expand_ratio": 5.0}
+    values["SonicLatentToVideo"] = {**values["SonicLatentToVideo"], "filename_prefix": f"paste/{VIDEO_PREFIX}"}
+    entry = _run(comfy, _file_prompt(PASTE_API, specs, values))
+    video = _saved_video(comfy, entry, "paste")
+    _check_video(video, comfy.case, 2 * comfy.case.frames - 1)
+    with Image.open(comfy.output_dir.parent / "base" / "input" / IMAGE_NAME) as im:
+        w, h = im.size
+    with av.open(str(video)) as c:
+        size = (c.streams.video[0].width, c.streams.video[0].height)
+    assert size == (w + w % 2, h + h % 2), f"{size}: not the {w}x{h} photo (yuv420p pads odd sides by one)"
+    assert "paste-back: crop" in comfy.log_text(), "Latent To Video did not paste back"
 
 
 def test_low_vram_settings_run_under_model_management(comfy):
