@@ -189,3 +189,29 @@ def test_blueprint_loads_in_the_browser_with_no_alert(comfy):
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
+
+
+def test_workflow_saved_before_the_video_output_loads_with_no_alert(comfy):
+    """workflows/sonic_basic.json as saved before the VIDEO output (Latent To Video listing only
+    'filename'): it loads with no notice, and the node has both outputs, 'filename' still first."""
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright to drive the browser")
+    if not R.Path(R.CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {R.CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    wf = json.loads((R.REPO / "workflows" / "sonic_basic.json").read_text())
+    saver = next(n for n in wf["nodes"] if n["type"] == "SonicLatentToVideo")
+    saver["outputs"] = saver["outputs"][:1]
+    with sync_playwright() as p:
+        browser, page, dialogs = R._open_page(p, comfy)
+        try:
+            R._notices(page, dialogs)
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", wf)
+            page.wait_for_timeout(R.SETTLE_MS)
+            notices = R._notices(page, dialogs)
+            outputs = page.evaluate("""(id) => window.app.graph.getNodeById(id).outputs
+                                       .map(o => [o.name, o.type])""", saver["id"])
+        finally:
+            browser.close()
+    assert not notices, notices
+    assert outputs == [["filename", "STRING"], ["video", "VIDEO"]], outputs
