@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests import test_comfyui_real as R  # skips this module without COMFYUI_PATH
+from tests.test_comfyui_real import frontend  # noqa: F401 (fixture: the pinned frontend, then each extra root)
 from tests.test_blueprint import BLUEPRINT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -137,14 +138,14 @@ SUBGRAPH_JS = """() => window.app.graph._nodes.map(n => ({
   inputs: (n.inputs || []).map(i => [i.name, i.type]), outputs: (n.outputs || []).map(o => [o.name, o.type])}))"""
 
 
-def test_blueprint_loads_in_the_browser_with_no_alert(comfy):
+def test_blueprint_loads_in_the_browser_with_no_alert(frontend):  # noqa: F811 (the imported fixture)
     """Where ComfyUI serves blueprints: the page opens without a load-failure toast, the blueprint is
     added from the node search box by its name, and dropped in as a workflow; each time one node with
     photo and audio in, VIDEO out, the basic chain inside, and no alert, toast or dialog."""
     pytest.importorskip("playwright.sync_api", reason="pip install playwright to drive the browser")
     if not R.Path(R.CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {R.CHROMIUM}")
-    if not _serves_blueprints(comfy):
+    if not _serves_blueprints(frontend):
         pytest.skip("this ComfyUI does not serve subgraph blueprints (/global_subgraphs)")
     from playwright.sync_api import sync_playwright
 
@@ -164,7 +165,7 @@ def test_blueprint_loads_in_the_browser_with_no_alert(comfy):
             problems.append(f"{how}: slots {n['inputs']} -> {n['outputs']}")
 
     with sync_playwright() as p:
-        browser, page, dialogs = R._open_page(p, comfy)
+        browser, page, dialogs = R._open_page(p, frontend)
         try:
             problems += [f"on opening the page: {x}" for x in R._notices(page, dialogs)]
             page.evaluate("async () => { await window.app.loadGraphData({nodes: [], links: [], version: 0.4}); }")
@@ -189,3 +190,29 @@ def test_blueprint_loads_in_the_browser_with_no_alert(comfy):
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
+
+
+def test_workflow_saved_before_the_video_output_loads_with_no_alert(comfy):
+    """workflows/sonic_basic.json as saved before the VIDEO output (Latent To Video listing only
+    'filename'): it loads with no notice, and the node has both outputs, 'filename' still first."""
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright to drive the browser")
+    if not R.Path(R.CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {R.CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    wf = json.loads((R.REPO / "workflows" / "sonic_basic.json").read_text())
+    saver = next(n for n in wf["nodes"] if n["type"] == "SonicLatentToVideo")
+    saver["outputs"] = saver["outputs"][:1]
+    with sync_playwright() as p:
+        browser, page, dialogs = R._open_page(p, comfy)
+        try:
+            R._notices(page, dialogs)
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", wf)
+            page.wait_for_timeout(R.SETTLE_MS)
+            notices = R._notices(page, dialogs)
+            outputs = page.evaluate("""(id) => window.app.graph.getNodeById(id).outputs
+                                       .map(o => [o.name, o.type])""", saver["id"])
+        finally:
+            browser.close()
+    assert not notices, notices
+    assert outputs == [["filename", "STRING"], ["video", "VIDEO"]], outputs
