@@ -14,6 +14,12 @@ import time
 
 import pytest
 
+import os
+from pathlib import Path as _Path
+
+if not os.environ.get("COMFYUI_PATH") or not (_Path(os.environ["COMFYUI_PATH"]) / "main.py").is_file():
+    pytest.skip("COMFYUI_PATH does not name a ComfyUI source tree (a folder with main.py)", allow_module_level=True)
+
 from tests import test_comfyui_real as R  # skips this module without COMFYUI_PATH
 from tests.test_comfyui_real import frontend  # noqa: F401 (fixture: the pinned frontend, then each extra root)
 from tests.test_blueprint import BLUEPRINT
