@@ -179,26 +179,17 @@ def zh_problems(specs: dict, table: dict) -> list[str]:
         if not zh.get("display_name"):
             problems.append(f"{ZH_TABLE.name}: node {node_id} has no Chinese display_name")
         check_text(f"{ZH_TABLE.name}: {node_id}", zh.get("description"), spec["description"], "text")
-        names = {i["name"] for i in spec["inputs"]}
-        for name in nodes.get(node_id, {}).get("inputs", {}):
-            if name not in names:
-                problems.append(f"{ZH_TABLE.name}: {node_id} has no input {name!r} (stale entry)")
-        for item in spec["inputs"]:
-            entry = zh["inputs"].get(item["name"])
-            if not isinstance(entry, dict) or not entry.get("name"):
-                problems.append(f"{ZH_TABLE.name}: {node_id}.{item['name']}: "
-                                "the Chinese input name is missing")
-            check_text(f"{ZH_TABLE.name}: {node_id}.{item['name']}", entry, item["tooltip"])
-        outs = {o["name"] for o in spec["outputs"]}
-        for name in nodes.get(node_id, {}).get("outputs", {}):
-            if name not in outs:
-                problems.append(f"{ZH_TABLE.name}: {node_id} has no output {name!r} (stale entry)")
-        for out in spec["outputs"]:
-            entry = zh["outputs"].get(out["name"])
-            if not isinstance(entry, dict) or not entry.get("name"):
-                problems.append(f"{ZH_TABLE.name}: {node_id} output {out['name']!r}: "
-                                "the Chinese name is missing")
-            check_text(f"{ZH_TABLE.name}: {node_id}.{out['name']}", entry, out["tooltip"])
+        for kind, missing in (("inputs", "{node}.{name}: the Chinese input name is missing"),
+                              ("outputs", "{node} output {name!r}: the Chinese name is missing")):
+            names = {i["name"] for i in spec[kind]}
+            for name in nodes.get(node_id, {}).get(kind, {}):
+                if name not in names:
+                    problems.append(f"{ZH_TABLE.name}: {node_id} has no {kind[:-1]} {name!r} (stale entry)")
+            for item in spec[kind]:
+                entry = zh[kind].get(item["name"])
+                if not isinstance(entry, dict) or not entry.get("name"):
+                    problems.append(f"{ZH_TABLE.name}: " + missing.format(node=node_id, name=item["name"]))
+                check_text(f"{ZH_TABLE.name}: {node_id}.{item['name']}", entry, item["tooltip"])
     return problems
 
 
