@@ -111,6 +111,11 @@ FACE_PREVIEW_CHOSEN_LINE_SCALE = 2  # the chosen face's line is this many times 
 FACE_PREVIEW_DIGIT_FRACTION = 0.05  # digit height, a fraction of the image's shorter side
 FACE_PREVIEW_DIGIT_MIN_PX = 10  # px, smallest digit height (5 bitmap rows of 2 px)
 
+# voices of a conversation (issue 30, sonic_core/speakers.py)
+SPEAKER_FADE_S = 0.005  # s, linear fade in and out at each turn's edges (no click where a voice starts)
+MIX_PEAK = 1.0  # full scale: a mix whose peak would exceed this is scaled down to it (never up)
+RTTM_MIN_FIELDS = 8  # SPEAKER <file> <chan> <start> <duration> <ortho> <stype> <name> [<conf> <slat>]
+
 # paste-back (issue 23, sonic_core/image.PasteBack): generated crop frames blended into the whole photo
 PASTE_REGIONS = ("crop", "face")  # blended area: the whole crop square, or the face box scaled by PASTE_FACE_SCALE
 PASTE_REGION = "crop"  # default: the crop moves as one piece (hair, ears, neck with the head); its edge is background
