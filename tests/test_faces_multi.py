@@ -217,3 +217,26 @@ def test_node_face_index_and_preview(tmp_path):
     # whole_image: nothing boxed
     _, _, box, preview = cls().detect(torch.rand(1, 80, 100, 3), "none", True, 0.5, 1.1, 0.5, "whole_image")
     assert box.source == "whole_image" and box.number == 0 and preview.shape == (1, 80, 100, 3)
+
+
+def test_yoloface_style_network_numbers_every_kept_box():
+    """The YOLOv5-face-style network of tests/_yoloface (planted faces on one level, many cells): every
+    box the real YoloFaceDetector keeps after the confidence and NMS is a numbered face. (Its
+    TorchScript exports and their loading are tested in tests/test_face.py; eager here, for speed.)"""
+    from sonic_core.models import face_detector as fd
+    from tests import _yoloface as yolo
+
+    detector = fd.YoloFaceDetector(yolo.plant_faces(yolo.build(seed=3)).eval(), "cpu")
+    img = torch.rand(1, 208, 208, 3, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 0.1 s network: more threads only wait on each other on a busy CPU
+    try:
+        kept = detector.detect(to_u8(img[0]))
+        faces = face.find_faces(img, detector)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(faces) == len(kept) >= 2
+    centres = [b.x + b.w / 2 for b in faces]
+    assert centres == sorted(centres) and [b.number for b in faces] == list(range(1, len(kept) + 1))
+    assert sorted((b.x, b.y, b.score) for b in faces) == sorted((d.x, d.y, d.score) for d in kept)
+    assert face.choose_face(faces, 0).area == max(d.area for d in kept)
