@@ -162,7 +162,8 @@ def _job_key(samples: torch.Tensor, length: int, chunk: int) -> str:
 
 def _check_cache(latent: dict, segments: int) -> None:
     """Segments re-queue the workflow; what the sampler costs each time depends on ComfyUI's cache.
-    Classic and --cache-lru keep its output. --cache-ram may drop it and --cache-none always does:
+    Classic and --cache-lru keep its output. RAM pressure (--cache-ram, ComfyUI 0.33's default) may
+    drop it and --cache-none always does:
     then the sampler runs again, which is cheap only when it kept its result on disk (the LATENT
     says so, see runtime.KEPT_RESULT_KEY): it returns that without sampling."""
     mode = runtime.cache_mode()
@@ -170,9 +171,9 @@ def _check_cache(latent: dict, segments: int) -> None:
     if mode not in ("none", "ram"):
         return
     if kept:
-        log.info("Latent Segment: ComfyUI runs with --cache-%s; the nodes before this one may run again for "
+        log.info("Latent Segment: ComfyUI runs with %s; the nodes before this one may run again for "
                  "each of the %d segments, but the sampler returns its kept result %s without sampling",
-                 mode, segments, kept)
+                 runtime.CACHE_MODE_NAMES[mode], segments, kept)
         return
     why = (f"the Sonic Sampler did not keep its result on disk ({runtime.RESUME_ENV} not writable, "
            f"{_config.RESULT_KEEP_ENV}=0, or the result is over that cap)")
@@ -181,8 +182,8 @@ def _check_cache(latent: dict, segments: int) -> None:
                          f"segments, and {why}, so all {segments} segments would sample the clip again: raise "
                          f"{_config.RESULT_KEEP_ENV} or fix the folder, start ComfyUI without --cache-none, "
                          "or use Latent To Video (streaming)")
-    log.warning("Latent Segment: ComfyUI runs with --cache-ram, which may drop the sampler's result between "
-                "segments, and %s: a later segment may sample the clip again", why)
+    log.warning("Latent Segment: ComfyUI runs with %s, which may drop the sampler's result between "
+                "segments, and %s: a later segment may sample the clip again", runtime.CACHE_MODE_NAMES[mode], why)
 
 
 class SonicLatentSegment:

@@ -399,21 +399,47 @@ def metadata_enabled() -> bool:
 KEPT_RESULT_KEY = "sonic_kept_result"  # in the sampler's LATENT: the file its result is kept in (resume.py)
 
 
+def cache_mode_of(args: Any) -> str:
+    """The cache ComfyUI's main.py builds from its parsed command line ``args`` (comfy.cli_args):
+    "classic" (the last prompt's outputs), "lru" (--cache-lru N), "ram" (outputs evicted when free
+    RAM is short) or "none" (--cache-none: nothing kept).
+
+    Up to 0.8.0 classic is the default and --cache-ram [GB] (0.8.0, a float, 0 = off) selects
+    RAM pressure. Where ``cache_ram`` is a list (0.33.0: --cache-ram [GB [GB]], default []),
+    RAM pressure is the default and only --cache-classic (or --high-ram, which sets it),
+    --cache-lru N and --cache-none select another cache."""
+    ram = getattr(args, "cache_ram", None)
+    if isinstance(ram, (list, tuple)):  # 0.33.0 and later: RAM pressure unless told otherwise
+        if getattr(args, "cache_classic", False):
+            return "classic"
+        if getattr(args, "cache_lru", 0) > 0:
+            return "lru"
+        if getattr(args, "cache_none", False):
+            return "none"
+        return "ram"
+    if getattr(args, "cache_lru", 0) > 0:  # 0.8.0's order: lru, then ram, then none
+        return "lru"
+    if ram:
+        return "ram"
+    if getattr(args, "cache_none", False):
+        return "none"
+    return "classic"
+
+
 def cache_mode() -> str:
-    """ComfyUI's cache of node outputs between queued prompts: "classic" (the default: the last
-    prompt's outputs), "lru" (--cache-lru N), "ram" (--cache-ram: evicted whenever free RAM is
-    short, 0.8.0 and later) or "none" (--cache-none: nothing kept). "classic" without ComfyUI."""
+    """ComfyUI's cache of node outputs between queued prompts (see ``cache_mode_of``); "classic"
+    without ComfyUI."""
     if not COMFY:
         return "classic"
     from comfy.cli_args import args  # type: ignore
 
-    if getattr(args, "cache_none", False):
-        return "none"
-    if getattr(args, "cache_ram", 0):
-        return "ram"
-    if getattr(args, "cache_lru", 0):
-        return "lru"
-    return "classic"
+    return cache_mode_of(args)
+
+
+CACHE_MODE_NAMES = {  # how the log names each cache mode (RAM pressure is 0.33.0's default: no flag)
+    "classic": "the classic cache", "lru": "--cache-lru", "none": "--cache-none",
+    "ram": "the RAM-pressure cache (--cache-ram; ComfyUI 0.33's default)",
+}
 
 
 def cache_forgets_outputs() -> bool:
