@@ -238,8 +238,17 @@ def video_not_ready() -> Any:
 
 
 class _Holder(torch.nn.Module):
-    """What the ModelPatcher manages: ComfyUI assigns ``model.device``, a read-only property on
-    diffusers / transformers models, so those sit one level down as ``inner``."""
+    """What the model patcher manages: ComfyUI assigns ``model.device``, a read-only property on
+    diffusers / transformers models, so those sit one level down as ``inner``.
+
+    Both patchers ask the managed module only for what every nn.Module has: its state dict
+    (``model_size``), named modules, parameters and buffers (the load lists), and they set plain
+    attributes on it (``device``, ``model_loaded_weight_memory``, ...; ComfyUI 0.33's dynamic
+    patcher also ``dynamic_vbars``, ``dynamic_pins``, ``dynamic_patchers``). ``get_dtype``,
+    ``memory_required`` and ``get_dynamic_vram__units`` are optional and left out: our layers are
+    plain torch layers, not comfy.ops casting layers, so the dynamic patcher loads their weights
+    whole onto the GPU (as it does for an upscale model) and frees them whole when VRAM is short;
+    what changes is that loading them no longer unloads the other dynamic models."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
@@ -261,11 +270,23 @@ def holder(module: torch.nn.Module, name: str | None = None) -> _Holder:
     return _holder_classes[name](module)
 
 
-class ManagedModel:
-    """An nn.Module under ComfyUI's model management (ModelPatcher), or plain torch without it.
+def patcher_class() -> type | None:
+    """The model patcher class ComfyUI uses at run time: ``comfy.model_patcher.CoreModelPatcher``
+    where it exists (ComfyUI 0.33's main.py points it at ``ModelPatcherDynamic`` when dynamic VRAM
+    works, on NVIDIA and recent ROCm; that class hands a CPU load device back to the plain
+    ``ModelPatcher``), else ``ModelPatcher``. Read when a model is wrapped, never at import: main.py
+    sets it after the custom nodes are imported. None without ComfyUI."""
+    if not COMFY:
+        return None
+    return getattr(_mp, "CoreModelPatcher", None) or _mp.ModelPatcher
 
-    Call ``load()`` right before use: it moves the weights to the load device (ComfyUI frees
-    other models first if needed) and returns the module.
+
+class ManagedModel:
+    """An nn.Module under ComfyUI's model management (``patcher_class()``), or plain torch without it.
+
+    Call ``load()`` right before use: ComfyUI loads the weights onto the load device (freeing
+    other models first if needed: under dynamic VRAM only what does not fit) and it returns the
+    module. The module object stays the same; the dynamic patcher swaps its parameters in place.
     """
 
     def __init__(self, module: torch.nn.Module, load_dev: torch.device | None = None,
@@ -275,8 +296,10 @@ class ManagedModel:
         module.to(self.offload_device)
         self.module = module
         self.holder = holder(module, name)  # its class name is what ComfyUI's log shows
-        self.patcher = (_mp.ModelPatcher(self.holder, self.load_device, self.offload_device)
-                        if COMFY else None)
+        cls = patcher_class()
+        self.patcher = cls(self.holder, self.load_device, self.offload_device) if cls is not None else None
+        if self.patcher is not None:
+            log.debug("%s under %s", type(self.holder).__name__, type(self.patcher).__name__)
 
     def load(self) -> torch.nn.Module:
         if self.patcher is not None:

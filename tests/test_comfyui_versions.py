@@ -1,11 +1,16 @@
 """What the pack reads of a real ComfyUI tree, against that tree's own code: the cache mode from its
-real argument parser (comfy/cli_args.py) for each command line, on every version listed.
+real argument parser (comfy/cli_args.py) for each command line, on every version listed; and the
+model patcher class that wraps Sonic's models when the real SonicLoader runs in that tree.
 
 Skipped unless ``COMFYUI_TREES`` (os.pathsep-separated ComfyUI source trees, e.g.
 ``/opt/comfy/0.3.64:/opt/comfy/0.8.0:/opt/comfy/0.33.0``) or ``COMFYUI_PATH`` names a tree. Each
 tree's parser runs in a subprocess with only that tree on sys.path and the command line given (no
 server starts); the parsed arguments come back as JSON and ``runtime.cache_mode_of`` reads them.
 What each version builds from its arguments was read off its main.py (``prompt_worker``).
+
+The patcher test imports the tree's comfy package with ``COMFYUI_PYTHON`` (an interpreter with
+ComfyUI's requirements and ours; default this one) and ``COMFYUI_STUBS`` in front of its
+LD_LIBRARY_PATH (tests/REAL_COMFYUI.md), and skips where that interpreter cannot import it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ def _version(tree: Path) -> str:
     return re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text).group(1)
 
 
+def _tree_param(tree: Path):
+    return pytest.param(tree, id=_version(tree))
+
+
 CASES = [(tree, argv) for tree in _trees() for argv in EXPECTED.get(_version(tree), {})]
 if not CASES:
     pytest.skip(f"no ComfyUI tree of a known version ({', '.join(EXPECTED)}) in {TREES_ENV} or COMFYUI_PATH",
@@ -92,3 +101,51 @@ def test_cache_mode_from_the_real_parser(tree, argv):
     assert runtime.cache_mode_of(type("Args", (), args)) == expected, args
     if _version(tree) == "0.33.0" and not argv:
         assert args["cache_ram"] == [], "0.33.0's default --cache-ram is an empty list"
+
+
+PROBE = Path(__file__).with_name("_comfy_patcher_probe.py")
+PROBE_TIMEOUT_S = 300.0  # imports the tree's comfy package (transformers included) on a busy CPU
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from sonic_core.selftest import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("sonic_models"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", [_tree_param(t) for t in _trees()])
+def test_models_wrapped_by_the_patcher_comfyui_uses(tree, tiny_models):
+    """Sonic's models go through ``comfy.model_patcher.CoreModelPatcher`` where the tree has it
+    (0.33.0), read when a model is wrapped (0.33's main.py rebinds it to ModelPatcherDynamic after
+    the packs are imported), else ModelPatcher; loading runs ComfyUI's load_models_gpu, which lists
+    the UNet under its own name, and hands back the very module SonicModels holds. On this CPU the
+    dynamic class hands a CPU load device back to ModelPatcher (as it does for core models under
+    --cpu); what it does on a GPU is bench/device_run.sh --dynamic-vram's check."""
+    env = dict(os.environ)
+    if os.environ.get("COMFYUI_STUBS"):
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (os.environ["COMFYUI_STUBS"],
+                                                            env.get("LD_LIBRARY_PATH")) if p)
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    done = subprocess.run([python, str(PROBE), str(tree), str(Path(__file__).resolve().parent.parent),
+                           str(tiny_models)], cwd=tree, env=env, capture_output=True, text=True,
+                          timeout=PROBE_TIMEOUT_S)
+    if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
+        pytest.skip(f"{python} cannot import ComfyUI {_version(tree)}: {done.stderr.strip().splitlines()[-1]} "
+                    "(set COMFYUI_PYTHON and COMFYUI_STUBS)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    core = seen["comfyui_core_patcher"]
+    assert seen["runtime_patcher"] == (core or "ModelPatcher")
+    assert (core is not None) == (_version(tree) == "0.33.0")
+    first = seen["default"]
+    assert first == {"patcher": "ModelPatcher", "is_dynamic": False, "same_module": True, "device": "cpu",
+                     "requested": ["SonicUNet"], "loaded_holders": ["SonicUNet"]}, first
+    if core is None:
+        assert "dynamic" not in seen
+        return
+    dynamic = seen["dynamic"]
+    assert dynamic["runtime_patcher"] == "DynamicProbe"
+    assert dynamic["asked"] == ["SonicAudio2Bucket", "SonicAudio2Token", "SonicUNet", "WhisperEncoder"]
+    assert {k: dynamic[k] for k in first} == first  # CPU: ModelPatcherDynamic hands back ModelPatcher
