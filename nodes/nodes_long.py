@@ -67,6 +67,10 @@ class SonicLatentToVideo:
                    "face_box connected it pastes the animated crop back into the whole photo while it streams "
                    "(as Sonic Paste Back), so the video has the photo's own resolution.")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("decode video", "latent to video", "save video", "mp4",
+                                            "paste back", "解码视频")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("pix_fmt", "decode_chunk_size", "rife_batch_size", "paste_feather", "paste_region")
     FUNCTION = "save"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "VIDEO")
@@ -75,7 +79,7 @@ class SonicLatentToVideo:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        return runtime.advanced({
             "required": {
                 "latent": ("LATENT", {"tooltip": "From Sonic Sampler: one latent per generated frame."}),
                 "vae": ("VAE", {"tooltip": "The SVD-xt VAE the sampler used (SVD VAE + Image Encoder Loader or "
@@ -103,7 +107,7 @@ class SonicLatentToVideo:
                 **paste_inputs("paste_"),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def save(self, latent, vae, fps, rife_model, multiplier, filename_prefix, format="h264-mp4",
              crf=_config.VIDEO_CRF, pix_fmt="yuv420p", audio=None, decode_chunk_size=0,
@@ -194,6 +198,9 @@ class SonicLatentSegment:
                    "the first starts with the previous one's last frame, so RIFE joins them exactly; "
                    "Video Combine drops it.")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("long video", "segment", "decode segment", "长视频")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("segment_index", "decode_chunk_size")
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE", "SONIC_SEGMENT")
     RETURN_NAMES = ("images", "segment")
@@ -203,7 +210,7 @@ class SonicLatentSegment:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        return runtime.advanced({
             "required": {
                 "latent": ("LATENT", {"tooltip": "From Sonic Sampler: one latent per generated frame."}),
                 "vae": ("VAE", {"tooltip": "The SVD-xt VAE the sampler used."}),
@@ -216,7 +223,7 @@ class SonicLatentSegment:
             },
             "optional": {"decode_chunk_size": _chunk_input(" Must stay the same for every segment.")},
             "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def decode(self, latent, vae, segment_frames, segment_index, decode_chunk_size=0, unique_id=None):
         stream = core("stream")

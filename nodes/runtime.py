@@ -314,6 +314,37 @@ class ManagedModel:
 
 
 # ----------------------------------------------------------------------------------------------
+# Node metadata read by today's frontend (ComfyUI 0.33: search aliases, advanced inputs); older
+# frontends ignore both, and saved workflows are unchanged (an advanced widget keeps its place)
+# ----------------------------------------------------------------------------------------------
+SEARCH_ALIASES = ("sonic", "talking head", "lip sync", "portrait animation", "talking avatar", "数字人", "口型",
+                  "对口型")  # what users type in the node search to find any Sonic node
+
+
+def search_aliases(*own: str) -> list[str]:
+    """A node's ``SEARCH_ALIASES``: its own words first, then the pack's (``SEARCH_ALIASES``)."""
+    return list(dict.fromkeys((*own, *SEARCH_ALIASES)))
+
+
+def advanced(spec: dict, names: tuple[str, ...]) -> dict:
+    """``spec`` (an INPUT_TYPES dict) with ``"advanced": True`` on the inputs ``names``: inputs whose
+    official value is right for almost everyone, which the frontend hides until the user asks. The
+    options are copied (a spec shared between nodes is not changed) and the order is kept."""
+    missing = set(names) - {n for section in spec.values() for n in section}
+    if missing:
+        raise KeyError(f"advanced inputs {sorted(missing)} are not inputs of this node")
+    out = {}
+    for section, inputs in spec.items():
+        out[section] = {}
+        for name, value in inputs.items():
+            if name in names:
+                kind, opts = value[0], value[1] if len(value) > 1 else {}
+                value = (kind, {**opts, "advanced": True}, *value[2:])
+            out[section][name] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Folders
 # ----------------------------------------------------------------------------------------------
 MODEL_FOLDER = "sonic"  # ComfyUI/models/sonic

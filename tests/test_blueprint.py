@@ -40,7 +40,8 @@ def test_one_blueprint_with_photo_and_audio_in_and_video_out():
     # ComfyUI 0.33's built-in blueprints carry both on the subgraph; frontends 1.49.6 and 1.58.1 put the
     # node under "Subgraph Blueprints/<category>" and show extra.BlueprintDescription, else this one.
     assert sg["category"] == CATEGORY and sg["description"] == bp["extra"]["BlueprintDescription"]
-    assert {"talking head", "lip sync", "portrait animation", "数字人", "口型"} <= set(bp["extra"]["BlueprintSearchAliases"])
+    aliases = set(bp["extra"]["BlueprintSearchAliases"])
+    assert {"talking head", "lip sync", "portrait animation", "数字人", "口型"} <= aliases
     assert frontend_safe_workflow(bp) == bp, "no null where the frontend's schema wants a value"
 
 
