@@ -317,8 +317,9 @@ class ManagedModel:
 # Node metadata read by today's frontend (ComfyUI 0.33: search aliases, advanced inputs); older
 # frontends ignore both, and saved workflows are unchanged (an advanced widget keeps its place)
 # ----------------------------------------------------------------------------------------------
+# what users type in the node search to find any Sonic node
 SEARCH_ALIASES = ("sonic", "talking head", "lip sync", "portrait animation", "talking avatar", "数字人", "口型",
-                  "对口型")  # what users type in the node search to find any Sonic node
+                  "对口型")
 
 
 def search_aliases(*own: str) -> list[str]:
