@@ -20,6 +20,9 @@ class SonicWhisperAudioEncode:
                    "features (every hidden state), the per-frame windows and audio tokens. The video "
                    "gets one frame per 80 ms of audio (12.5 fps before interpolation).")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("whisper", "audio encode", "speech features", "voice", "音频编码")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ()
     FUNCTION = "encode"
     RETURN_TYPES = ("SONIC_AUDIO",)
     RETURN_NAMES = ("sonic_audio",)
@@ -31,7 +34,7 @@ class SonicWhisperAudioEncode:
         cfg = core("config")
         frame_seconds = cfg.SAMPLES_PER_25FPS_FRAME / cfg.SAMPLE_RATE  # 0.04 s, one 25 fps frame
         official_cap = cfg.FRAME_CAP * frame_seconds  # 400 s
-        return {
+        return runtime.advanced({
             "required": {
                 "sonic_model": ("SONIC_MODEL", {"tooltip": "From Sonic Model Loader (whisper and audio2token "
                                                            "are used here)."}),
@@ -41,7 +44,7 @@ class SonicWhisperAudioEncode:
                     "Use at most this many seconds of audio (0 = all). The video length follows "
                     f"the audio. The official code stops at {official_cap:g} s.", step=frame_seconds),
             }
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def encode(self, sonic_model, audio, max_seconds=0.0):
         max_seconds = core("config").check_inputs({"max_seconds": max_seconds})["max_seconds"]

@@ -40,7 +40,7 @@ class SonicFaceMaskDetect:
     def INPUT_TYPES(cls):
         cfg = core("config")
         files = runtime.list_files((".pt",))
-        return {
+        return runtime.advanced({
             "required": {
                 "image": ("IMAGE", {"tooltip": "Portrait to animate (first image of a batch; RGB, RGBA "
                                                "or gray)."}),
@@ -68,7 +68,7 @@ class SonicFaceMaskDetect:
                     "Which face: 0 = the largest (official), 1..N = the N-th face from the left, as "
                     "numbered in the preview output. A conversation uses one Face Mask Detect per face."),
             },
-        }
+        }, cls.ADVANCED_INPUTS)
 
     RETURN_TYPES = ("IMAGE", "MASK", "SONIC_FACE_BOX", "IMAGE")
     RETURN_NAMES = ("image", "face_mask", "face_box", "preview")
@@ -82,6 +82,9 @@ class SonicFaceMaskDetect:
     )
     FUNCTION = "detect"
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("face detect", "face crop", "face mask", "yolo face", "人脸检测")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("expand_ratio", "mask_area", "confidence")
     DESCRIPTION = ("Detects the largest face with the official YOLOv5-face model (or takes it from a "
                    "mask), optionally crops a square around it and returns the face mask the Sonic "
                    "sampler uses to place the audio-driven motion. With several people, face_index "

@@ -109,6 +109,9 @@ class SonicLoader:
                    "Models are loaded once, kept on the offload device and moved to the GPU right "
                    "before use by ComfyUI's model management.")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("load sonic", "sonic model loader", "audio to video model", "加载模型")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("weight_dtype",)
     FUNCTION = "load"
     RETURN_TYPES = ("SONIC_MODEL",)
     RETURN_NAMES = ("sonic_model",)
@@ -118,7 +121,7 @@ class SonicLoader:
     def INPUT_TYPES(cls):
         files = weight_choices()
         folders = whisper_choices()
-        return {
+        return runtime.advanced({
             "required": {
                 "unet": (files, {"tooltip": "Sonic UNet weights (unet.pth or .safetensors) in models/sonic. "
                                             "A .json beside it with the same name sets a non-default "
@@ -144,7 +147,7 @@ class SonicLoader:
                                "layer by layer while computing (like ComfyUI's weight_dtype fp8): for GPUs "
                                "with little memory; results differ slightly (README 'Low VRAM')."}),
             },
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def load(self, unet, audio2token, audio2bucket, whisper, dtype="auto", weight_dtype="default"):
         return (load_models(unet, audio2token, audio2bucket, whisper, dtype, weight_dtype),)

@@ -67,6 +67,10 @@ class SonicLatentToVideo:
                    "face_box connected it pastes the animated crop back into the whole photo while it streams "
                    "(as Sonic Paste Back), so the video has the photo's own resolution.")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("decode video", "latent to video", "save video", "mp4",
+                                            "paste back", "解码视频")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("pix_fmt", "decode_chunk_size", "rife_batch_size", "paste_feather", "paste_region")
     FUNCTION = "save"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "VIDEO")
@@ -75,7 +79,7 @@ class SonicLatentToVideo:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        return runtime.advanced({
             "required": {
                 "latent": ("LATENT", {"tooltip": "From Sonic Sampler: one latent per generated frame."}),
                 "vae": ("VAE", {"tooltip": "The SVD-xt VAE the sampler used (SVD VAE + Image Encoder Loader or "
@@ -103,7 +107,7 @@ class SonicLatentToVideo:
                 **paste_inputs("paste_"),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def save(self, latent, vae, fps, rife_model, multiplier, filename_prefix, format="h264-mp4",
              crf=_config.VIDEO_CRF, pix_fmt="yuv420p", audio=None, decode_chunk_size=0,
@@ -162,7 +166,8 @@ def _job_key(samples: torch.Tensor, length: int, chunk: int) -> str:
 
 def _check_cache(latent: dict, segments: int) -> None:
     """Segments re-queue the workflow; what the sampler costs each time depends on ComfyUI's cache.
-    Classic and --cache-lru keep its output. --cache-ram may drop it and --cache-none always does:
+    Classic and --cache-lru keep its output. RAM pressure (--cache-ram, ComfyUI 0.33's default) may
+    drop it and --cache-none always does:
     then the sampler runs again, which is cheap only when it kept its result on disk (the LATENT
     says so, see runtime.KEPT_RESULT_KEY): it returns that without sampling."""
     mode = runtime.cache_mode()
@@ -170,9 +175,9 @@ def _check_cache(latent: dict, segments: int) -> None:
     if mode not in ("none", "ram"):
         return
     if kept:
-        log.info("Latent Segment: ComfyUI runs with --cache-%s; the nodes before this one may run again for "
+        log.info("Latent Segment: ComfyUI runs with %s; the nodes before this one may run again for "
                  "each of the %d segments, but the sampler returns its kept result %s without sampling",
-                 mode, segments, kept)
+                 runtime.CACHE_MODE_NAMES[mode], segments, kept)
         return
     why = (f"the Sonic Sampler did not keep its result on disk ({runtime.RESUME_ENV} not writable, "
            f"{_config.RESULT_KEEP_ENV}=0, or the result is over that cap)")
@@ -181,8 +186,8 @@ def _check_cache(latent: dict, segments: int) -> None:
                          f"segments, and {why}, so all {segments} segments would sample the clip again: raise "
                          f"{_config.RESULT_KEEP_ENV} or fix the folder, start ComfyUI without --cache-none, "
                          "or use Latent To Video (streaming)")
-    log.warning("Latent Segment: ComfyUI runs with --cache-ram, which may drop the sampler's result between "
-                "segments, and %s: a later segment may sample the clip again", why)
+    log.warning("Latent Segment: ComfyUI runs with %s, which may drop the sampler's result between "
+                "segments, and %s: a later segment may sample the clip again", runtime.CACHE_MODE_NAMES[mode], why)
 
 
 class SonicLatentSegment:
@@ -193,6 +198,9 @@ class SonicLatentSegment:
                    "the first starts with the previous one's last frame, so RIFE joins them exactly; "
                    "Video Combine drops it.")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("long video", "segment", "decode segment", "长视频")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("segment_index", "decode_chunk_size")
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE", "SONIC_SEGMENT")
     RETURN_NAMES = ("images", "segment")
@@ -202,7 +210,7 @@ class SonicLatentSegment:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        return runtime.advanced({
             "required": {
                 "latent": ("LATENT", {"tooltip": "From Sonic Sampler: one latent per generated frame."}),
                 "vae": ("VAE", {"tooltip": "The SVD-xt VAE the sampler used."}),
@@ -215,7 +223,7 @@ class SonicLatentSegment:
             },
             "optional": {"decode_chunk_size": _chunk_input(" Must stay the same for every segment.")},
             "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def decode(self, latent, vae, segment_frames, segment_index, decode_chunk_size=0, unique_id=None):
         stream = core("stream")

@@ -25,6 +25,9 @@ class SonicMotionBucketPredict:
         "replaces a prediction for every frame."
     )
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("motion bucket", "head motion", "expression", "动作幅度")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("fixed_head_bucket", "fixed_expression_bucket")
     FUNCTION = "predict"
     RETURN_TYPES = ("SONIC_MOTION",)
     RETURN_NAMES = ("sonic_motion",)
@@ -33,7 +36,7 @@ class SonicMotionBucketPredict:
     @classmethod
     def INPUT_TYPES(cls):
         cfg = core("config")
-        return {
+        return runtime.advanced({
             "required": {
                 "sonic_model": (
                     "SONIC_MODEL",
@@ -111,7 +114,7 @@ class SonicMotionBucketPredict:
                     },
                 ),
             },
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def predict(
         self,

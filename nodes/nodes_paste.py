@@ -43,6 +43,9 @@ class SonicPasteBack:
                    "When the crop is much larger than 512 px, upscale the frames first: a resize cannot add "
                    "detail. A face box without a crop passes the frames through unchanged (with a warning).")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("paste back", "face paste", "uncrop", "composite", "贴回")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("feather", "region")
     FUNCTION = "paste"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
@@ -50,7 +53,7 @@ class SonicPasteBack:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        return runtime.advanced({
             "required": {
                 "frames": ("IMAGE", {"tooltip": "The generated crop frames (decoded, interpolated or upscaled; any "
                                                 "number, any size of the crop's shape)."}),
@@ -60,7 +63,7 @@ class SonicPasteBack:
                                                           "came from."}),
                 **paste_inputs(),
             },
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def paste(self, frames, photo, face_box, feather=_config.PASTE_FEATHER, region=_config.PASTE_REGION):
         feather = _config.check_inputs(dict(feather=feather), {"feather": "paste_feather"})["feather"]

@@ -32,6 +32,12 @@ class SonicSampler:
         "generated frame rate."
     )
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("sampler", "audio driven", "audio to video", "speech to video",
+                                            "采样")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("min_appearance_guidance", "max_appearance_guidance", "min_audio_guidance",
+                       "max_audio_guidance", "frames_per_window", "overlap", "shift_offset", "i2i_strength",
+                       "noise_aug", "fps_conditioning", "audio_scale", "window_batch")
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT", "FLOAT")
     RETURN_NAMES = ("latent", "fps")
@@ -44,7 +50,7 @@ class SonicSampler:
     def INPUT_TYPES(cls):
         cfg = core("config")
         L = cfg.LIMITS
-        return {
+        return runtime.advanced({
             "required": {
                 "sonic_model": ("SONIC_MODEL", {"tooltip": "From Sonic Model Loader (the UNet is used)."}),
                 "vae": (
@@ -143,7 +149,7 @@ class SonicSampler:
                     },
                 ),
             },
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def sample(
         self,

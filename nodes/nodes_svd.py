@@ -54,6 +54,10 @@ class SonicSVDLoader:
         "takes either. The CLIP preprocessing here is the official one (LANCZOS to 224)."
     )
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("svd", "stable video diffusion", "svd vae", "clip vision",
+                                            "image encoder")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("decode_chunk_size",)
     FUNCTION = "load"
     RETURN_TYPES = ("VAE", "CLIP_VISION")
     RETURN_NAMES = ("vae", "clip_vision")
@@ -65,7 +69,7 @@ class SonicSVDLoader:
     @classmethod
     def INPUT_TYPES(cls):
         cfg = core("config")
-        return {
+        return runtime.advanced({
             "required": {
                 "svd_folder": (
                     svd_folders(),
@@ -94,7 +98,7 @@ class SonicSVDLoader:
                     "slightly; lower it to save memory."
                 ),
             }
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def load(self, svd_folder: str, dtype: str = "auto", decode_chunk_size: int = 8):
         folder = runtime.resolve_path(svd_folder.strip())

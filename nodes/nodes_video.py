@@ -218,6 +218,9 @@ class SonicFrameInterpolate:
                    "every pair, N frames -> 2N-1 as the official pipeline does (12.5 fps -> 25 fps). "
                    "Multiplier 4 applies it twice (4N-3 frames).")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("rife", "frame interpolation", "interpolate", "smooth video", "插帧")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("batch_size",)
     FUNCTION = "interpolate"
     RETURN_TYPES = ("IMAGE", "FLOAT")
     RETURN_NAMES = ("images", "frame_rate")
@@ -226,7 +229,7 @@ class SonicFrameInterpolate:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        return runtime.advanced({
             "required": {
                 "images": ("IMAGE", {"tooltip": "Video frames in order (e.g. the decoded Sonic frames)."}),
                 "rife_model": (_rife_files(), {"tooltip": "RIFE weights under models/sonic (the official "
@@ -238,7 +241,7 @@ class SonicFrameInterpolate:
                     "multiplier.", step=0.01),
                 "batch_size": _config.LIMITS["rife_batch"].widget(RIFE_BATCH_TIP),
             }
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def interpolate(self, images, rife_model, multiplier=_config.RIFE_MULTIPLIER,
                     frame_rate=_config.GENERATED_FPS, batch_size=_config.RIFE_BATCH):
@@ -263,6 +266,9 @@ class SonicVideoCombine:
                    "AAC audio, vp9 webm with Opus audio, or gif. The audio is trimmed or padded to the "
                    "video's length; the workflow is stored in the file. Shows the video in the UI.")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("save video", "video combine", "mp4", "export video", "保存视频")
+    # inputs whose official value is right for almost everyone: hidden until the user asks
+    ADVANCED_INPUTS = ("pix_fmt",)
     FUNCTION = "combine"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "VIDEO")
@@ -272,7 +278,7 @@ class SonicVideoCombine:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        return runtime.advanced({
             "required": {
                 "images": ("IMAGE", {"tooltip": "Video frames in order."}),
                 "frame_rate": _config.LIMITS["frame_rate"].widget(
@@ -288,7 +294,7 @@ class SonicVideoCombine:
                                                          "Leave unconnected for a whole clip."}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def combine(self, images, frame_rate, filename_prefix, format="h264-mp4", crf=_config.VIDEO_CRF,
                 pix_fmt="yuv420p", audio=None, segment=None, prompt=None, extra_pnginfo=None):

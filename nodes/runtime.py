@@ -238,8 +238,17 @@ def video_not_ready() -> Any:
 
 
 class _Holder(torch.nn.Module):
-    """What the ModelPatcher manages: ComfyUI assigns ``model.device``, a read-only property on
-    diffusers / transformers models, so those sit one level down as ``inner``."""
+    """What the model patcher manages: ComfyUI assigns ``model.device``, a read-only property on
+    diffusers / transformers models, so those sit one level down as ``inner``.
+
+    Both patchers ask the managed module only for what every nn.Module has: its state dict
+    (``model_size``), named modules, parameters and buffers (the load lists), and they set plain
+    attributes on it (``device``, ``model_loaded_weight_memory``, ...; ComfyUI 0.33's dynamic
+    patcher also ``dynamic_vbars``, ``dynamic_pins``, ``dynamic_patchers``). ``get_dtype``,
+    ``memory_required`` and ``get_dynamic_vram__units`` are optional and left out: our layers are
+    plain torch layers, not comfy.ops casting layers, so the dynamic patcher loads their weights
+    whole onto the GPU (as it does for an upscale model) and frees them whole when VRAM is short;
+    what changes is that loading them no longer unloads the other dynamic models."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
@@ -261,11 +270,23 @@ def holder(module: torch.nn.Module, name: str | None = None) -> _Holder:
     return _holder_classes[name](module)
 
 
-class ManagedModel:
-    """An nn.Module under ComfyUI's model management (ModelPatcher), or plain torch without it.
+def patcher_class() -> type | None:
+    """The model patcher class ComfyUI uses at run time: ``comfy.model_patcher.CoreModelPatcher``
+    where it exists (ComfyUI 0.33's main.py points it at ``ModelPatcherDynamic`` when dynamic VRAM
+    works, on NVIDIA and recent ROCm; that class hands a CPU load device back to the plain
+    ``ModelPatcher``), else ``ModelPatcher``. Read when a model is wrapped, never at import: main.py
+    sets it after the custom nodes are imported. None without ComfyUI."""
+    if not COMFY:
+        return None
+    return getattr(_mp, "CoreModelPatcher", None) or _mp.ModelPatcher
 
-    Call ``load()`` right before use: it moves the weights to the load device (ComfyUI frees
-    other models first if needed) and returns the module.
+
+class ManagedModel:
+    """An nn.Module under ComfyUI's model management (``patcher_class()``), or plain torch without it.
+
+    Call ``load()`` right before use: ComfyUI loads the weights onto the load device (freeing
+    other models first if needed: under dynamic VRAM only what does not fit) and it returns the
+    module. The module object stays the same; the dynamic patcher swaps its parameters in place.
     """
 
     def __init__(self, module: torch.nn.Module, load_dev: torch.device | None = None,
@@ -275,8 +296,10 @@ class ManagedModel:
         module.to(self.offload_device)
         self.module = module
         self.holder = holder(module, name)  # its class name is what ComfyUI's log shows
-        self.patcher = (_mp.ModelPatcher(self.holder, self.load_device, self.offload_device)
-                        if COMFY else None)
+        cls = patcher_class()
+        self.patcher = cls(self.holder, self.load_device, self.offload_device) if cls is not None else None
+        if self.patcher is not None:
+            log.debug("%s under %s", type(self.holder).__name__, type(self.patcher).__name__)
 
     def load(self) -> torch.nn.Module:
         if self.patcher is not None:
@@ -288,6 +311,38 @@ class ManagedModel:
     def offload(self) -> None:
         if self.patcher is None:
             self.module.to(self.offload_device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Node metadata read by today's frontend (ComfyUI 0.33: search aliases, advanced inputs); older
+# frontends ignore both, and saved workflows are unchanged (an advanced widget keeps its place)
+# ----------------------------------------------------------------------------------------------
+# what users type in the node search to find any Sonic node
+SEARCH_ALIASES = ("sonic", "talking head", "lip sync", "portrait animation", "talking avatar", "数字人", "口型",
+                  "对口型")
+
+
+def search_aliases(*own: str) -> list[str]:
+    """A node's ``SEARCH_ALIASES``: its own words first, then the pack's (``SEARCH_ALIASES``)."""
+    return list(dict.fromkeys((*own, *SEARCH_ALIASES)))
+
+
+def advanced(spec: dict, names: tuple[str, ...]) -> dict:
+    """``spec`` (an INPUT_TYPES dict) with ``"advanced": True`` on the inputs ``names``: inputs whose
+    official value is right for almost everyone, which the frontend hides until the user asks. The
+    options are copied (a spec shared between nodes is not changed) and the order is kept."""
+    missing = set(names) - {n for section in spec.values() for n in section}
+    if missing:
+        raise KeyError(f"advanced inputs {sorted(missing)} are not inputs of this node")
+    out = {}
+    for section, inputs in spec.items():
+        out[section] = {}
+        for name, value in inputs.items():
+            if name in names:
+                kind, opts = value[0], value[1] if len(value) > 1 else {}
+                value = (kind, {**opts, "advanced": True}, *value[2:])
+            out[section][name] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,21 +454,47 @@ def metadata_enabled() -> bool:
 KEPT_RESULT_KEY = "sonic_kept_result"  # in the sampler's LATENT: the file its result is kept in (resume.py)
 
 
+def cache_mode_of(args: Any) -> str:
+    """The cache ComfyUI's main.py builds from its parsed command line ``args`` (comfy.cli_args):
+    "classic" (the last prompt's outputs), "lru" (--cache-lru N), "ram" (outputs evicted when free
+    RAM is short) or "none" (--cache-none: nothing kept).
+
+    Up to 0.8.0 classic is the default and --cache-ram [GB] (0.8.0, a float, 0 = off) selects
+    RAM pressure. Where ``cache_ram`` is a list (0.33.0: --cache-ram [GB [GB]], default []),
+    RAM pressure is the default and only --cache-classic (or --high-ram, which sets it),
+    --cache-lru N and --cache-none select another cache."""
+    ram = getattr(args, "cache_ram", None)
+    if isinstance(ram, (list, tuple)):  # 0.33.0 and later: RAM pressure unless told otherwise
+        if getattr(args, "cache_classic", False):
+            return "classic"
+        if getattr(args, "cache_lru", 0) > 0:
+            return "lru"
+        if getattr(args, "cache_none", False):
+            return "none"
+        return "ram"
+    if getattr(args, "cache_lru", 0) > 0:  # 0.8.0's order: lru, then ram, then none
+        return "lru"
+    if ram:
+        return "ram"
+    if getattr(args, "cache_none", False):
+        return "none"
+    return "classic"
+
+
 def cache_mode() -> str:
-    """ComfyUI's cache of node outputs between queued prompts: "classic" (the default: the last
-    prompt's outputs), "lru" (--cache-lru N), "ram" (--cache-ram: evicted whenever free RAM is
-    short, 0.8.0 and later) or "none" (--cache-none: nothing kept). "classic" without ComfyUI."""
+    """ComfyUI's cache of node outputs between queued prompts (see ``cache_mode_of``); "classic"
+    without ComfyUI."""
     if not COMFY:
         return "classic"
     from comfy.cli_args import args  # type: ignore
 
-    if getattr(args, "cache_none", False):
-        return "none"
-    if getattr(args, "cache_ram", 0):
-        return "ram"
-    if getattr(args, "cache_lru", 0):
-        return "lru"
-    return "classic"
+    return cache_mode_of(args)
+
+
+CACHE_MODE_NAMES = {  # how the log names each cache mode (RAM pressure is 0.33.0's default: no flag)
+    "classic": "the classic cache", "lru": "--cache-lru", "none": "--cache-none",
+    "ram": "the RAM-pressure cache (--cache-ram; ComfyUI 0.33's default)",
+}
 
 
 def cache_forgets_outputs() -> bool:

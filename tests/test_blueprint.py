@@ -18,6 +18,7 @@ BASIC = REPO / "workflows" / "sonic_basic.json"
 OUTSIDE = ("LoadImage", "LoadAudio")  # the basic workflow's nodes that stay outside: its inputs
 INPUT_NODE, OUTPUT_NODE = -10, -20  # ids of a subgraph's input and output nodes in its links
 IO_SPEC = "_SubgraphIO"
+CATEGORY = "Video generation and editing/Image to video"  # one of 0.33.0's own blueprint categories
 
 
 def _load() -> tuple[dict, dict, dict]:
@@ -36,6 +37,11 @@ def test_one_blueprint_with_photo_and_audio_in_and_video_out():
     assert ([(i["name"], i["type"]) for i in node["inputs"]], [(o["name"], o["type"]) for o in node["outputs"]]) == io
     assert sg["inputNode"]["id"] == INPUT_NODE and sg["outputNode"]["id"] == OUTPUT_NODE
     assert bp["extra"]["BlueprintDescription"], "the node library shows this description"
+    # ComfyUI 0.33's built-in blueprints carry both on the subgraph; frontends 1.49.6 and 1.58.1 put the
+    # node under "Subgraph Blueprints/<category>" and show extra.BlueprintDescription, else this one.
+    assert sg["category"] == CATEGORY and sg["description"] == bp["extra"]["BlueprintDescription"]
+    aliases = set(bp["extra"]["BlueprintSearchAliases"])
+    assert {"talking head", "lip sync", "portrait animation", "数字人", "口型"} <= aliases
     assert frontend_safe_workflow(bp) == bp, "no null where the frontend's schema wants a value"
 
 

@@ -69,6 +69,8 @@ LINKED_OPTIONAL = {"MASK", "AUDIO"}  # optional inputs the basic graph connects:
 AUDIO_DURATION_TOL_S = 0.15  # encoder priming/padding of the muxed audio
 SAMPLER_STARTED = "Sonic sampler:"  # the first log line of SonicSampler's run
 INTERRUPT_TIMEOUT_S = 60.0  # from /interrupt to the end of the run: one window's UNet call, busy CPU
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in ComfyUI 0.33's console log
+LEVEL_TAG = re.compile(r"^\[(?:DEBUG|DETAIL|INFO|WARNING|ERROR|CRITICAL)\] ", re.M)  # 0.33's line prefix
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +202,10 @@ class Server:
     third_party_stubbed: bool = False  # the example workflows' third-party nodes are known
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        """The server's log as plain lines: ANSI escapes removed and, from ComfyUI 0.33 on (app/logger.py
+        starts every line with a coloured "[INFO] " tag, no switch to turn it off), the level tag too."""
+        text = ANSI_ESCAPE.sub("", self.log.read_text(errors="replace"))
+        return LEVEL_TAG.sub("", text)
 
     def log_tail(self) -> str:
         return self.log_text()[-LOG_TAIL_CHARS:]

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "device_run.sh"
 OFFICIAL = REPO / "bench" / ".device" / "official_sonic" / "src" / "pipelines" / "pipeline_sonic.py"
@@ -47,3 +49,30 @@ def test_device_run_dry_run(tmp_path):
     for mode in ("fp32 rows3 wb1", "fp32 rows1 wb1", "fp32 rows3 all-windows", "fp32 rows3 wb1 compiled"):
         assert float(diffs[mode]) < 1e-2, (mode, diffs)
     assert float(diffs["fp32 rows3 wb1 fp8-weights"]) > float(diffs["fp32 rows3 wb1"])  # fp8 really rounds
+
+
+COMFYUI_033_TREE = next((Path(p) for p in os.environ.get("COMFYUI_TREES", "").split(os.pathsep)
+                         if p and (Path(p) / "comfy" / "model_patcher.py").is_file()
+                         and "ModelPatcherDynamic" in (Path(p) / "comfy" / "model_patcher.py").read_text()), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(COMFYUI_033_TREE is None or not os.environ.get("COMFYUI_PYTHON"),
+                    reason="needs a ComfyUI 0.33 tree in COMFYUI_TREES and COMFYUI_PYTHON (tests/REAL_COMFYUI.md)")
+def test_dynamic_vram_check_dry_run(tmp_path):
+    """bench/device_run.sh --dynamic-vram --dry-run: issue 31's GPU check runs end to end on the CPU
+    (ComfyUI 0.33 under --cpu: no dynamic VRAM, so both rows are ModelPatcher and nothing is unloaded)."""
+    env = dict(os.environ, PYTHON=os.environ["COMFYUI_PYTHON"], OUT=str(tmp_path / "out"),
+               COMFYUI_033=str(COMFYUI_033_TREE))
+    if os.environ.get("COMFYUI_STUBS"):
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (os.environ["COMFYUI_STUBS"],
+                                                            os.environ.get("LD_LIBRARY_PATH")) if p)
+    proc = subprocess.run(["bash", str(SCRIPT), "--dynamic-vram", "--dry-run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=DRY_RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "skipped" not in proc.stderr, proc.stderr[-2000:]
+    saved = json.loads((tmp_path / "out" / "dynamic_vram.json").read_text())
+    assert saved["enabled"] is False
+    assert [(r["mode"], r["sonic_patcher"], r["other_kept"]) for r in saved["rows"]] == [
+        ("dynamic", "ModelPatcher", True), ("legacy", "ModelPatcher", True)]
+    assert "| ModelPatcher | dynamic |" in proc.stdout

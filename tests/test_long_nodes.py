@@ -263,7 +263,8 @@ def test_latent_segment_under_each_cache_mode(env, monkeypatch, caplog, mode):
     assert images.shape[0] == 8 and seg.segment.index == 0
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "cache" in r.getMessage()]
     if mode in ("ram", "none"):
-        assert said == [f"Latent Segment: ComfyUI runs with --cache-{mode}; the nodes before this one may run "
+        assert said == [f"Latent Segment: ComfyUI runs with {runtime.CACHE_MODE_NAMES[mode]}; the nodes before "
+                        "this one may run "
                         f"again for each of the {-(-FRAMES // 8)} segments, but the sampler returns its kept "
                         "result /states/sonic-result-x.safetensors without sampling"]
     else:
@@ -277,5 +278,6 @@ def test_latent_segment_under_each_cache_mode(env, monkeypatch, caplog, mode):
         return
     node.decode(plain, vae, SEGMENT, 0)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert (warned[0].startswith("Latent Segment: ComfyUI runs with --cache-ram") if mode == "ram"
+    assert (warned[0].startswith("Latent Segment: ComfyUI runs with the RAM-pressure cache (--cache-ram; "
+                                 "ComfyUI 0.33's default), which may drop") if mode == "ram"
             else warned == []), warned
