@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .config import GENERATED_FPS, OUTPUT_FPS, RIFE_BATCH, RIFE_MULTIPLIER, SAMPLER_DEFAULTS, VAE_SCALE
+from .config import (GENERATED_FPS, OUTPUT_FPS, PASTE_COLOR_MATCH, RIFE_BATCH, RIFE_MULTIPLIER, SAMPLER_DEFAULTS,
+                     VAE_SCALE)
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,8 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
         if store.kept is not None:
             kept.append(store.kept)
             store.kept = None
-        paste = image_mod.PasteBack(image, found[n].box, settings.paste_feather, settings.paste_region)
+        paste = image_mod.PasteBack(image, found[n].box, settings.paste_feather, settings.paste_region,
+                                    getattr(settings, "color_match", PASTE_COLOR_MATCH))
         faces.append((latents, paste))
         fps = sonic_audio.fps
         del sonic_audio, sonic_motion, embeds
