@@ -191,6 +191,7 @@ def read_voices(cast: Cast, audio_path: str | None, max_seconds: float) -> tuple
         return voices, rate, wave[0]
     read = [read_audio(cast.voices[n], max_seconds) for n in cast.faces]  # [1,C,T] each
     matched, rate = match_voices([(w[0], r) for w, r in read])  # [C,T] each, padded to the longest
+    rate = int(rate)
     for n, (w, r) in zip(cast.faces, read):
         log.info("face %d: voice %s, %.2f s", n, cast.voices[n], w.shape[-1] / r)
     voices = dict(zip(cast.faces, matched))

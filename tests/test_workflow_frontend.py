@@ -207,6 +207,8 @@ LOADED_SIZE = {
     "SonicLatentToVideo": (372, 378), "SonicPasteBack": (210, 122), "SonicLatentSegment": (211, 126), "UpscaleModelLoader": (210, 58),
     "ImageUpscaleWithModel": (222, 46), "FaceRestoreCFWithModel": (210, 102),
     "FaceRestoreModelLoader": (210, 58),
+    # estimates (LiteGraph computeSize of their slots, not yet measured in a browser): the conversation workflow
+    "PreviewImage": (225, 246), "SonicMixVoices": (210, 126), "SonicAddFace": (210, 66),
 }
 # widgets each of our nodes had when LOADED_SIZE was measured: a widget added or removed changes the
 # node's height, so the size above is stale until measured again (tests/test_comfyui_real.py's
@@ -216,6 +218,7 @@ MEASURED_WIDGETS = {
     "SonicLoader": 6, "SonicMotionBucketPredict": 5, "SonicSVDLoader": 3, "SonicSampler": 16,
     "SonicVideoCombine": 5, "SonicWhisperAudioEncode": 1, "SonicPasteBack": 2,
     "SonicMixVoices": 0, "SonicSpeakerVoice": 2,  # not in a shipped workflow yet: no LOADED_SIZE measured
+    "SonicAddFace": 0,
 }
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
