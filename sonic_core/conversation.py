@@ -315,6 +315,8 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
     log.info("%s: %d face(s) found; driving %s", photo, len(boxes), ", ".join(f"face {n}" for n in cast.faces))
     found = {n: face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=True, face_index=n,
                                       mask_name=f"the transparency of {photo}") for n in cast.faces}
+    pastes = {n: image_mod.PasteBack(image, found[n].box, settings.paste_feather, settings.paste_region,
+                                     getattr(settings, "color_match", PASTE_COLOR_MATCH)) for n in cast.faces}
     missing = missing_weights(models_dir, need_detector=detector is not None, need_rife=settings.interpolate)
     if svd_dir is not None:
         missing = [w for w in missing if w.path != SVD_FOLDER]
@@ -359,9 +361,7 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
         if store.kept is not None:
             kept.append(store.kept)
             store.kept = None
-        paste = image_mod.PasteBack(image, found[n].box, settings.paste_feather, settings.paste_region,
-                                    getattr(settings, "color_match", PASTE_COLOR_MATCH))
-        faces.append((latents, paste))
+        faces.append((latents, pastes[n]))
         fps = sonic_audio.fps
         del sonic_audio, sonic_motion, embeds
     rife = None
