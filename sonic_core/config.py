@@ -364,7 +364,8 @@ LIMITS: dict[str, Limit] = {
     "expand_ratio": Limit(0.0, 5.0, CROP_EXPAND_RATIO),
     "mask_area": Limit(0.1, 5.0, MASK_AREA),
     "confidence": Limit(0.01, 0.99, DETECTOR_CONFIDENCE),
-    "face_index": Limit(0, FACE_INDEX_MAX, 0, True, hint="0 = the largest face, 1..N = the N-th from the left"),
+    "face_index": Limit(0, FACE_INDEX_MAX, 0, True,
+                        hint="0 = the largest face, 1..N = the N-th from the left"),
     # decoding, interpolation and saving
     "decode_chunk_size": Limit(1, 1024, _D.decode_chunk_size, True),  # SVD loader; Latent nodes: 0 = the VAE's
     "decode_chunk_or_auto": Limit(0, 1024, 0, True),
