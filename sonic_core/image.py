@@ -357,7 +357,8 @@ class ColorMatch:
         return out
 
     def _means(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[rh, rw, 3]`` -> local ring means (unnormalised, blurred) ``[1, 3, gh, gw]`` and the ring's mean ``[1, 3, 1, 1]``."""
+        """``[rh, rw, 3]`` -> local ring sums (blurred, not normalised) ``[1, 3, gh, gw]`` and the whole
+        ring's mean ``[1, 3, 1, 1]``."""
         pooled = torch.nn.functional.adaptive_avg_pool2d((x * self.ring[:, :, None]).permute(2, 0, 1)[None],
                                                          self.grid)  # [1, 3, gh, gw]
         return _blur(pooled, config.PASTE_COLOR_SIGMA), pooled.sum((2, 3), keepdim=True) / self.total
