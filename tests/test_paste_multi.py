@@ -288,3 +288,48 @@ def test_two_faces_stream_in_bounded_memory(models):
     clip = latents.shape[0] * 64 * 64 * 3 * 4  # one face's frames, float32 at the crop's size
     assert two - one < clip / 2, f"an extra face costs {two - one} bytes; a clip of crops is {clip}"
     assert two_long <= two * 1.05, f"flat in clip length: {two_long} vs {two} bytes"
+
+
+# ----------------------------------------------------------------------------------------------
+# head motion and colour drift (item 8): bench/bench_paste_motion.py's emulation, small
+# ----------------------------------------------------------------------------------------------
+MOTION_MEAN_MAX = 1.0  # u8 levels over the crop, head turned 8 degrees, drift 3%, colour match on (0.55 seen)
+MOTION_STILL_EXTRA = 0.05  # levels colour match may add to a frame without drift (0.0004 seen)
+
+
+def test_head_motion_with_colour_drift_pastes_close_to_the_ideal():
+    import bench_paste_motion as motion
+
+    case = motion.Case(160, 200, working=128)
+    off = case.errors(8.0, 0.03, config.PASTE_FEATHER, config.PASTE_REGION, False)
+    on = case.errors(8.0, 0.03, config.PASTE_FEATHER, config.PASTE_REGION, True)
+    assert on["mean"] < MOTION_MEAN_MAX < off["mean"], f"colour match on {on}, off {off}"
+    assert on["ring"] < 0.5 * off["ring"], "the lighter or darker square at the crop's border is gone"
+    still_off = case.errors(0.0, 0.0, config.PASTE_FEATHER, config.PASTE_REGION, False)
+    still_on = case.errors(0.0, 0.0, config.PASTE_FEATHER, config.PASTE_REGION, True)
+    assert still_on["mean"] <= still_off["mean"] + MOTION_STILL_EXTRA, "no drift: colour match changes nothing"
+    # region face cuts the hair that turns past it; crop keeps it (why crop stays the default)
+    face_region = case.errors(8.0, 0.0, config.PASTE_FEATHER, "face", False)
+    crop_region = case.errors(8.0, 0.0, config.PASTE_FEATHER, "crop", False)
+    assert crop_region["p99"] < 0.5 * face_region["p99"]
+
+
+def test_colour_match_keeps_the_face_motion():
+    photo = smooth_photo(160, 200)
+    box = face_at(photo, 70, 50, 130, 110).box
+    x1, y1, x2, y2 = box.crop_xyxy
+    crop = photo[0, y1:y2, x1:x2]  # [ch, cw, 3]
+    fx1, fy1, fx2, fy2 = FACES["A"]
+    moved = crop.clone()
+    face_px = (slice(fy1 - y1, fy2 - y1), slice(fx1 - x1, fx2 - x1))
+    moved[face_px] = torch.roll(crop, 6, dims=1)[face_px]  # the face moves, the background does not
+    frames = (torch.stack([crop, moved]) * 1.03).clamp(0, 1)  # [2, ch, cw, 3] both drifted
+    on = image.PasteBack(photo, box, color_match=True)(frames)
+    off = image.PasteBack(photo, box, color_match=False)(frames)
+    inner = (slice(fy1, fy2), slice(fx1, fx2))
+    motion_on = (on[1][inner] - on[0][inner]).abs().mean()
+    motion_off = (off[1][inner] - off[0][inner]).abs().mean()
+    assert abs(float(motion_on / motion_off) - 1) < 0.05, "the face's own motion is kept"
+    drift_on = (on[0][inner] - photo[0][inner]).abs().mean()
+    drift_off = (off[0][inner] - photo[0][inner]).abs().mean()
+    assert drift_on < 0.3 * drift_off, f"the drift is taken out ({drift_on:.4f} vs {drift_off:.4f})"
