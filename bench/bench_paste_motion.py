@@ -7,7 +7,8 @@ the crop of the photo with the head rotated about the chin by ``angle`` degrees 
 channel scaled by ``1 +- drift`` (what the model returns), sent through the working size (Lanczos
 to 512 px) and pasted back; the ideal is the photo with the same head motion applied in place and
 no drift. Errors are u8 levels over the crop: the mean, the 99th percentile, and the mean over the
-crop's border ring (where a seam or a colour square shows).
+crop's border ring (where a seam or a colour square shows); flicker: how much the still background
+inside the crop changes from the first frame of the turn to any later one.
 
     python bench/bench_paste_motion.py [--size 512x640] [--angles 0 4 8] [--drift 0.03]
 """
@@ -106,6 +107,19 @@ class Case:
         u8 = image.resize_lanczos(image.to_u8(crop).numpy(), (self.working, self.working))
         return torch.from_numpy(u8).float()[None] / 255, ideal
 
+    def flicker(self, angles, drift: float, feather: float, region: str, color_match: bool) -> float:
+        """Largest mean change (u8 levels) of the still background inside the crop from the first frame
+        of a head turn to any later one: what a colour match that follows the moving head would add."""
+        paste = image.PasteBack(self.photo, self.box, feather, region, color_match)
+        x1, y1, x2, y2 = self.box.crop_xyxy
+        still = torch.ones(y2 - y1, x2 - x1, dtype=torch.bool)  # background in every frame
+        outs = []
+        for a in angles:
+            gen, _ = self.frame(a, drift)
+            outs.append(paste(gen)[0, y1:y2, x1:x2])  # [ch, cw, 3]
+            still &= rotated(self.head, a, self.pivot)[y1:y2, x1:x2, 3] == 0
+        return max(float((o - outs[0])[still].abs().mean()) * 255 for o in outs)
+
     def errors(self, angle: float, drift: float, feather: float, region: str, color_match: bool) -> dict:
         gen, ideal = self.frame(angle, drift)
         out = image.PasteBack(self.photo, self.box, feather, region, color_match)(gen)[0]  # [h, w, 3]
@@ -129,14 +143,15 @@ def main() -> None:
     case = Case(h, w)
     print(f"photo {w}x{h}, crop {case.box.crop_xyxy}, drift {args.drift:.0%}; u8 levels over the crop "
           f"(mean / p99 / border ring), worst over angles {args.angles}")
-    print("| region | feather | colour match | mean | p99 | ring | mean at 0 deg, no drift |")
-    print("|---|---|---|---|---|---|---|")
+    print("| region | feather | colour match | mean | p99 | ring | mean at 0 deg, no drift | flicker |")
+    print("|---|---|---|---|---|---|---|---|")
     for region, feather, cm in itertools.product(("crop", "face"), args.feathers, (False, True)):
         rows = [case.errors(a, args.drift, feather, region, cm) for a in args.angles]
         still = case.errors(0.0, 0.0, feather, region, cm)
         worst = {k: max(r[k] for r in rows) for k in ("mean", "p99", "ring")}
+        turn = case.flicker(args.angles, args.drift, feather, region, cm)
         print(f"| {region} | {feather:g} | {'on' if cm else 'off'} | {worst['mean']:.2f} | {worst['p99']:.1f} | "
-              f"{worst['ring']:.2f} | {still['mean']:.2f} |", flush=True)
+              f"{worst['ring']:.2f} | {still['mean']:.2f} | {turn:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -371,8 +371,8 @@ class ColorMatch:
         eps = 1 / config.U8_MAX / config.U8_MAX  # far below one level: black on black stays a gain of 1
         gain = (pl + self.prior * pg + eps) / (fl + self.prior * fg + eps)  # [1, 3, gh, gw]
         gain = gain.clamp(1 - config.PASTE_COLOR_MAX_GAIN, 1 + config.PASTE_COLOR_MAX_GAIN)
-        gain = torch.nn.functional.interpolate(gain, size=self.size, mode="bilinear", align_corners=False)
-        return (part * gain[0].permute(1, 2, 0)).clamp_(0, 1)  # gain [rh, rw, 3]
+        gain = torch.nn.functional.interpolate(gain - 1, size=self.size, mode="bilinear", align_corners=False)
+        return (part + part * gain[0].permute(1, 2, 0)).clamp_(0, 1)  # gain - 1 [rh, rw, 3]: 0 leaves part exact
 
 
 def base_frames(photo: torch.Tensor) -> torch.Tensor:
@@ -472,8 +472,7 @@ class PasteBack:
         self.mask = weights(band)[:, :, None]  # [rh, rw, 1]
         self.color = None
         if color_match:  # measured along the crop's own border (background, also for region face: the head moves)
-            side = min(x2 - x1, y2 - y1)
-            px = max(feather * side, config.PASTE_COLOR_BAND * side)
+            px = config.PASTE_COLOR_BAND * min(x2 - x1, y2 - y1)  # not the feather: a wide one reaches the hair
             r = _ramp(y2 - y1, px, y1 > 0, y2 < h)[:, None] * _ramp(x2 - x1, px, x1 > 0, x2 < w)[None, :]  # [ch, cw]
             if self.others:
                 r = (r * keep_out(self.crop, self.others)).to(torch.float32)
