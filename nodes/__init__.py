@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 _FAMILIES = ("nodes_loader", "nodes_audio", "nodes_face", "nodes_motion", "nodes_sampler",
-             "nodes_svd", "nodes_video", "nodes_long", "nodes_paste")
+             "nodes_svd", "nodes_video", "nodes_long", "nodes_paste", "nodes_speakers")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -62,37 +62,48 @@ class SonicFaceMaskDetect:
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional: paint over the face; its bounding box is used "
                                              "instead of the detector. A transparent background (a "
-                                             "cut-out), an empty mask or specks: the detector runs."}),
+                                             "cut-out), an empty mask or specks: the detector runs. "
+                                             "Several face regions mark several faces."}),
+                "face_index": cfg.LIMITS["face_index"].widget(
+                    "Which face: 0 = the largest (official), 1..N = the N-th face from the left, as "
+                    "numbered in the preview output. A conversation uses one Face Mask Detect per face."),
             },
         }
 
-    RETURN_TYPES = ("IMAGE", "MASK", "SONIC_FACE_BOX")
-    RETURN_NAMES = ("image", "face_mask", "face_box")
+    RETURN_TYPES = ("IMAGE", "MASK", "SONIC_FACE_BOX", "IMAGE")
+    RETURN_NAMES = ("image", "face_mask", "face_box", "preview")
     OUTPUT_TOOLTIPS = (
         "The cropped image (or the original when crop is off / no face was found).",
         "Face region of that image: 1 inside the face box scaled by mask_area, 0 outside.",
         "Face box (x, y, w, h in output-image pixels, source, score, crop): connect it to Sonic Paste Back or "
         "Latent To Video to paste the animation back into the photo.",
+        "The whole input image with every face found boxed and numbered left to right, the chosen one in "
+        "green with a thicker line: see which face_index is whom before anything slow runs.",
     )
     FUNCTION = "detect"
     CATEGORY = "Sonic"
     DESCRIPTION = ("Detects the largest face with the official YOLOv5-face model (or takes it from a "
                    "mask), optionally crops a square around it and returns the face mask the Sonic "
-                   "sampler uses to place the audio-driven motion.")
+                   "sampler uses to place the audio-driven motion. With several people, face_index "
+                   "picks one (numbered left to right in the preview output).")
 
-    def detect(self, image, detector, crop, expand_ratio, mask_area, confidence, on_no_face, mask=None):
+    def detect(self, image, detector, crop, expand_ratio, mask_area, confidence, on_no_face, mask=None,
+               face_index=0):
         if image.ndim >= 3:  # a too-small image is refused before the detector loads
             core("image").check_image_size(int(image.shape[-2]), int(image.shape[-3]), "the image")
         n = core("config").check_inputs(dict(expand_ratio=expand_ratio, mask_area=mask_area,
-                                             confidence=confidence))  # NaN, inf, out of range
+                                             confidence=confidence, face_index=face_index))  # NaN, inf, range
         expand_ratio, mask_area, confidence = n["expand_ratio"], n["mask_area"], n["confidence"]
-        result = core("face").detect_face_mask(
+        face = core("face")
+        result = face.detect_face_mask(
             image, detector=_detector(detector), mask=mask, crop=crop, expand_ratio=expand_ratio,
-            mask_area=mask_area, on_no_face=on_no_face, confidence=confidence)
+            mask_area=mask_area, on_no_face=on_no_face, confidence=confidence, face_index=n["face_index"])
+        preview = face.face_preview(image, result.faces, result.box.number or None)  # [H, W, 3] whole image
         out_dev = runtime.intermediate_device()
         return (result.image.contiguous().unsqueeze(0).to(out_dev),  # [1, H, W, 3]
                 result.mask.unsqueeze(0).to(out_dev),  # [1, H, W]
-                result.box)
+                result.box,
+                preview.unsqueeze(0).to(out_dev))  # [1, H, W, 3]
 
 
 NODE_CLASS_MAPPINGS = {"SonicFaceMaskDetect": SonicFaceMaskDetect}

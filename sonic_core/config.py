@@ -99,6 +99,23 @@ MASK_CUTOUT_BORDER_FRACTION = 0.3  # marked on more than this share of the image
 MASK_GRID_SIDE = 128  # cells on the long side of the grid on which separate regions are counted
 CUTOUT_BACKGROUND = 1.0  # grey level (0..1) a cut-out is composited onto: white, as a studio backdrop
 
+# several faces in one photo (issue 30): numbered 1..N left to right by box centre, 0 = the largest
+FACE_INDEX_MAX = 64  # highest face number a node or the CLI accepts
+FACE_MATCH_MIN_IOU = 0.3  # re-detected on the crop: a face overlapping the chosen one by this IoU is it
+FACE_PREVIEW_COLOUR = (255, 200, 0)  # u8 RGB of every face's box and number in the preview (amber)
+FACE_PREVIEW_CHOSEN_COLOUR = (0, 230, 64)  # u8 RGB of the chosen face's box and number (green)
+FACE_PREVIEW_DIGIT_COLOUR = (0, 0, 0)  # u8 RGB of the digits on their coloured label
+FACE_PREVIEW_LINE_FRACTION = 0.004  # box line width, a fraction of the image's longer side
+FACE_PREVIEW_LINE_MIN_PX = 2  # px, thinnest box line
+FACE_PREVIEW_CHOSEN_LINE_SCALE = 2  # the chosen face's line is this many times thicker
+FACE_PREVIEW_DIGIT_FRACTION = 0.05  # digit height, a fraction of the image's shorter side
+FACE_PREVIEW_DIGIT_MIN_PX = 10  # px, smallest digit height (5 bitmap rows of 2 px)
+
+# voices of a conversation (issue 30, sonic_core/speakers.py)
+SPEAKER_FADE_S = 0.005  # s, linear fade in and out at each turn's edges (no click where a voice starts)
+MIX_PEAK = 1.0  # full scale: a mix whose peak would exceed this is scaled down to it (never up)
+RTTM_MIN_FIELDS = 8  # SPEAKER <file> <chan> <start> <duration> <ortho> <stype> <name> [<conf> <slat>]
+
 # paste-back (issue 23, sonic_core/image.PasteBack): generated crop frames blended into the whole photo
 PASTE_REGIONS = ("crop", "face")  # blended area: the whole crop square, or the face box scaled by PASTE_FACE_SCALE
 PASTE_REGION = "crop"  # default: the crop moves as one piece (hair, ears, neck with the head); its edge is background
@@ -347,6 +364,8 @@ LIMITS: dict[str, Limit] = {
     "expand_ratio": Limit(0.0, 5.0, CROP_EXPAND_RATIO),
     "mask_area": Limit(0.1, 5.0, MASK_AREA),
     "confidence": Limit(0.01, 0.99, DETECTOR_CONFIDENCE),
+    "face_index": Limit(0, FACE_INDEX_MAX, 0, True,
+                        hint="0 = the largest face, 1..N = the N-th from the left"),
     # decoding, interpolation and saving
     "decode_chunk_size": Limit(1, 1024, _D.decode_chunk_size, True),  # SVD loader; Latent nodes: 0 = the VAE's
     "decode_chunk_or_auto": Limit(0, 1024, 0, True),

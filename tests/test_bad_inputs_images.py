@@ -214,7 +214,7 @@ def test_cutout_is_composited_and_detected(tmp_path, capsys, caplog, voice, node
     assert sorted(os.listdir(tmp_path)) == ["cutout.png"]
     # the node: composited onto white, then the detector finds the face
     with caplog.at_level(logging.INFO, logger="sonic_core.face"):
-        out, _, box = node(image, mask)
+        out, _, box, _ = node(image, mask)
     assert box.source == "detector" and [box.x, box.y, box.w, box.h] == [94.0, 46.5, 60.0, 75.0]
     assert torch.equal(out[0, 2, 2], torch.ones(3)) and "composited onto a plain background" in caplog.text
     assert torch.equal(out[0, H // 2, W // 2], image[0, H // 2, W // 2])  # the person is untouched
@@ -233,7 +233,7 @@ def test_speck_is_not_a_face(tmp_path, capsys, voice, node):
     assert verdict.kind == "none" and "1 speck(s) (the largest 2x2 px" in verdict.why
     code, err, _ = _cli(capsys, path, tmp_path / "o.mp4", voice)
     assert code == 3 and _detector_needed(err) and "speck" in err, err
-    _, _, box = node(image, mask)
+    _, _, box, _ = node(image, mask)
     assert box.source == "detector" and box.w == 60.0
     with pytest.raises(ValueError, match=r"only 1 speck.*not a face.*choose a detector file"):
         node(image, mask, detector="none")
@@ -247,7 +247,7 @@ def test_alpha_250_everywhere_is_no_mask(tmp_path, capsys, voice, node):
     assert face.judge_mask(mask[0]).kind == "none"
     code, err, _ = _cli(capsys, path, tmp_path / "o.mp4", voice)
     assert code == 3 and _detector_needed(err), err  # the detector runs, not "choose a detector file"
-    _, _, box = node(image, mask)
+    _, _, box, _ = node(image, mask)
     assert box.source == "detector"
 
 
@@ -369,7 +369,7 @@ def test_load_image_placeholder_mask_leaves_it_to_the_detector(node, caplog):
     image = torch.rand(1, H, W, 3)
     placeholder = torch.zeros(1, 64, 64)  # what Load Image outputs for an image without alpha
     with caplog.at_level(logging.INFO, logger="sonic_core.face"):
-        _, _, box = node(image, placeholder)
+        _, _, box, _ = node(image, placeholder)
     assert box.source == "detector"
     assert "the mask is empty" in caplog.text and "the face detector runs" in caplog.text
     with pytest.raises(ValueError, match=r"no face found.*the mask is empty") as e:

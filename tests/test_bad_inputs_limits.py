@@ -48,7 +48,7 @@ NODE_LIMITS = {
     ("SonicMotionBucketPredict", "fixed_head_bucket"): "fixed_bucket",
     ("SonicMotionBucketPredict", "fixed_expression_bucket"): "fixed_bucket",
     ("SonicFaceMaskDetect", "expand_ratio"): "expand_ratio", ("SonicFaceMaskDetect", "mask_area"): "mask_area",
-    ("SonicFaceMaskDetect", "confidence"): "confidence",
+    ("SonicFaceMaskDetect", "confidence"): "confidence", ("SonicFaceMaskDetect", "face_index"): "face_index",
     ("SonicSVDLoader", "decode_chunk_size"): "decode_chunk_size",
     ("SonicFrameInterpolate", "multiplier"): "rife_multiplier",
     ("SonicFrameInterpolate", "frame_rate"): "frame_rate", ("SonicFrameInterpolate", "batch_size"): "rife_batch",

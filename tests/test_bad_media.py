@@ -363,7 +363,7 @@ def test_0_255_images_into_face_mask_detect_are_converted(portrait, caplog, kind
     image, mask = portrait
     hostile = (image * 255).round().to(torch.uint8) if kind == "uint8" else image * 255
     with caplog.at_level(logging.WARNING, logger="sonic_core.image"):
-        out, face_mask, _box = SonicFaceMaskDetect().detect(hostile, "none", False, 0.5, 1.1, 0.5, "error",
+        out, face_mask, _box, _ = SonicFaceMaskDetect().detect(hostile, "none", False, 0.5, 1.1, 0.5, "error",
                                                             mask=mask)
     assert "divided by 255" in caplog.text
     assert out.dtype == torch.float32 and float(out.max()) <= 1.0

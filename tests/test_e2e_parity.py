@@ -77,7 +77,7 @@ def _run_chain(g, root, replay: bool):
             models, {"waveform": wav, "sample_rate": g.meta["inputs"]["sample_rate"]}, g.case.max_seconds
         )
         image = g.t("input.image_rgb_u8").to(torch.float32)[None] / 255.0  # [1,H0,W0,3]
-        image, mask, _box = nodes_face.SonicFaceMaskDetect().detect(
+        image, mask, _box, _preview = nodes_face.SonicFaceMaskDetect().detect(
             image, "yoloface_v5m.pt", False, 0.5, g.case.area, 0.5, "error"
         )
         vae, clip = SonicSVDLoader().load(str(svd), "fp32", s.decode_chunk_size)

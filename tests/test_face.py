@@ -359,7 +359,7 @@ def test_node_contract_and_run(tmp_path, monkeypatch, make_detector):
     assert cls.CATEGORY == "Sonic" and cls.DESCRIPTION
 
     img = torch.rand(1, 208, 208, 3)
-    out_img, out_mask, box = cls().detect(img, "yoloface_v5m.pt", False, 0.5, 1.1, 0.5, "error")
+    out_img, out_mask, box, _ = cls().detect(img, "yoloface_v5m.pt", False, 0.5, 1.1, 0.5, "error")
     assert out_img.shape == (1, 208, 208, 3) and out_mask.shape == (1, 208, 208)
     assert [box.x, box.y, box.w, box.h] == [94.0, 46.5, 60.0, 75.0]
     assert torch.equal(out_mask[0], face.face_mask(box, 208, 208, 1.1))
@@ -367,7 +367,7 @@ def test_node_contract_and_run(tmp_path, monkeypatch, make_detector):
     m = torch.zeros(1, 208, 208)
     m[0, 80:120, 90:130] = 1
     gray = torch.rand(1, 208, 208, 1)
-    out_img, out_mask, box = cls().detect(gray, "none", True, 0.5, 1.1, 0.5, "error", mask=m)
+    out_img, out_mask, box, _ = cls().detect(gray, "none", True, 0.5, 1.1, 0.5, "error", mask=m)
     assert out_img.shape[-1] == 3 and out_img.shape[1:3] == out_mask.shape[1:] and box.source == "mask"
 
 

@@ -201,7 +201,7 @@ def test_saved_video_embeds_a_workflow_the_frontend_accepts(tmp_path, monkeypatc
 LOADED_SIZE = {
     "LoadImage": (290, 314), "LoadAudio": (290, 136), "ImageOnlyCheckpointLoader": (219, 98),
     "SonicSVDLoader": (219, 126),
-    "SonicLoader": (210, 178), "SonicFaceMaskDetect": (210, 218), "SonicWhisperAudioEncode": (210, 78),
+    "SonicLoader": (210, 178), "SonicFaceMaskDetect": (210, 262), "SonicWhisperAudioEncode": (210, 78),
     "SonicMotionBucketPredict": (244, 214), "SonicSampler": (259, 562), "VAEDecode": (140, 46),
     "SonicFrameInterpolate": (210, 150), "SonicVideoCombine": (210, 194),
     "SonicLatentToVideo": (372, 378), "SonicPasteBack": (210, 122), "SonicLatentSegment": (211, 126), "UpscaleModelLoader": (210, 58),
@@ -212,9 +212,10 @@ LOADED_SIZE = {
 # node's height, so the size above is stale until measured again (tests/test_comfyui_real.py's
 # browser test measures it) and the workflows' layout must make room for it
 MEASURED_WIDGETS = {
-    "SonicFaceMaskDetect": 6, "SonicFrameInterpolate": 4, "SonicLatentSegment": 3, "SonicLatentToVideo": 11,
+    "SonicFaceMaskDetect": 7, "SonicFrameInterpolate": 4, "SonicLatentSegment": 3, "SonicLatentToVideo": 11,
     "SonicLoader": 6, "SonicMotionBucketPredict": 5, "SonicSVDLoader": 3, "SonicSampler": 16,
     "SonicVideoCombine": 5, "SonicWhisperAudioEncode": 1, "SonicPasteBack": 2,
+    "SonicMixVoices": 0, "SonicSpeakerVoice": 2,  # not in a shipped workflow yet: no LOADED_SIZE measured
 }
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
