@@ -344,3 +344,29 @@ def test_kill_9_in_the_second_face_then_resume(files, models, tmp_path):
     frames, _, _ = _decode(tmp_path / "talk.mp4")
     assert frames.shape[0] == int(0.8 * 12.5)
     assert not state.exists(), "--no-keep-result: nothing stays once the video is written"
+
+
+def test_each_face_has_its_own_fingerprint():
+    """A face's resume state and kept result are keyed by its crop (image latents, face mask) and its
+    voice (audio tokens, motion): another face or another voice never reads them."""
+    from sonic_core import sampler
+    from tests.test_resume import SETTINGS, _inputs
+    from tests.test_unet import _tiny_unet
+
+    unet = _tiny_unet(3)
+    sched = sampler.make_schedule(SETTINGS.steps, SETTINGS.i2i_strength, None)
+
+    def fp(**change):
+        x = {**_inputs(), **change}
+        return sampler._fingerprint(unet, x["image_latents"], x["ref_latents"], x["clip_embeds"], x["cond_tokens"],
+                                    x["uncond_tokens"], x["buckets"], x["face_mask"], x["noise"], SETTINGS,
+                                    torch.float32, sched, None)
+
+    base, other = _inputs(), _inputs(seed=1)
+    same = fp()
+    assert fp() == same  # same face, same voice: the same state
+    assert fp(cond_tokens=other["cond_tokens"], buckets=other["buckets"]) != same, "another voice"
+    assert fp(image_latents=other["image_latents"], ref_latents=other["ref_latents"],
+              clip_embeds=other["clip_embeds"]) != same, "another face's crop"
+    moved = base["face_mask"].roll(7, dims=-1)  # the same crop pixels, the face box elsewhere in it
+    assert fp(face_mask=moved) != same, "another face box"
