@@ -9,6 +9,7 @@ crops and the ``others`` lists are known exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import av
@@ -32,20 +33,21 @@ H264_EXTRA_MEAN_LEVELS = 0.5  # mean u8 error of the video over what h264 alone 
 
 
 def with_others(box, others):
-    """``box`` with its ``others`` (the other faces' boxes in photo pixels), as Face Mask Detect gives it."""
-    others = tuple(tuple(float(v) for v in o) for o in others)
-    if "others" in {f.name for f in dataclasses.fields(box)}:
-        return dataclasses.replace(box, others=others)
-    object.__setattr__(box, "others", others)  # before the FaceBox field exists (h30a)
-    return box
+    """``box`` listing ``others`` (the other faces' boxes in photo pixels), as Face Mask Detect gives it."""
+    return dataclasses.replace(box, others=tuple(tuple(float(v) for v in o) for o in others))
 
 
 def boxes(photo, names, driven=None):
-    """Face boxes of ``names`` on ``photo``, each listing every other face of FACES in ``names`` + bystanders."""
+    """Face Mask Detect (crop on) on ``photo`` whose mask marks every face of ``names`` (FACES, left to
+    right): the face boxes of the ``driven`` ones (all by default), numbered, each listing the others."""
+    mask = torch.zeros(photo.shape[:3])
+    for n in names:
+        x0, y0, x1, y1 = FACES[n]
+        mask[0, y0:y1, x0:x1] = 1
     out = {}
     for n in driven or names:
-        found = face_at(photo, *FACES[n])
-        out[n] = with_others(found.box, [FACES[m] for m in names if m != n])
+        out[n] = face.detect_face_mask(photo, mask=mask, crop=True, face_index=names.index(n) + 1).box
+        assert out[n].number == names.index(n) + 1 and len(out[n].others) == len(names) - 1
     return out
 
 
@@ -96,8 +98,7 @@ def test_two_driven_faces_move_and_a_bystander_keeps_the_photo():
     (after_a,) = node.paste(fa, photo, found["A"], 0.1, "crop")
     (out,) = node.paste(fb, after_a, found["B"], 0.1, "crop")  # the second face onto the first one's frames
     still = photo[0].expand(4, -1, -1, -1)
-    crops = [found["A"].box.crop_xyxy if hasattr(found["A"], "box") else found["A"].crop_xyxy,
-             found["B"].crop_xyxy]
+    crops = [found["A"].crop_xyxy, found["B"].crop_xyxy]
     keep = torch.ones(160, 400, dtype=torch.bool)
     for x1, y1, x2, y2 in crops:
         keep[y1:y2, x1:x2] = False
@@ -147,7 +148,7 @@ def test_three_faces_each_head_is_its_own_paste_only():
     assert torch.equal(out[:, ~crops], photo[0].expand(2, -1, -1, -1)[:, ~crops])
 
 
-def test_no_hard_edge_where_two_blends_meet():
+def test_no_hard_edge_where_two_blends_meet(monkeypatch):
     photo = torch.full((1, 160, 400, 3), 0.5)
     found = boxes(photo, ["A", "B"])
     red, blue = torch.zeros(1, 128, 128, 3), torch.zeros(1, 128, 128, 3)
@@ -159,22 +160,15 @@ def test_no_hard_edge_where_two_blends_meet():
     steps = max(float((area[1:] - area[:-1]).abs().max()), float((area[:, 1:] - area[:, :-1]).abs().max()))
     assert steps < SOFT_STEP_MAX, f"largest step between neighbours {steps:.3f}"
     # the same without soft edges does show one: the check can fail
-    hard = with_others(dataclasses.replace(found["B"]), found["B"].others)
-    config_soft = config.PASTE_KEEPOUT_SOFT
-    try:
-        config.PASTE_KEEPOUT_SOFT = 0.0
-        image.keep_out.__defaults__ = (config.PASTE_KEEPOUT_SCALE, 0.0)
-        sharp = image.PasteBack(image.PasteBack(photo, found["A"], 0.0)(red), hard, 0.0)(blue)[0][y1:y2, x1:x2]
-    finally:
-        config.PASTE_KEEPOUT_SOFT = config_soft
-        image.keep_out.__defaults__ = (config.PASTE_KEEPOUT_SCALE, config_soft)
+    sharp_keep_out = functools.partial(image.keep_out, soft=0.0)
+    monkeypatch.setattr(image, "keep_out", sharp_keep_out)  # no soft edge around the other head
+    sharp = image.PasteBack(image.PasteBack(photo, found["A"], 0.0)(red), found["B"], 0.0)(blue)[0][y1:y2, x1:x2]
     assert float((sharp[:, 1:] - sharp[:, :-1]).abs().max()) > 0.5
 
 
 def test_bad_other_faces_are_named():
     photo = smooth_photo(160, 400)
-    box = with_others(face_at(photo, *FACES["A"]).box, [])
-    object.__setattr__(box, "others", ((1.0, 2.0, 0.0, 3.0),))
+    box = dataclasses.replace(face_at(photo, *FACES["A"]).box, others=((1.0, 2.0, 0.0, 3.0),))
     with pytest.raises(ValueError, match=r"another face as \(1.0, 2.0, 0.0, 3.0\)"):
         image.PasteBack(photo, box)
 
