@@ -132,6 +132,7 @@ PASTE_COLOR_MATCH = True  # default of the color_match inputs: on, bench/RESULTS
 PASTE_COLOR_BAND = 0.1  # measuring band along the crop's border, as a fraction of its side (whatever the feather)
 PASTE_COLOR_GRID = 8  # cells on the region's shorter side of the grid the gain is measured on
 PASTE_COLOR_SIGMA = 2.0  # Gaussian spread of the gain over that grid, in cells (low-pass: larger is smoother)
+PASTE_COLOR_KEEPOUT_SCALE = 2.2  # not measured within another face's box scaled by this (its crop at expand 0.5)
 PASTE_COLOR_PRIOR = 0.05  # weight of the whole band's mean gain where the band is far (the region's middle)
 PASTE_COLOR_MAX_GAIN = 0.06  # the gain stays within 1 +- this: twice a 3% drift; a real difference is not undone
 

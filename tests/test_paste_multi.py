@@ -9,7 +9,6 @@ crops and the ``others`` lists are known exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 
 import av
@@ -115,20 +114,27 @@ def test_two_driven_faces_move_and_a_bystander_keeps_the_photo():
 def test_a_face_equals_its_single_paste_where_the_other_crop_does_not_reach():
     photo = smooth_photo(160, 400)
     found = boxes(photo, ["A", "B"])
-    alone = face_at(photo, *FACES["A"]).box  # no other face known
-    fa, fb = moving_frames(2, 3), moving_frames(2, 4)
-    single = image.PasteBack(photo, alone)(fa)
-    chained = image.PasteBack(image.PasteBack(photo, found["A"])(fa), found["B"])(fb)
-    x1, y1, x2, y2 = found["A"].crop_xyxy
-    bx1, by1, bx2, by2 = found["B"].crop_xyxy
-    assert bx1 < x2, "the crops overlap"
-    free = torch.zeros(160, 400, dtype=torch.bool)
-    free[y1:y2, x1:x2] = True
-    free[by1:by2, bx1:bx2] = False  # B's crop (its keep-out lies inside it)
-    assert int(free.sum()) > 0.7 * (x2 - x1) * (y2 - y1)
-    assert torch.equal(chained[:, free], single[:, free])
-    # where B's crop does reach, A's own face is still A's (B's paste leaves A's head alone)
-    assert torch.equal(rect(chained, head("A")), rect(image.PasteBack(photo, found["A"])(fa), head("A")))
+    frames = {"A": moving_frames(2, 3), "B": moving_frames(2, 4)}
+    for first, second in ("AB", "BA"):  # in either order
+        single = image.PasteBack(photo, found[first])(frames[first])  # this face pasted alone
+        chained = image.PasteBack(single, found[second])(frames[second])
+        x1, y1, x2, y2 = found[first].crop_xyxy
+        ox1, oy1, ox2, oy2 = found[second].crop_xyxy
+        assert ox1 < x2 and x1 < ox2, "the crops overlap"
+        free = torch.zeros(160, 400, dtype=torch.bool)
+        free[y1:y2, x1:x2] = True
+        free[oy1:oy2, ox1:ox2] = False  # the other face's crop
+        assert int(free.sum()) > 0.7 * (x2 - x1) * (y2 - y1)
+        assert torch.equal(chained[:, free], single[:, free])
+        # where the other crop does reach, this face's head is still its own paste
+        assert torch.equal(rect(chained, head(first)), rect(single, head(first)))
+        # and the second face, pasted onto the first one's frames, equals its own single paste where the
+        # first one's crop does not reach (its colour is measured away from the other face)
+        alone = image.PasteBack(photo, found[second])(frames[second])
+        free2 = torch.zeros(160, 400, dtype=torch.bool)
+        free2[oy1:oy2, ox1:ox2] = True
+        free2[y1:y2, x1:x2] = False
+        assert torch.equal(chained[:, free2], alone[:, free2])
 
 
 def test_three_faces_each_head_is_its_own_paste_only():
@@ -160,7 +166,10 @@ def test_no_hard_edge_where_two_blends_meet(monkeypatch):
     steps = max(float((area[1:] - area[:-1]).abs().max()), float((area[:, 1:] - area[:, :-1]).abs().max()))
     assert steps < SOFT_STEP_MAX, f"largest step between neighbours {steps:.3f}"
     # the same without soft edges does show one: the check can fail
-    sharp_keep_out = functools.partial(image.keep_out, soft=0.0)
+    soft_keep_out = image.keep_out
+
+    def sharp_keep_out(region, heads, scale=config.PASTE_KEEPOUT_SCALE, soft=0.0):
+        return soft_keep_out(region, heads, scale, 0.0)
     monkeypatch.setattr(image, "keep_out", sharp_keep_out)  # no soft edge around the other head
     sharp = image.PasteBack(image.PasteBack(photo, found["A"], 0.0)(red), found["B"], 0.0)(blue)[0][y1:y2, x1:x2]
     assert float((sharp[:, 1:] - sharp[:, :-1]).abs().max()) > 0.5
