@@ -474,9 +474,10 @@ class PasteBack:
         if color_match:  # measured along the crop's own border (background, also for region face: the head moves)
             px = config.PASTE_COLOR_BAND * min(x2 - x1, y2 - y1)  # not the feather: a wide one reaches the hair
             r = _ramp(y2 - y1, px, y1 > 0, y2 < h)[:, None] * _ramp(x2 - x1, px, x1 > 0, x2 < w)[None, :]  # [ch, cw]
-            if self.others:
-                r = (r * keep_out(self.crop, self.others)).to(torch.float32)
-            self.color = ColorMatch(4 * r * (1 - r))  # the ring where a crop-wide blend is half photo, half frame
+            ring = 4 * r * (1 - r)  # [ch, cw] where a crop-wide blend would be half photo, half frame
+            if self.others:  # not where another face's paste may lie: each face's gain is its single-face one
+                ring = (ring * keep_out(self.crop, self.others, config.PASTE_COLOR_KEEPOUT_SCALE, 0.0)).float()
+            self.color = ColorMatch(ring)
             if not self.color.active:
                 log.warning("paste-back: the crop %s has no soft side to measure colour in: no colour match",
                             self.crop)

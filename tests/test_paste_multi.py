@@ -32,20 +32,21 @@ H264_EXTRA_MEAN_LEVELS = 0.5  # mean u8 error of the video over what h264 alone 
 
 
 def with_others(box, others):
-    """``box`` with its ``others`` (the other faces' boxes in photo pixels), as Face Mask Detect gives it."""
-    others = tuple(tuple(float(v) for v in o) for o in others)
-    if "others" in {f.name for f in dataclasses.fields(box)}:
-        return dataclasses.replace(box, others=others)
-    object.__setattr__(box, "others", others)  # before the FaceBox field exists (h30a)
-    return box
+    """``box`` listing ``others`` (the other faces' boxes in photo pixels), as Face Mask Detect gives it."""
+    return dataclasses.replace(box, others=tuple(tuple(float(v) for v in o) for o in others))
 
 
 def boxes(photo, names, driven=None):
-    """Face boxes of ``names`` on ``photo``, each listing every other face of FACES in ``names`` + bystanders."""
+    """Face Mask Detect (crop on) on ``photo`` whose mask marks every face of ``names`` (FACES, left to
+    right): the face boxes of the ``driven`` ones (all by default), numbered, each listing the others."""
+    mask = torch.zeros(photo.shape[:3])
+    for n in names:
+        x0, y0, x1, y1 = FACES[n]
+        mask[0, y0:y1, x0:x1] = 1
     out = {}
     for n in driven or names:
-        found = face_at(photo, *FACES[n])
-        out[n] = with_others(found.box, [FACES[m] for m in names if m != n])
+        out[n] = face.detect_face_mask(photo, mask=mask, crop=True, face_index=names.index(n) + 1).box
+        assert out[n].number == names.index(n) + 1 and len(out[n].others) == len(names) - 1
     return out
 
 
@@ -96,8 +97,7 @@ def test_two_driven_faces_move_and_a_bystander_keeps_the_photo():
     (after_a,) = node.paste(fa, photo, found["A"], 0.1, "crop")
     (out,) = node.paste(fb, after_a, found["B"], 0.1, "crop")  # the second face onto the first one's frames
     still = photo[0].expand(4, -1, -1, -1)
-    crops = [found["A"].box.crop_xyxy if hasattr(found["A"], "box") else found["A"].crop_xyxy,
-             found["B"].crop_xyxy]
+    crops = [found["A"].crop_xyxy, found["B"].crop_xyxy]
     keep = torch.ones(160, 400, dtype=torch.bool)
     for x1, y1, x2, y2 in crops:
         keep[y1:y2, x1:x2] = False
@@ -114,20 +114,27 @@ def test_two_driven_faces_move_and_a_bystander_keeps_the_photo():
 def test_a_face_equals_its_single_paste_where_the_other_crop_does_not_reach():
     photo = smooth_photo(160, 400)
     found = boxes(photo, ["A", "B"])
-    alone = face_at(photo, *FACES["A"]).box  # no other face known
-    fa, fb = moving_frames(2, 3), moving_frames(2, 4)
-    single = image.PasteBack(photo, alone)(fa)
-    chained = image.PasteBack(image.PasteBack(photo, found["A"])(fa), found["B"])(fb)
-    x1, y1, x2, y2 = found["A"].crop_xyxy
-    bx1, by1, bx2, by2 = found["B"].crop_xyxy
-    assert bx1 < x2, "the crops overlap"
-    free = torch.zeros(160, 400, dtype=torch.bool)
-    free[y1:y2, x1:x2] = True
-    free[by1:by2, bx1:bx2] = False  # B's crop (its keep-out lies inside it)
-    assert int(free.sum()) > 0.7 * (x2 - x1) * (y2 - y1)
-    assert torch.equal(chained[:, free], single[:, free])
-    # where B's crop does reach, A's own face is still A's (B's paste leaves A's head alone)
-    assert torch.equal(rect(chained, head("A")), rect(image.PasteBack(photo, found["A"])(fa), head("A")))
+    frames = {"A": moving_frames(2, 3), "B": moving_frames(2, 4)}
+    for first, second in ("AB", "BA"):  # in either order
+        single = image.PasteBack(photo, found[first])(frames[first])  # this face pasted alone
+        chained = image.PasteBack(single, found[second])(frames[second])
+        x1, y1, x2, y2 = found[first].crop_xyxy
+        ox1, oy1, ox2, oy2 = found[second].crop_xyxy
+        assert ox1 < x2 and x1 < ox2, "the crops overlap"
+        free = torch.zeros(160, 400, dtype=torch.bool)
+        free[y1:y2, x1:x2] = True
+        free[oy1:oy2, ox1:ox2] = False  # the other face's crop
+        assert int(free.sum()) > 0.7 * (x2 - x1) * (y2 - y1)
+        assert torch.equal(chained[:, free], single[:, free])
+        # where the other crop does reach, this face's head is still its own paste
+        assert torch.equal(rect(chained, head(first)), rect(single, head(first)))
+        # and the second face, pasted onto the first one's frames, equals its own single paste where the
+        # first one's crop does not reach (its colour is measured away from the other face)
+        alone = image.PasteBack(photo, found[second])(frames[second])
+        free2 = torch.zeros(160, 400, dtype=torch.bool)
+        free2[oy1:oy2, ox1:ox2] = True
+        free2[y1:y2, x1:x2] = False
+        assert torch.equal(chained[:, free2], alone[:, free2])
 
 
 def test_three_faces_each_head_is_its_own_paste_only():
@@ -147,7 +154,7 @@ def test_three_faces_each_head_is_its_own_paste_only():
     assert torch.equal(out[:, ~crops], photo[0].expand(2, -1, -1, -1)[:, ~crops])
 
 
-def test_no_hard_edge_where_two_blends_meet():
+def test_no_hard_edge_where_two_blends_meet(monkeypatch):
     photo = torch.full((1, 160, 400, 3), 0.5)
     found = boxes(photo, ["A", "B"])
     red, blue = torch.zeros(1, 128, 128, 3), torch.zeros(1, 128, 128, 3)
@@ -159,22 +166,18 @@ def test_no_hard_edge_where_two_blends_meet():
     steps = max(float((area[1:] - area[:-1]).abs().max()), float((area[:, 1:] - area[:, :-1]).abs().max()))
     assert steps < SOFT_STEP_MAX, f"largest step between neighbours {steps:.3f}"
     # the same without soft edges does show one: the check can fail
-    hard = with_others(dataclasses.replace(found["B"]), found["B"].others)
-    config_soft = config.PASTE_KEEPOUT_SOFT
-    try:
-        config.PASTE_KEEPOUT_SOFT = 0.0
-        image.keep_out.__defaults__ = (config.PASTE_KEEPOUT_SCALE, 0.0)
-        sharp = image.PasteBack(image.PasteBack(photo, found["A"], 0.0)(red), hard, 0.0)(blue)[0][y1:y2, x1:x2]
-    finally:
-        config.PASTE_KEEPOUT_SOFT = config_soft
-        image.keep_out.__defaults__ = (config.PASTE_KEEPOUT_SCALE, config_soft)
+    soft_keep_out = image.keep_out
+
+    def sharp_keep_out(region, heads, scale=config.PASTE_KEEPOUT_SCALE, soft=0.0):
+        return soft_keep_out(region, heads, scale, 0.0)
+    monkeypatch.setattr(image, "keep_out", sharp_keep_out)  # no soft edge around the other head
+    sharp = image.PasteBack(image.PasteBack(photo, found["A"], 0.0)(red), found["B"], 0.0)(blue)[0][y1:y2, x1:x2]
     assert float((sharp[:, 1:] - sharp[:, :-1]).abs().max()) > 0.5
 
 
 def test_bad_other_faces_are_named():
     photo = smooth_photo(160, 400)
-    box = with_others(face_at(photo, *FACES["A"]).box, [])
-    object.__setattr__(box, "others", ((1.0, 2.0, 0.0, 3.0),))
+    box = dataclasses.replace(face_at(photo, *FACES["A"]).box, others=((1.0, 2.0, 0.0, 3.0),))
     with pytest.raises(ValueError, match=r"another face as \(1.0, 2.0, 0.0, 3.0\)"):
         image.PasteBack(photo, box)
 
