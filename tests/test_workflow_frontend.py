@@ -220,8 +220,7 @@ MEASURED_WIDGETS = {
     "SonicFaceMaskDetect": 7, "SonicFrameInterpolate": 4, "SonicLatentSegment": 3, "SonicLatentToVideo": 12,
     "SonicLoader": 6, "SonicMotionBucketPredict": 5, "SonicSVDLoader": 3, "SonicSampler": 16,
     "SonicVideoCombine": 5, "SonicWhisperAudioEncode": 1, "SonicPasteBack": 3, "SonicAddFace": 0,
-    "SonicMixVoices": 0, "SonicSpeakerVoice": 2,  # not in a shipped workflow yet: no LOADED_SIZE measured
-    "SonicAddFace": 0,
+    "SonicMixVoices": 0, "SonicSpeakerVoice": 2,
 }
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
