@@ -15,7 +15,7 @@ import logging
 import torch
 
 from . import runtime
-from .nodes_paste import paste_inputs
+from .nodes_paste import color_input, paste_inputs
 from .nodes_video import (AUDIO_INPUT, RIFE_BATCH_TIP, VIDEO_TIP, _load_rife, _rife_files, audio_track,
                           file_inputs, file_metadata, rife_batch, saved)
 from .runtime import core
@@ -65,7 +65,8 @@ class SonicLatentToVideo:
                    "instead of VAE Decode -> Frame Interpolate -> Video Combine when nothing else goes in "
                    "between; for upscalers or face restorers on long clips use Latent Segment. With photo and "
                    "face_box connected it pastes the animated crop back into the whole photo while it streams "
-                   "(as Sonic Paste Back), so the video has the photo's own resolution.")
+                   "(as Sonic Paste Back), so the video has the photo's own resolution; more_faces (Add Face) pastes "
+                   "the other faces of a conversation into the same frames in the same pass.")
     CATEGORY = "Sonic"
     SEARCH_ALIASES = runtime.search_aliases("decode video", "latent to video", "save video", "mp4",
                                             "paste back", "解码视频")
@@ -105,6 +106,13 @@ class SonicLatentToVideo:
                 "face_box": ("SONIC_FACE_BOX", {"tooltip": "Paste-back: Face Mask Detect's face_box (crop on). "
                                                           "Connect it together with photo."}),
                 **paste_inputs("paste_"),
+                "more_faces": ("SONIC_FACES", {"tooltip": "Several faces of one photo: the other faces, each "
+                                                          "its own sampler's latent and face box bundled by Add "
+                                                          "Face. They are decoded in step with this latent and "
+                                                          "pasted into the same frames (photo and face_box must be "
+                                                          "connected too); an extra face costs one decode chunk "
+                                                          "of memory, not a clip."}),
+                "color_match": color_input(),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }, cls.ADVANCED_INPUTS)
@@ -112,7 +120,8 @@ class SonicLatentToVideo:
     def save(self, latent, vae, fps, rife_model, multiplier, filename_prefix, format="h264-mp4",
              crf=_config.VIDEO_CRF, pix_fmt="yuv420p", audio=None, decode_chunk_size=0,
              rife_batch_size=_config.RIFE_BATCH, photo=None, face_box=None, paste_feather=_config.PASTE_FEATHER,
-             paste_region=_config.PASTE_REGION, prompt=None, extra_pnginfo=None):
+             paste_region=_config.PASTE_REGION, more_faces=None, color_match=_config.PASTE_COLOR_MATCH, prompt=None,
+             extra_pnginfo=None):
         stream, interp = core("stream"), core("interpolate")
         n = _config.check_inputs(dict(fps=fps, multiplier=multiplier, crf=crf, decode_chunk_size=decode_chunk_size,
                                       rife_batch_size=rife_batch_size, paste_feather=paste_feather),
@@ -135,15 +144,22 @@ class SonicLatentToVideo:
             raise ValueError(f"Latent To Video: paste-back needs both photo and face_box; only "
                              f"{'photo' if face_box is None else 'face_box'} is connected (connect the other, "
                              "or neither for the crop video)")
+        if more_faces and photo is None:
+            raise ValueError("Latent To Video: more_faces are pasted into the photo: connect photo and face_box "
+                             "(the first face) too")
         if photo is not None:
-            paste = core("image").plan_paste(photo, face_box, float(paste_feather), paste_region)
+            paste = core("image").plan_paste(photo, face_box, float(paste_feather), paste_region, bool(color_match))
             if paste is not None:
                 paste.check_frames(h, w)  # before any decode
+        faces = _faces(latents, paste, more_faces, photo, float(paste_feather), paste_region, bool(color_match))
         decoder = runtime.ChunkDecoder(vae)
         chunk = decoder.chunk_size(int(decode_chunk_size))
         rife = _load_rife(rife_model).load() if rife_model != NO_RIFE else None
         pairs = rife_batch(rife_batch_size, rife, h, w) if rife is not None else 1
-        frames = stream.video_frames(decoder, latents, chunk, rife, multiplier, pairs, paste=paste)
+        if faces:
+            frames = stream.video_frames_faces(decoder, faces, chunk, rife, multiplier, pairs)
+        else:
+            frames = stream.video_frames(decoder, latents, chunk, rife, multiplier, pairs, paste=paste)
         log.info("Latent To Video: %d latents -> %d frames at %g fps; holds one decode chunk of %d and one "
                  "RIFE batch at a time", latents.shape[0], len(frames), out_fps, chunk)
         progress = runtime.Progress(len(frames), "Latent To Video")
@@ -151,6 +167,76 @@ class SonicLatentToVideo:
             frames, runtime.output_dir(), filename_prefix, out_fps, audio=sound, format=format, crf=int(crf),
             pix_fmt=pix_fmt, metadata=file_metadata(prompt, extra_pnginfo), callback=progress.callback())
         return saved(path, subfolder, name)
+
+
+def _faces(latents, paste, more_faces, photo, feather: float, region: str, color_match: bool) -> list | None:
+    """Latent To Video's faces ``[(latents, PasteBack), ...]`` when ``more_faces`` is connected (else None):
+    the first face, then each of more_faces, all checked (crop, frame size, frame count) before any decode."""
+    if not more_faces:
+        return None
+    if paste is None:
+        raise ValueError("Latent To Video: face_box has no crop, so more_faces cannot be pasted: turn crop on in "
+                         "every Face Mask Detect")
+    faces = [(latents, paste)]
+    for i, face in enumerate(_check_faces(more_faces, "Latent To Video: more_faces"), 2):
+        samples = face["latent"]["samples"]
+        one = core("image").plan_paste(photo, face["face_box"], feather, region, color_match)
+        if one is None:
+            raise ValueError(f"Latent To Video: face {i}'s face box has no crop: turn crop on in its Face Mask Detect")
+        one.check_frames(*(n * _config.VAE_SCALE for n in samples.shape[-2:]))
+        faces.append((samples, one))
+    core("stream").check_faces(faces)  # the same frame count, named face by face
+    return faces
+
+
+def _check_faces(faces, what: str) -> list:
+    """A SONIC_FACES list (Add Face): ``[{"latent": LATENT, "face_box": FaceBox}, ...]``, checked."""
+    if not isinstance(faces, (list, tuple)) or not all(
+            isinstance(f, dict) and {"latent", "face_box"} <= set(f) for f in faces):
+        raise ValueError(f"{what}: expected Add Face's faces (SONIC_FACES), got {type(faces).__name__}")
+    for i, f in enumerate(faces, 1):
+        _latents(f["latent"], f"{what} face {i}")
+        if not hasattr(f["face_box"], "crop_xyxy"):
+            raise ValueError(f"{what} face {i}: expected Face Mask Detect's face_box, got "
+                             f"{type(f['face_box']).__name__}")
+    return list(faces)
+
+
+class SonicAddFace:
+    DESCRIPTION = ("Several faces of one photo (a conversation): bundles one face's sampler latent with its face "
+                   "box for Latent To Video's more_faces. Chain one Add Face per extra face (faces -> faces). "
+                   "Every face comes from the same photo (its own Face Mask Detect with face_index and crop on) "
+                   "and its own Sonic Sampler run with the same frame count; Latent To Video decodes them all in "
+                   "step and pastes each into the same frames.")
+    CATEGORY = "Sonic"
+    FUNCTION = "add"
+    RETURN_TYPES = ("SONIC_FACES",)
+    RETURN_NAMES = ("faces",)
+    OUTPUT_TOOLTIPS = ("The faces so far, this one last: connect to Latent To Video's more_faces or to the next "
+                       "Add Face.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "latent": ("LATENT", {"tooltip": "This face's Sonic Sampler latent (same frame count as the "
+                                                 "other faces)."}),
+                "face_box": ("SONIC_FACE_BOX", {"tooltip": "This face's face_box from Face Mask Detect (crop on, "
+                                                          "on the same photo as the other faces)."}),
+            },
+            "optional": {
+                "faces": ("SONIC_FACES", {"tooltip": "Faces added before (an earlier Add Face), to chain three or "
+                                                     "more faces."}),
+            },
+        }
+
+    def add(self, latent, face_box, faces=None):
+        new = _check_faces([{"latent": latent, "face_box": face_box}], "Add Face")
+        if getattr(face_box, "crop_xyxy", None) is None:
+            raise ValueError("Add Face: the face box has no crop; turn crop on in its Face Mask Detect (a face is "
+                             "pasted back into the photo)")
+        before = _check_faces(faces, "Add Face: faces") if faces is not None else []
+        return (before + new,)
 
 
 def _job_key(samples: torch.Tensor, length: int, chunk: int) -> str:
@@ -190,6 +276,22 @@ def _check_cache(latent: dict, segments: int) -> None:
                 "segments, and %s: a later segment may sample the clip again", runtime.CACHE_MODE_NAMES[mode], why)
 
 
+def _follow(leader, plan: list, frames: int) -> int:
+    """The segment index of ``leader`` (another face's Latent Segment output), refused unless this latent
+    splits into the very same segments (same frame count, segment_frames and decode chunk)."""
+    seg = getattr(leader, "segment", None)
+    if seg is None or not hasattr(leader, "job"):
+        raise ValueError(f"same_segment_as is a {type(leader).__name__}; connect another Latent Segment's segment")
+    if seg.total != frames:
+        raise ValueError(f"Latent Segment: this latent has {frames} frames but the one of same_segment_as has "
+                         f"{seg.total}: every face must have the same frame count")
+    mine = plan[seg.index] if seg.index < len(plan) else None
+    if len(plan) != seg.count or mine is None or (mine.start, mine.stop) != (seg.start, seg.stop):
+        raise ValueError(f"Latent Segment: {len(plan)} segment(s) here but {seg.count} in same_segment_as: use the "
+                         "same segment_frames and decode_chunk_size in every face's Latent Segment")
+    return seg.index
+
+
 class SonicLatentSegment:
     DESCRIPTION = ("Long clips through any IMAGE nodes (upscalers, face restorers, ...): decodes one segment of "
                    "the sampler's latent at a time. Connect its segment to Sonic Video Combine, which appends "
@@ -221,11 +323,19 @@ class SonicLatentSegment:
                     "Leave at 0: queueing renders segment 0 and each later one is queued by itself. The next "
                     "runs change it server-side; the widget stays 0."),
             },
-            "optional": {"decode_chunk_size": _chunk_input(" Must stay the same for every segment.")},
+            "optional": {
+                "decode_chunk_size": _chunk_input(" Must stay the same for every segment."),
+                "same_segment_as": ("SONIC_SEGMENT", {
+                    "tooltip": "Several faces: connect the first face's Latent Segment segment output. This "
+                               "node then decodes the same segment of its own latent (its segment_index is "
+                               "ignored), so each queued run renders every face's segment; chain the faces' "
+                               "Sonic Paste Backs and give Video Combine either segment."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }, cls.ADVANCED_INPUTS)
 
-    def decode(self, latent, vae, segment_frames, segment_index, decode_chunk_size=0, unique_id=None):
+    def decode(self, latent, vae, segment_frames, segment_index, decode_chunk_size=0, same_segment_as=None,
+               unique_id=None):
         stream = core("stream")
         n = _config.check_inputs(dict(segment_frames=segment_frames, segment_index=segment_index,
                                       decode_chunk_size=decode_chunk_size), LIMIT_OF)
@@ -236,6 +346,8 @@ class SonicLatentSegment:
         chunk = decoder.chunk_size(int(decode_chunk_size))
         plan = stream.plan_segments(latents.shape[0], int(segment_frames), chunk)
         index = int(segment_index)
+        if same_segment_as is not None:
+            index = _follow(same_segment_as, plan, latents.shape[0])
         if not 0 <= index < len(plan):
             raise ValueError(f"segment_index {index} is past the last segment: this clip has {len(plan)} "
                              f"segment(s) of {plan[0].stop - plan[0].start} frames; set it to 0")
@@ -246,9 +358,13 @@ class SonicLatentSegment:
                  seg.total)
         images = stream.decode_segment(decoder, latents, seg, chunk)  # [leading + n, H, W, 3]
         key = _job_key(latents, plan[0].stop - plan[0].start, chunk)
+        if same_segment_as is not None:  # one clip, queued through the first face's node
+            return (images, SonicSegment(seg, f"{same_segment_as.job}+{key}", same_segment_as.node_id))
         return (images, SonicSegment(seg, key, str(unique_id) if unique_id is not None else ""))
 
 
-NODE_CLASS_MAPPINGS = {"SonicLatentToVideo": SonicLatentToVideo, "SonicLatentSegment": SonicLatentSegment}
+NODE_CLASS_MAPPINGS = {"SonicLatentToVideo": SonicLatentToVideo, "SonicLatentSegment": SonicLatentSegment,
+                       "SonicAddFace": SonicAddFace}
 NODE_DISPLAY_NAME_MAPPINGS = {"SonicLatentToVideo": "Latent To Video (streaming decode + RIFE + save)",
-                              "SonicLatentSegment": "Latent Segment (long clips)"}
+                              "SonicLatentSegment": "Latent Segment (long clips)",
+                              "SonicAddFace": "Add Face (conversation)"}

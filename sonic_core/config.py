@@ -123,6 +123,18 @@ PASTE_FACE_SCALE = 1.5  # "face" region = the face box scaled by this about its 
 PASTE_FEATHER = 0.1  # soft edge, as a fraction of the blended region's shorter side (0 = hard edge)
 PASTE_FEATHER_MAX = 0.5  # at 0.5 the soft edges of opposite sides meet in the middle
 PASTE_ASPECT_TOLERANCE = 0.1  # relative aspect difference allowed between the frames and the crop (x64 rounding)
+# several faces in one photo (issue 30): every paste leaves out the head region of each other face found
+PASTE_KEEPOUT_SCALE = 1.5  # another face's head region = its face box scaled by this about its centre (hair, chin)
+PASTE_KEEPOUT_SOFT = 0.15  # soft edge outside that region, as a fraction of its shorter side (0 = hard edge)
+# colour match (issue 30 item 8): each generated frame's low-frequency colour pulled to the photo's, measured
+# where the crop meets the photo (the blend band), as a smooth per-channel gain over the pasted region
+PASTE_COLOR_MATCH = True  # default of the color_match inputs: on, bench/RESULTS.md (drift 2.27 -> 0.37 levels)
+PASTE_COLOR_BAND = 0.1  # measuring band along the crop's border, as a fraction of its side (whatever the feather)
+PASTE_COLOR_GRID = 8  # cells on the region's shorter side of the grid the gain is measured on
+PASTE_COLOR_SIGMA = 2.0  # Gaussian spread of the gain over that grid, in cells (low-pass: larger is smoother)
+PASTE_COLOR_KEEPOUT_SCALE = 2.2  # not measured within another face's box scaled by this (its crop at expand 0.5)
+PASTE_COLOR_PRIOR = 0.05  # weight of the whole band's mean gain where the band is far (the region's middle)
+PASTE_COLOR_MAX_GAIN = 0.06  # the gain stays within 1 +- this: twice a 3% drift; a real difference is not undone
 
 # ----------------------------------------------------------------------------------------------
 # Face detector (YOLOv5-face, issue 4)

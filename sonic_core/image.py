@@ -10,6 +10,7 @@ float tensors in ``[0, 1]`` unless a name says ``u8``.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -249,8 +250,14 @@ def clip_pixels(image_u8: np.ndarray) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Paste-back: generated crop frames blended into the whole photo at its own resolution (issue 23)
 # ----------------------------------------------------------------------------------------------
+# Paste-back: generated crop frames blended into the whole photo at its own resolution (issue 23).
+# Several faces (issue 30): one base frame per frame, every other face's head left out, colour match.
+# ----------------------------------------------------------------------------------------------
+def _smoothstep(t: torch.Tensor) -> torch.Tensor:
+    return t * t * (3 - 2 * t)  # 0 -> 0 and 1 -> 1 exactly, no kink at either end
+
+
 def _ramp(n: int, band: float, soft_start: bool, soft_end: bool) -> torch.Tensor:
     """Blend weights ``[n]`` along one side of a region: 1 inside, rising smoothly (smoothstep) from
     0 over ``band`` px at each soft end; a hard end (on the photo's border) stays 1."""
@@ -261,24 +268,158 @@ def _ramp(n: int, band: float, soft_start: bool, soft_end: bool) -> torch.Tensor
             w = torch.minimum(w, centre / band)
         if soft_end:
             w = torch.minimum(w, (n - centre) / band)
-    w = w.clamp(0, 1)
-    return (w * w * (3 - 2 * w)).to(torch.float32)  # smoothstep: no visible kink where the ramp ends
+    return _smoothstep(w.clamp(0, 1)).to(torch.float32)
+
+
+def head_region(face_xyxy, scale: float = config.PASTE_KEEPOUT_SCALE) -> tuple[float, float, float, float]:
+    """A face box ``(x1, y1, x2, y2)`` scaled by ``scale`` about its centre: the head it stands for."""
+    x1, y1, x2, y2 = face_xyxy
+    cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) * scale / 2, (y2 - y1) * scale / 2
+    return (cx - hw, cy - hh, cx + hw, cy + hh)
+
+
+def keep_out(region, heads, scale: float = config.PASTE_KEEPOUT_SCALE,
+             soft: float = config.PASTE_KEEPOUT_SOFT) -> torch.Tensor:
+    """Weights ``[rh, rw]`` (float64) over ``region = (x1, y1, x2, y2)`` in photo pixels: 0 on every
+    pixel whose centre lies in the head region of one of ``heads`` (face boxes ``(x1, y1, x2, y2)``,
+    see ``head_region``), rising (smoothstep of the distance) to 1 at ``soft`` x that region's shorter
+    side outside it; 1 where no head is near. Several heads multiply."""
+    rx1, ry1, rx2, ry2 = region
+    ys = torch.arange(ry1, ry2, dtype=torch.float64) + 0.5  # [rh] pixel centres
+    xs = torch.arange(rx1, rx2, dtype=torch.float64) + 0.5  # [rw]
+    keep = torch.ones(len(ys), len(xs), dtype=torch.float64)  # [rh, rw]
+    for head in heads:
+        hx1, hy1, hx2, hy2 = head_region(head, scale)
+        dx = torch.maximum(hx1 - xs, xs - hx2).clamp(min=0)  # [rw] px outside the head region, across
+        dy = torch.maximum(hy1 - ys, ys - hy2).clamp(min=0)  # [rh] px outside it, down
+        dist = torch.hypot(dy[:, None], dx[None, :])  # [rh, rw]
+        band = soft * min(hx2 - hx1, hy2 - hy1)  # px
+        t = (dist / band).clamp(0, 1) if band > 0 else (dist > 0).to(torch.float64)
+        keep = keep * _smoothstep(t)
+    return keep
+
+
+def _other_faces(box) -> list[tuple[float, float, float, float]]:
+    """``box.others`` (face boxes of the other faces of the photo, photo pixels) checked; a box whose
+    centre lies in this face's own box is dropped with a warning (it would hide the driven face)."""
+    x1, y1 = box.crop_xyxy[:2]
+    own = (x1 + box.x, y1 + box.y, x1 + box.x + box.w, y1 + box.y + box.h)
+    heads = []
+    for other in getattr(box, "others", ()) or ():
+        vals = tuple(float(v) for v in other) if isinstance(other, (tuple, list)) else ()
+        if len(vals) != 4 or not all(np.isfinite(vals)) or vals[2] <= vals[0] or vals[3] <= vals[1]:
+            raise ValueError(f"the face box lists another face as {other!r}; expected (x1, y1, x2, y2) in the "
+                             "photo's pixels: connect Face Mask Detect's face_box unchanged")
+        cx, cy = (vals[0] + vals[2]) / 2, (vals[1] + vals[3]) / 2
+        if own[0] <= cx <= own[2] and own[1] <= cy <= own[3]:
+            log.warning("paste-back: another face %s lies on this face's own box %s: not left out", vals, own)
+            continue
+        heads.append(vals)
+    return heads
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, C, h, w]`` with zero padding (normalised convolution divides it out)."""
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma * sigma))
+    k = (k / k.sum()).repeat(x.shape[1], 1, 1)  # [C, 1, 2r+1]
+    c = x.shape[1]
+    x = torch.nn.functional.conv2d(x, k[:, :, None, :], padding=(0, r), groups=c)  # along w
+    return torch.nn.functional.conv2d(x, k[:, :, :, None], padding=(r, 0), groups=c)  # along h
+
+
+class ColorMatch:
+    """A smooth per-channel gain that pulls a generated region's colour to what lies under it.
+
+    ``ring [rh, rw]``: where to measure (the blend band, 0 elsewhere). Local means of the frame and of
+    the photo over the ring are taken on a coarse grid (``PASTE_COLOR_GRID`` cells on the short side),
+    spread by a Gaussian (``PASTE_COLOR_SIGMA`` cells) and pulled towards the whole ring's mean where
+    the ring is far (``PASTE_COLOR_PRIOR``); their ratio, within ``1 +- PASTE_COLOR_MAX_GAIN`` and
+    bilinearly upsampled, multiplies the frame. Only the lowest frequencies change: a drift of the
+    model's colour, not the face's own motion.
+    """
+
+    def __init__(self, ring: torch.Tensor):
+        rh, rw = ring.shape
+        short = min(rh, rw)
+        self.grid = (max(1, round(config.PASTE_COLOR_GRID * rh / short)),
+                     max(1, round(config.PASTE_COLOR_GRID * rw / short)))
+        self.size = (rh, rw)
+        self.ring = ring.to(torch.float32)  # [rh, rw]
+        den = torch.nn.functional.adaptive_avg_pool2d(self.ring[None, None], self.grid)  # [1, 1, gh, gw]
+        self.total = float(den.sum())
+        self.prior = config.PASTE_COLOR_PRIOR * float(_blur(den, config.PASTE_COLOR_SIGMA).amax())
+        self.active = self.total > 0
+
+    def to(self, device) -> "ColorMatch":
+        out = object.__new__(ColorMatch)
+        out.__dict__.update(self.__dict__, ring=self.ring.to(device))
+        return out
+
+    def _means(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[rh, rw, 3]`` -> local ring sums (blurred, not normalised) ``[1, 3, gh, gw]`` and the whole
+        ring's mean ``[1, 3, 1, 1]``."""
+        pooled = torch.nn.functional.adaptive_avg_pool2d((x * self.ring[:, :, None]).permute(2, 0, 1)[None],
+                                                         self.grid)  # [1, 3, gh, gw]
+        return _blur(pooled, config.PASTE_COLOR_SIGMA), pooled.sum((2, 3), keepdim=True) / self.total
+
+    def __call__(self, part: torch.Tensor, under: torch.Tensor) -> torch.Tensor:
+        """``part`` (the frame's region) ``[rh, rw, 3]`` with its colour matched to ``under`` (the photo's)."""
+        if not self.active:
+            return part
+        (fl, fg), (pl, pg) = self._means(part), self._means(under)
+        eps = 1 / config.U8_MAX / config.U8_MAX  # far below one level: black on black stays a gain of 1
+        gain = (pl + self.prior * pg + eps) / (fl + self.prior * fg + eps)  # [1, 3, gh, gw]
+        gain = gain.clamp(1 - config.PASTE_COLOR_MAX_GAIN, 1 + config.PASTE_COLOR_MAX_GAIN)
+        gain = torch.nn.functional.interpolate(gain - 1, size=self.size, mode="bilinear", align_corners=False)
+        return (part + part * gain[0].permute(1, 2, 0)).clamp_(0, 1)  # gain - 1 [rh, rw, 3]: 0 leaves part exact
+
+
+def base_frames(photo: torch.Tensor) -> torch.Tensor:
+    """The photo input of a paste: one image (``[H, W, C]`` / ``[1, H, W, C]``) -> ``[1, H, W, 3]``, or
+    a batch of base frames ``[N, H, W, C]`` -> ``[N, H, W, 3]`` float32 (views of the input where it is
+    float32 already: no copy of a long batch). Checked as ``to_rgb`` checks one image."""
+    if photo.ndim != 4 or photo.shape[0] <= 1:
+        return to_rgb(photo)[None]  # [1, H, W, 3]
+    n = photo.shape[0]
+    to_rgb(photo[0])  # channels, size
+    what = f"the batch of {n} base frames"
+    if photo.is_floating_point() and photo.dtype != torch.bool:
+        peak = 0.0
+        for k in range(n):  # frame by frame: no batch-sized temporary
+            if not bool(torch.isfinite(photo[k]).all()):
+                raise ValueError(f"base frame {k} of {what} has NaN or infinite pixels: check the node that "
+                                 "produced it")
+            peak = max(peak, float(photo[k].amax()))
+        if peak > U8_RANGE_PEAK:
+            photo = unit_range(photo, what)
+    else:
+        photo = unit_range(photo, what)
+    c = photo.shape[-1]
+    if c == 4:
+        photo = photo[..., :3]  # [N, H, W, 3] alpha dropped
+    elif c == 1:
+        photo = photo.expand(-1, -1, -1, 3)  # [N, H, W, 3] grey repeated
+    return photo.to(torch.float32)
 
 
 class PasteBack:
     """Blends generated crop frames into the photo the crop was taken from, frame by frame.
 
-    ``photo``: the IMAGE given to Face Mask Detect (first of a batch; RGBA/gray become RGB).
-    ``box``: its face box with ``crop_xyxy``. ``feather``: the soft edge as a fraction of the
-    blended region's shorter side. ``region``: ``"crop"`` (the whole crop rectangle) or ``"face"``
-    (the face box scaled by ``PASTE_FACE_SCALE``, within the crop). Outside the region every pixel
-    is the photo's own; sides on the photo's border are not feathered. Built once per clip; calling
-    it on ``[n, h, w, C]`` frames (any size of the crop's aspect) returns ``[n, H, W, 3]`` on the
-    frames' device.
+    ``photo``: the IMAGE given to Face Mask Detect (RGBA/gray become RGB), or a batch of base frames
+    of that size, one per generated frame (frame k is pasted into base k: a previous paste's output,
+    so faces chain). ``box``: its face box with ``crop_xyxy``; the head region of every face in
+    ``box.others`` is left out of the blend, with a soft edge (``keep_out``), so no paste covers
+    another face. ``feather``: the soft edge as a fraction of the blended region's shorter side.
+    ``region``: ``"crop"`` (the whole crop rectangle) or ``"face"`` (the face box scaled by
+    ``PASTE_FACE_SCALE``, within the crop). ``color_match``: each frame's low-frequency colour pulled
+    to the photo's, measured in the blend band (``ColorMatch``). Outside the region every pixel is
+    the photo's own; sides on the photo's border are not feathered. Built once per clip; calling it on
+    ``[n, h, w, C]`` frames (any size of the crop's aspect) returns ``[n, H, W, 3]`` on their device.
     """
 
     def __init__(self, photo: torch.Tensor, box, feather: float = config.PASTE_FEATHER,
-                 region: str = config.PASTE_REGION):
+                 region: str = config.PASTE_REGION, color_match: bool = config.PASTE_COLOR_MATCH):
         if region not in config.PASTE_REGIONS:
             raise ValueError(f"paste-back region {region!r} is not one of {config.PASTE_REGIONS}")
         if not (isinstance(feather, (int, float)) and 0 <= feather <= config.PASTE_FEATHER_MAX):
@@ -290,7 +431,8 @@ class PasteBack:
         if box.crop_xyxy is None:
             raise ValueError("the face box has no crop (crop off, or no face found with on_no_face "
                              "whole_image): there is nothing to paste back")
-        self.photo = to_rgb(photo)  # [H, W, 3] float32
+        self.bases = base_frames(photo)  # [N, H, W, 3] float32
+        self.photo = self.bases[0]  # [H, W, 3]
         h, w = self.photo.shape[:2]
         if box.source_size is not None and tuple(box.source_size) != (w, h):
             sw, sh = box.source_size
@@ -312,13 +454,37 @@ class PasteBack:
         else:
             rx1, ry1, rx2, ry2 = x1, y1, x2, y2
         self.region = (rx1, ry1, rx2, ry2)
-        band = feather * min(rx2 - rx1, ry2 - ry1)  # px
-        wy = _ramp(ry2 - ry1, band, ry1 > 0, ry2 < h)  # [rh]
-        wx = _ramp(rx2 - rx1, band, rx1 > 0, rx2 < w)  # [rw]
-        self.mask = (wy[:, None] * wx[None, :])[:, :, None]  # [rh, rw, 1]
-        self._on: dict = {}  # device -> (photo, mask) there
-        log.info("paste-back: crop %s of the %dx%d photo, region %s %s, feather %.0f px", self.crop, w, h,
-                 region, self.region, band)
+        short = min(rx2 - rx1, ry2 - ry1)
+        band = feather * short  # px
+        self.others = _other_faces(box)
+        keep = keep_out(self.region, self.others) if self.others else None  # [rh, rw] float64
+        if keep is not None and float(keep[int(box.y) + y1 - ry1:int(box.y + box.h) + y1 - ry1,
+                                            int(box.x) + x1 - rx1:int(box.x + box.w) + x1 - rx1].min()) < 1:
+            log.warning("paste-back: another face's head region reaches this face's box %s: that part of the "
+                        "face is left as the photo's (the faces are very close)", box.xyxy)
+
+        def weights(px: float) -> torch.Tensor:  # [rh, rw] the blend over a band of px, other heads left out
+            wy = _ramp(ry2 - ry1, px, ry1 > 0, ry2 < h)  # [rh]
+            wx = _ramp(rx2 - rx1, px, rx1 > 0, rx2 < w)  # [rw]
+            m = wy[:, None] * wx[None, :]  # [rh, rw]
+            return m if keep is None else (m * keep).to(torch.float32)
+
+        self.mask = weights(band)[:, :, None]  # [rh, rw, 1]
+        self.color = None
+        if color_match:  # measured along the crop's own border (background, also for region face: the head moves)
+            px = config.PASTE_COLOR_BAND * min(x2 - x1, y2 - y1)  # not the feather: a wide one reaches the hair
+            r = _ramp(y2 - y1, px, y1 > 0, y2 < h)[:, None] * _ramp(x2 - x1, px, x1 > 0, x2 < w)[None, :]  # [ch, cw]
+            ring = 4 * r * (1 - r)  # [ch, cw] where a crop-wide blend would be half photo, half frame
+            if self.others:  # not where another face's paste may lie: each face's gain is its single-face one
+                ring = (ring * keep_out(self.crop, self.others, config.PASTE_COLOR_KEEPOUT_SCALE, 0.0)).float()
+            self.color = ColorMatch(ring)
+            if not self.color.active:
+                log.warning("paste-back: the crop %s has no soft side to measure colour in: no colour match",
+                            self.crop)
+        self._on: dict = {}  # device -> (photo, mask, colour match) there
+        log.info("paste-back: crop %s of the %dx%d photo (%d base frame(s)), region %s %s, feather %.0f px, "
+                 "%d other face(s) left out, colour match %s", self.crop, w, h, self.bases.shape[0], region,
+                 self.region, band, len(self.others), "on" if color_match else "off")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -335,11 +501,26 @@ class PasteBack:
                              "the frames generated from that crop (Face Mask Detect with crop on, the same "
                              "face box)")
 
-    def _device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_count(self, frames: int) -> None:
+        """Refuse a batch of base frames whose length is not the number of frames to paste."""
+        n = self.bases.shape[0]
+        if n > 1 and n != frames:
+            raise ValueError(f"the photo input is a batch of {n} base frames but there are {frames} frames to "
+                             "paste: connect one image, or one base frame per frame (the previous Paste Back's "
+                             "output for these same frames)")
+
+    def _device(self, device: torch.device) -> tuple:
         key = str(device)
         if key not in self._on:
-            self._on[key] = (self.photo.to(device), self.mask.to(device))
+            self._on[key] = (self.photo.to(device), self.mask.to(device),
+                             self.color.to(device) if self.color is not None else None)
         return self._on[key]
+
+    def base(self, k: int, device: torch.device) -> torch.Tensor:
+        """Base frame ``k`` ``[H, W, 3]`` on ``device``: the photo, or the k-th of a batch."""
+        if self.bases.shape[0] == 1:
+            return self._device(device)[0]
+        return self.bases[k].to(device, torch.float32)
 
     def resize_to_crop(self, frames: torch.Tensor) -> torch.Tensor:
         """``[n, h, w, C]`` -> ``[n, ch, cw, 3]`` float32: antialiased bicubic (no-op at the crop's size)."""
@@ -352,26 +533,41 @@ class PasteBack:
                                             antialias=True)  # [n, 3, ch, cw]
         return x.clamp_(0, 1).permute(0, 2, 3, 1)  # [n, ch, cw, 3]; bicubic overshoots at edges
 
-    def __call__(self, frames: torch.Tensor, out: torch.Tensor | None = None, callback=None) -> torch.Tensor:
-        """Frames ``[n, h, w, C]`` -> ``[n, H, W, 3]`` (into ``out`` when given, on any device).
-        ``callback(done, n)`` after every frame."""
+    def __call__(self, frames: torch.Tensor, out: torch.Tensor | None = None, callback=None, start: int = 0,
+                 base: torch.Tensor | None = None) -> torch.Tensor:
+        """Frames ``[n, h, w, C]`` -> ``[n, H, W, 3]`` (into ``out`` when given, on any device; ``out`` may
+        be ``base``). ``start``: the clip index of ``frames[0]`` (which base frame each one goes into);
+        ``base``: ``[n, H, W, 3]`` frames to paste into instead of the photo (an earlier face's result,
+        while streaming). ``callback(done, n)`` after every frame."""
         if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
             raise ValueError(f"paste-back takes frames [N, H, W, 3], got {tuple(frames.shape)}")
         self.check_frames(frames.shape[1], frames.shape[2])
+        n_bases = self.bases.shape[0]
+        if base is None and n_bases > 1 and start + frames.shape[0] > n_bases:
+            raise ValueError(f"frames {start}..{start + frames.shape[0] - 1} to paste, but the photo input has "
+                             f"{n_bases} base frames: connect one base frame per frame")
         frames = unit_range(frames, "the frames to paste back")
-        photo, mask = self._device(frames.device)
+        photo, mask, color = self._device(frames.device)
         w, h = self.size
+        if base is not None and tuple(base.shape) != (frames.shape[0], h, w, 3):
+            raise ValueError(f"base frames {tuple(base.shape)} for {frames.shape[0]} frames on the {w}x{h} photo: "
+                             "every face must come from the same photo")
         if out is None:
             out = torch.empty(frames.shape[0], h, w, 3, dtype=torch.float32, device=frames.device)
-        x1, y1, _, _ = self.crop
+        x1, y1, x2, y2 = self.crop
         rx1, ry1, rx2, ry2 = self.region
-        inside = photo[ry1:ry2, rx1:rx2]  # [rh, rw, 3]
         for k in range(frames.shape[0]):  # one frame at a time: one crop-sized copy alive
+            under = base[k].to(frames.device) if base is not None else self.base(start + k, frames.device)
             crop = self.resize_to_crop(frames[k:k + 1])[0]  # [ch, cw, 3]
+            if color is not None:
+                crop = color(crop, under[y1:y2, x1:x2])
             part = crop[ry1 - y1:ry2 - y1, rx1 - x1:rx2 - x1]  # [rh, rw, 3]
+            inside = under[ry1:ry2, rx1:rx2]  # [rh, rw, 3]
+            blended = torch.lerp(inside, part, mask)  # weight 0: the photo, 1: the frame, exactly
             frame = out[k] if out.device == frames.device else torch.empty_like(photo)  # [H, W, 3]
-            frame.copy_(photo)
-            frame[ry1:ry2, rx1:rx2] = torch.lerp(inside, part, mask)  # weight 0: the photo, 1: the frame, exactly
+            if frame.data_ptr() != under.data_ptr():
+                frame.copy_(under)
+            frame[ry1:ry2, rx1:rx2] = blended
             if frame.device != out.device:
                 out[k].copy_(frame)
             if callback is not None:
@@ -380,7 +576,7 @@ class PasteBack:
 
 
 def plan_paste(photo: torch.Tensor, box, feather: float = config.PASTE_FEATHER,
-               region: str = config.PASTE_REGION) -> PasteBack | None:
+               region: str = config.PASTE_REGION, color_match: bool = config.PASTE_COLOR_MATCH) -> PasteBack | None:
     """A ``PasteBack`` for ``photo`` and ``box``; None (with a warning: the frames pass through
     unchanged) when the box has no crop, i.e. the frames already show the whole photo."""
     if box is not None and getattr(box, "crop_xyxy", False) is None:
@@ -388,4 +584,4 @@ def plan_paste(photo: torch.Tensor, box, feather: float = config.PASTE_FEATHER,
                     "with on_no_face whole_image), so the frames already show the whole photo: they pass "
                     "through unchanged, at their own size")
         return None
-    return PasteBack(photo, box, feather, region)
+    return PasteBack(photo, box, feather, region, color_match)

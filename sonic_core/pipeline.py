@@ -41,6 +41,7 @@ from .config import (
     VAE_SCALE,
     VIDEO_CRF,
 )
+from . import conversation
 from .resume import ResumeStore
 
 log = logging.getLogger(__name__)
@@ -543,8 +544,9 @@ def _span(key: str, default: float | None = None) -> str:
 
 def configure_cli(p) -> None:
     p.add_argument("image", help="portrait image (png/jpg/webp; transparent pixels mark the face if any)")
-    p.add_argument("audio", help="speech or singing (wav/mp3/flac/m4a/... or a video with sound)")
-    p.add_argument("-o", "--output", required=True, help="video to write (.mp4, .webm or .gif); never overwritten")
+    p.add_argument("audio", nargs="?", default=None,
+                   help="speech or singing (wav/mp3/flac/m4a/... or a video with sound); with --voice, leave it out")
+    p.add_argument("-o", "--output", default=None, help="video to write (.mp4, .webm or .gif); never overwritten")
     p.add_argument("--models", default=os.environ.get(MODELS_ENV, DEFAULT_MODELS_DIR),
                    help=f"models folder (default ${MODELS_ENV} or {DEFAULT_MODELS_DIR}); see README 'Weights'")
     p.add_argument("--svd", default=None, help=f"diffusers SVD-xt folder (default MODELS/{SVD_FOLDER})")
@@ -595,6 +597,7 @@ def configure_cli(p) -> None:
     p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
                    help=f"under torchrun: seconds a rank waits for the others at an exchange before it fails "
                         f"({DIST_TIMEOUT_S:g}; covers model loading and audio encoding before the first one)")
+    conversation.configure_cli(p)  # --voice, --timeline, --speaker, --preview-faces (several faces)
 
 
 def run_cli(args) -> int:
@@ -609,6 +612,11 @@ def run_cli(args) -> int:
                                weight_dtype=args.weight_dtype, paste_back=args.paste_back,
                                paste_feather=args.paste_feather, paste_region=args.paste_region)
     check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)  # before any download
+    if conversation.wanted(args):  # several faces, or the numbered face preview
+        return conversation.run_cli(args, settings)
+    if args.audio is None or args.output is None:
+        raise ValueError(f"{'AUDIO' if args.audio is None else '-o/--output'} is missing: animate PHOTO AUDIO -o "
+                         "VIDEO (several faces: --voice N=AUDIO, README 'Conversations')")
     limit = LIMITS["dist_timeout"]
     args.dist_timeout = limit.check(args.dist_timeout, limit.flag)
     output = check_output(args.output)

@@ -12,6 +12,9 @@ The result equals the all-at-once path (``vae.decode`` of every latent, then
 * RIFE keeps the last frame of the previous chunk, so the pair that straddles a chunk border is
   interpolated from the same two frames as in one pass, and each original frame is emitted once.
 
+Several faces of one photo (``video_frames_faces``) stream in lockstep: every face's chunks are
+decoded side by side and each frame is pasted face after face, so one more face costs one chunk.
+
 Segments (``plan_segments`` / ``decode_segment``) are the same idea across separate runs, for a
 chain of other nodes that each need a whole IMAGE batch: a segment is a run of whole decoder
 chunks, and every segment after the first starts with one *leading* frame, the last decoded frame
@@ -112,17 +115,17 @@ def paste_chunks(paste, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor
     """Each frame of a stream of crop chunks ``[n, h, w, 3]`` pasted into the photo by ``paste``
     (a ``sonic_core.image.PasteBack``), one ``[1, H, W, 3]`` at a time on the chunk's device, so
     one photo-sized frame is alive however large the chunks are."""
+    done = 0
     for chunk in chunks:
         for k in range(chunk.shape[0]):
-            yield paste(chunk[k:k + 1])  # [1, H, W, 3]
+            yield paste(chunk[k:k + 1], start=done)  # [1, H, W, 3]; frame done into base frame done
+            done += 1
 
 
-def video_frames(vae, latents: torch.Tensor, chunk_size: int, rife: nn.Module | None = None,
-                 multiplier: int = 2, batch_size: int = 4, callback: Callback = None,
-                 paste=None) -> FrameStream:
-    """Latents ``[F, 4, h, w]`` -> a FrameStream of the output video's frames (decoded, then
-    RIFE-interpolated when ``rife`` is given, then pasted into the whole photo when ``paste``, a
-    ``sonic_core.image.PasteBack``, is given). Nothing runs until the stream is iterated."""
+def _crop_chunks(vae, latents: torch.Tensor, chunk_size: int, rife: nn.Module | None, multiplier: int,
+                 batch_size: int, callback: Callback) -> tuple[Iterable[torch.Tensor], int]:
+    """Decoded (and RIFE-interpolated when ``rife`` is given) chunks ``[c, h, w, 3]`` of one clip, and
+    how many frames they hold in all. Lazy: nothing runs until iterated."""
     num = latents.shape[0]
     chunks: Iterable[torch.Tensor] = decode_chunks(vae, latents, chunk_size)
     length = num
@@ -133,11 +136,93 @@ def video_frames(vae, latents: torch.Tensor, chunk_size: int, rife: nn.Module | 
         for _ in range(multiplier.bit_length() - 1):  # each 2x pass interpolates n - 1 pairs
             pairs, n = pairs + n - 1, 2 * n - 1
         chunks = interpolate_chunks(rife, chunks, multiplier, batch_size, callback, pairs)
+    return chunks, length
+
+
+def video_frames(vae, latents: torch.Tensor, chunk_size: int, rife: nn.Module | None = None,
+                 multiplier: int = 2, batch_size: int = 4, callback: Callback = None,
+                 paste=None) -> FrameStream:
+    """Latents ``[F, 4, h, w]`` -> a FrameStream of the output video's frames (decoded, then
+    RIFE-interpolated when ``rife`` is given, then pasted into the whole photo when ``paste``, a
+    ``sonic_core.image.PasteBack``, is given). Nothing runs until the stream is iterated."""
+    num = latents.shape[0]
+    chunks, length = _crop_chunks(vae, latents, chunk_size, rife, multiplier, batch_size, callback)
     if paste is not None:
+        paste.check_count(length)
         chunks = paste_chunks(paste, chunks)
     log.info("streaming %d latents -> %d frames in chunks of %d%s", num, length, chunk_size,
              ", pasted into the %dx%d photo" % paste.size if paste is not None else "")
     return FrameStream(chunks, length)
+
+
+def check_faces(faces) -> int:
+    """Several faces of one photo, ``[(latents [F, 4, h, w], paste), ...]``: refused (naming the face
+    and the counts) unless every face has a PasteBack onto a photo of one size and the same latent
+    frame count. Returns that count."""
+    if not faces:
+        raise ValueError("no face to paste: give at least one (latents, paste-back) pair")
+    counts = []
+    for i, (latents, paste) in enumerate(faces, 1):
+        if paste is None:
+            raise ValueError(f"face {i} has no paste-back (its face box has no crop): with several faces every "
+                             "face must be cropped (Face Mask Detect crop on, --crop)")
+        if latents.ndim != 4:
+            raise ValueError(f"face {i}: latents must be [frames, 4, h, w], got {tuple(latents.shape)}")
+        counts.append(latents.shape[0])
+        if paste.size != faces[0][1].size:
+            raise ValueError(f"face {i} is pasted into a {paste.size[0]}x{paste.size[1]} photo but face 1 into "
+                             f"a {faces[0][1].size[0]}x{faces[0][1].size[1]} one: every face must come from the "
+                             "same photo")
+    for i, c in enumerate(counts[1:], 2):
+        if c != counts[0]:
+            raise ValueError(f"face {i} has {c} latent frames but face 1 has {counts[0]}: every face must have "
+                             "the same frame count (pad every voice to the longest, the same max seconds and "
+                             "fps for every face)")
+    return counts[0]
+
+
+def paste_faces(faces: list, streams: list[Iterable[torch.Tensor]]) -> Iterator[torch.Tensor]:
+    """Lockstep over one frame stream per face (``[H, W, 3]`` crop frames): frame k of every face
+    pasted in turn, face 1 into its photo (or base frame k), each later face onto the result, so
+    one photo-sized frame ``[1, H, W, 3]`` is alive at a time."""
+    iters = [iter(s) for s in streams]
+    pastes = [paste for _, paste in faces]
+    k = 0
+    while True:
+        crops = [next(it, None) for it in iters]
+        if all(c is None for c in crops):
+            return
+        if any(c is None for c in crops):
+            short = [i for i, c in enumerate(crops, 1) if c is None]
+            raise ValueError(f"face(s) {short} ran out of frames at frame {k}: every face needs the same count")
+        frame = pastes[0](crops[0][None], start=k)  # [1, H, W, 3]
+        for paste, crop in zip(pastes[1:], crops[1:]):
+            paste(crop[None], out=frame, start=k, base=frame)  # in place: face after face
+        yield frame
+        k += 1
+
+
+def video_frames_faces(vae, faces: list, chunk_size: int, rife: nn.Module | None = None,
+                       multiplier: int = 2, batch_size: int = 4, callback: Callback = None) -> FrameStream:
+    """Several faces of one photo -> a FrameStream of the video's photo-sized frames ``[H, W, 3]``.
+
+    ``faces``: ``[(latents [F, 4, h, w], paste), ...]``, one per face, ``paste`` a
+    ``sonic_core.image.PasteBack`` built on the same photo (its face box's ``others`` keep every other
+    face out of its blend). Every face's latents are decoded (and RIFE-interpolated) chunk by chunk in
+    lockstep, so one more face holds one more decode chunk and RIFE batch, never a clip. Frame k is
+    face 1's frame k pasted into the photo, then face 2's onto that, and so on: the frames of chained
+    Sonic Paste Back nodes. ``callback(done, total)`` counts face 1's RIFE pairs. Refused before any
+    decode when the faces' frame counts or photo sizes differ (``check_faces``)."""
+    num = check_faces(faces)
+    streams, length = [], num
+    for i, (latents, paste) in enumerate(faces):
+        chunks, length = _crop_chunks(vae, latents, chunk_size, rife, multiplier, batch_size,
+                                      callback if i == 0 else None)
+        paste.check_count(length)
+        streams.append(FrameStream(chunks, length))
+    log.info("streaming %d faces of %d latents -> %d frames in chunks of %d, pasted into the %dx%d photo",
+             len(faces), num, length, chunk_size, *faces[0][1].size)
+    return FrameStream(paste_faces(faces, streams), length)
 
 
 @dataclass(frozen=True)

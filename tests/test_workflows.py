@@ -13,7 +13,7 @@ from tests._workflows import check_api, check_ui, spec_of_class, ui_to_api
 WORKFLOWS = REPO / "workflows"
 # Data the validator reads sits in a subfolder: ComfyUI lists every workflows/*.json as a template.
 THIRD_PARTY_SPECS = WORKFLOWS / "specs" / "third_party_nodes.json"
-EXPECTED = ("sonic_basic", "sonic_paste_back", "sonic_upscale_facerestore")
+EXPECTED = ("sonic_basic", "sonic_conversation", "sonic_paste_back", "sonic_upscale_facerestore")
 
 
 # The model folder layout README.md documents: the file pickers of our nodes list these names.
