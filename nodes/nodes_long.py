@@ -209,6 +209,8 @@ class SonicAddFace:
                    "and its own Sonic Sampler run with the same frame count; Latent To Video decodes them all in "
                    "step and pastes each into the same frames.")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("add face", "multiple faces", "several faces", "conversation", "多人")
+    ADVANCED_INPUTS = ()
     FUNCTION = "add"
     RETURN_TYPES = ("SONIC_FACES",)
     RETURN_NAMES = ("faces",)
@@ -217,7 +219,7 @@ class SonicAddFace:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        return runtime.advanced({
             "required": {
                 "latent": ("LATENT", {"tooltip": "This face's Sonic Sampler latent (same frame count as the "
                                                  "other faces)."}),
@@ -228,7 +230,7 @@ class SonicAddFace:
                 "faces": ("SONIC_FACES", {"tooltip": "Faces added before (an earlier Add Face), to chain three or "
                                                      "more faces."}),
             },
-        }
+        }, cls.ADVANCED_INPUTS)
 
     def add(self, latent, face_box, faces=None):
         new = _check_faces([{"latent": latent, "face_box": face_box}], "Add Face")

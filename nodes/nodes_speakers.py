@@ -4,6 +4,7 @@ SonicSpeakerVoice (a mixed recording + an RTTM speaker timeline -> one speaker's
 from __future__ import annotations
 
 from .nodes_audio import _check_audio
+from . import runtime
 from .runtime import core
 
 VOICES = 4  # voice inputs of Mix Voices (two required, two optional)
@@ -20,6 +21,8 @@ class SonicMixVoices:
                    "and length (padded with silence to the longest), so all faces share the frame count. "
                    "A face whose voice is silent listens.")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("mix voices", "mix audio", "duet", "conversation", "混音")
+    ADVANCED_INPUTS = ()
     FUNCTION = "mix"
     RETURN_TYPES = ("AUDIO",) * (1 + VOICES)
     RETURN_NAMES = ("mix",) + tuple(f"voice_{k}" for k in range(1, VOICES + 1))
@@ -35,8 +38,9 @@ class SonicMixVoices:
             return ("AUDIO", {"tooltip": f"The voice of face {k} (any sample rate, mono or stereo; silence "
                                          "where this face listens)."})
 
-        return {"required": {f"voice_{k}": voice(k) for k in (1, 2)},
-                "optional": {f"voice_{k}": voice(k) for k in range(3, VOICES + 1)}}
+        return runtime.advanced({"required": {f"voice_{k}": voice(k) for k in (1, 2)},
+                                 "optional": {f"voice_{k}": voice(k) for k in range(3, VOICES + 1)}},
+                                cls.ADVANCED_INPUTS)
 
     def mix(self, voice_1, voice_2, voice_3=None, voice_4=None):
         voices = [_check_audio(v) if v is not None else None for v in (voice_1, voice_2, voice_3, voice_4)]
@@ -50,6 +54,8 @@ class SonicSpeakerVoice:
                    "speaker's face talks in its turns and listens otherwise. Use the original recording as "
                    "the video's sound.")
     CATEGORY = "Sonic"
+    SEARCH_ALIASES = runtime.search_aliases("speaker", "diarization", "rttm", "voice split", "说话人")
+    ADVANCED_INPUTS = ()
     FUNCTION = "voice"
     RETURN_TYPES = ("AUDIO",)
     RETURN_NAMES = ("voice",)
@@ -58,14 +64,14 @@ class SonicSpeakerVoice:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
+        return runtime.advanced({"required": {
             "audio": ("AUDIO", {"tooltip": "The mixed recording of the whole conversation."}),
             "timeline": ("STRING", {"multiline": True, "default": "", "tooltip":
                                     "RTTM text, one turn a line: SPEAKER <file> 1 <start s> <duration s> "
                                     "<NA> <NA> <name> <NA> <NA>. Lines starting with # are comments."}),
             "speaker": ("STRING", {"default": "", "tooltip": "The speaker name in the timeline whose face "
                                                              "this voice drives (case-sensitive)."}),
-        }}
+        }}, cls.ADVANCED_INPUTS)
 
     def voice(self, audio, timeline, speaker):
         waveform, rate = _check_audio(audio)
