@@ -86,7 +86,7 @@ def _nearest_folder(path: Path) -> Path:
 def check_output(output: str | os.PathLike) -> Path:
     """The output path, refused if it exists (or is a dangling symlink), has a wrong suffix, or its
     folder cannot be written (tried with a probe file, removed at once; nothing is created)."""
-    from .video import _temp_overhead, check_name_length
+    from .video import _temp_overhead, check_name_length, check_no_other_writer
 
     output = Path(output)
     if os.path.lexists(output):
@@ -95,6 +95,7 @@ def check_output(output: str | os.PathLike) -> Path:
                                   "exist; remove the link or choose another output name (nothing is "
                                   "overwritten)")
         raise FileExistsError(f"{output} exists; choose another output name (nothing is overwritten)")
+    check_no_other_writer(output)
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"output {output} must end in {', '.join(OUTPUT_SUFFIXES)}")
     folder = _nearest_folder(output)
