@@ -71,25 +71,13 @@ def fingerprint(tensors: dict[str, torch.Tensor | None], settings: dict) -> str:
     return h.hexdigest()
 
 
-WEIGHT_SAMPLES = 16  # values read from each weight tensor for the model's digest
-
-
 def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's weights as stored: every parameter's and buffer's name, dtype and shape,
-    and ``WEIGHT_SAMPLES`` evenly strided values of each (one transfer from the device). Another
-    checkpoint, another storage (fp8) or another dtype gives another digest; hashing all 3 GB of
-    a UNet on every run would cost seconds, a sample costs milliseconds."""
-    h = hashlib.sha256()
-    picks = []
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
-        flat = t.detach().reshape(-1)
-        if flat.numel():
-            step = max(1, flat.numel() // WEIGHT_SAMPLES)
-            picks.append(flat[::step][:WEIGHT_SAMPLES].to(torch.float64))
-    if picks:
-        h.update(torch.cat(picks).cpu().numpy().tobytes())
-    return h.hexdigest()
+    """The key of a model's whole content (digest.model_digest): the digest of the whole checkpoint
+    file recorded at load, or for a module not loaded from a file every byte of its tensors; with
+    every tensor's name, dtype and shape. Two models that differ anywhere get different keys."""
+    from .digest import model_digest
+
+    return model_digest(model)
 
 
 def keep_limit_bytes() -> int:
