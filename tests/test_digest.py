@@ -119,7 +119,7 @@ def test_file_digest_is_paid_once_per_file(tmp_path, monkeypatch):
     path = tmp_path / "w.bin"
     path.write_bytes(os.urandom(3 * digest.DIGEST_CHUNK_BYTES // 2))
     first = digest.file_digest(path, cache)
-    assert first == hashlib.blake2b(path.read_bytes()).hexdigest()
+    assert first == hashlib.sha256(path.read_bytes()).hexdigest()
     hashed = []
     real = digest.hash_file
     monkeypatch.setattr(digest, "hash_file", lambda p: hashed.append(p) or real(p))
@@ -149,7 +149,7 @@ def test_damaged_or_foreign_cache_costs_only_a_rehash(tmp_path, content):
     path.write_bytes(b"weights")
     cache = tmp_path / "digests.json"
     cache.write_text(content.replace("%s", str(path)) if "%s" in content else content)
-    assert digest.file_digest(path, cache) == hashlib.blake2b(b"weights").hexdigest()
+    assert digest.file_digest(path, cache) == hashlib.sha256(b"weights").hexdigest()
     assert json.loads(cache.read_text())["files"][os.path.realpath(path)]["size"] == len(b"weights")
 
 
@@ -158,4 +158,4 @@ def test_unwritable_cache_never_ends_a_load(tmp_path):
     path.write_bytes(b"weights")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert digest.file_digest(path, blocker / "digests.json") == hashlib.blake2b(b"weights").hexdigest()
+    assert digest.file_digest(path, blocker / "digests.json") == hashlib.sha256(b"weights").hexdigest()
