@@ -624,7 +624,8 @@ def configure_cli(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="UNet/VAE/CLIP dtype (auto: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run with the same inputs from its last finished step")
+                   help="continue an interrupted run with the same inputs from its last finished step (straight "
+                        "from decoding when its sampling had finished)")
     p.add_argument("--state-dir", default=None,
                    help="where the sampler saves its state after every step (default: .OUTPUT.resume beside "
                         "-o); a given folder also keeps finished samplings (see --no-keep-result)")
