@@ -390,7 +390,9 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
 
     The sampler's state is saved after every denoising step in ``state_dir`` (default: a hidden
     ``.<output name>.resume`` folder beside the output); with ``resume`` a run with the same inputs
-    continues from the last saved step (sonic_core/resume.py). The state goes once sampling ends.
+    continues from the last saved step (sonic_core/resume.py). The final latents stay as a state until
+    the video is written (a crash while decoding or encoding loses no sampling: ``resume`` then goes
+    straight to decoding); then the state goes.
     With an explicit ``state_dir`` (and ``keep_result``) the final latents stay there too, up to
     RESULT_KEEP_MB / $SONIC_KEEP_MB in all: a later run with equal inputs (another -o, crf, RIFE
     choice) skips the sampler. A ``state_dir`` that cannot hold states is refused up front

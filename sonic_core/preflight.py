@@ -86,7 +86,7 @@ def _nearest_folder(path: Path) -> Path:
 def check_output(output: str | os.PathLike) -> Path:
     """The output path, refused if it exists (or is a dangling symlink), has a wrong suffix, or its
     folder cannot be written (tried with a probe file, removed at once; nothing is created)."""
-    from .video import _temp_overhead, check_name_length, check_no_other_writer
+    from .video import _temp_overhead, check_name_length
 
     output = Path(output)
     if os.path.lexists(output):
@@ -110,6 +110,29 @@ def check_output(output: str | os.PathLike) -> Path:
     os.close(fd)
     os.unlink(probe)
     return output
+
+
+def check_no_other_writer(path: str | os.PathLike) -> None:
+    """FileExistsError when a live encode (of another run) holds a temp video of ``path`` locked
+    (sonic_core/video.py's temp names): it would publish first, and this run's video be discarded."""
+    from .video import _PARTIAL_NAME, _try_lock
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        mine = [e.path for e in os.scandir(folder) if _PARTIAL_NAME.match(e.name) and e.name.startswith(f".{name}.")]
+    except OSError:
+        return
+    for tmp in mine:
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd):
+                raise FileExistsError(f"another run is writing {path} now (its temporary file "
+                                      f"{os.path.basename(tmp)}); wait for it to finish, or choose another name")
+        finally:
+            os.close(fd)
 
 
 def check_device(name: str) -> torch.device:

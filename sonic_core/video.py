@@ -438,6 +438,14 @@ class _Encoder:
         self.stream = self.track = self.size = None
         self.count = 0  # frames encoded so far
 
+    def _pad_even(self, arr: np.ndarray) -> np.ndarray:
+        padded = _pad_even(arr)
+        if self.stream is None and padded.shape != arr.shape:  # said once, at the first frame
+            odd = " and ".join(n for n, k in (("column", 1), ("row", 0)) if arr.shape[k] % 2)
+            log.info("the frames are %dx%d px; %s needs even sides, so the video is %dx%d px (the last %s "
+                     "repeated once)", arr.shape[1], arr.shape[0], self.pix_fmt, *padded.shape[1::-1], odd)
+        return padded
+
     def add(self, frames, callback: Callback = None, total: int = 0) -> int:
         """Encode ``frames`` after those already added; ``callback(done, total)`` counts this call's
         frames. Returns how many were added."""
@@ -448,13 +456,7 @@ class _Encoder:
         added = 0
         for arr in _frames(frames, self.deep):
             if self.pad:
-                padded = _pad_even(arr)
-                if self.stream is None and padded.shape != arr.shape:  # said once, at the first frame
-                    log.info("the frames are %dx%d px; %s needs even sides, so the video is %dx%d px (the "
-                             "last %s repeated once)", arr.shape[1], arr.shape[0], self.pix_fmt, padded.shape[1],
-                             padded.shape[0], " and ".join(n for n, odd in (("column", arr.shape[1] % 2),
-                                                                              ("row", arr.shape[0] % 2)) if odd))
-                arr = padded
+                arr = self._pad_even(arr)
             if self.stream is None:  # the first frame fixes the size; streams exist before the first mux
                 self.size = arr.shape[:2]
                 if max(self.size) > spec.max_side:
@@ -668,47 +670,15 @@ def write_video(frames: torch.Tensor | Iterable, path: str, fps: float, audio: A
     stem = os.path.basename(path)
     check_name_length(folder, stem, _temp_overhead(spec.ext), "output file name")
     total = len(frames) if hasattr(frames, "__len__") else 0
-    check_no_other_writer(path)
     with _partial_file(folder, stem, spec.ext) as tmp:
         count = _encode(frames, tmp, spec, fps, audio, crf, pix_fmt, metadata, callback, total, path)
         try:
             _publish(tmp, path)
-        except FileExistsError:
+        except FileExistsError:  # nothing is overwritten
             raise FileExistsError(f"{path} was written by another run (or program) while this one was encoding "
-                                  "it; nothing is overwritten, so this run's video is discarded: choose "
-                                  "another output name") from None
+                                  "it; this video is discarded: choose another output name") from None
     log.info("video: %d frames at %g fps -> %s", count, fps, path)
     return path
-
-
-def other_writers(path: str | os.PathLike) -> list[str]:
-    """Temp videos (``.<name>.<hex>.partial.<ext>``) of ``path`` that a live encode holds locked:
-    another run writing the same file now."""
-    folder, name = os.path.split(os.path.abspath(path))
-    busy = []
-    try:
-        entries = [e for e in os.scandir(folder) if _PARTIAL_NAME.match(e.name) and e.name.startswith(f".{name}.")]
-    except OSError:
-        return busy
-    for entry in entries:
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            if not _try_lock(fd):
-                busy.append(entry.path)
-        finally:
-            os.close(fd)
-    return busy
-
-
-def check_no_other_writer(path: str | os.PathLike) -> None:
-    """FileExistsError when another run is writing ``path`` now (it would publish first)."""
-    busy = other_writers(path)
-    if busy:
-        raise FileExistsError(f"another run is writing {path} now (its temporary file {os.path.basename(busy[0])}"
-                              "); wait for it to finish, or choose another output name")
 
 
 def save_video(frames: torch.Tensor | Iterable, output_dir: str, filename_prefix: str, fps: float,

@@ -15,7 +15,7 @@ import av
 import pytest
 import torch
 
-from sonic_core import cli, pipeline, selftest, video
+from sonic_core import cli, pipeline, preflight, selftest, video
 from tests._golden import REPO
 
 
@@ -87,7 +87,7 @@ def test_another_run_writing_the_same_output_is_named(inputs, tmp_path, capsys):
     fd = _held_partial(out)
     try:
         with pytest.raises(FileExistsError, match=r"another run is writing .*o\.mp4 now .*wait for it"):
-            video.write_video(torch.rand(2, 64, 64, 3), str(out), 12.5)
+            preflight.check_output(out)
         code, err = _main(capsys, "animate", str(inputs[0]), str(inputs[1]), "-o", str(out), "--models",
                           str(tmp_path / "empty"))
         assert code == 2 and "another run is writing" in err and "missing" not in err, err
