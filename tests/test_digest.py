@@ -56,7 +56,7 @@ def _write_unet(model: torch.nn.Module, path) -> None:
     path.with_suffix(".json").write_text(json.dumps(TINY))
 
 
-def test_unets_equal_only_at_the_sampled_positions_get_different_keys(tmp_path):
+def test_unets_equal_only_at_the_sampled_positions_get_different_keys(tmp_path, monkeypatch):
     a = _tiny_unet(5)
     b = _equal_only_where_sampled(a)
     assert _old_sampled_key(a) == _old_sampled_key(b), "the planted pair is the one the old key confused"
@@ -68,8 +68,9 @@ def test_unets_equal_only_at_the_sampled_positions_get_different_keys(tmp_path):
     la, lb = load_unet(tmp_path / "a.pth", torch.float32, "cpu"), load_unet(tmp_path / "b.pth", torch.float32, "cpu")
     assert getattr(la, digest.DIGEST_ATTR) != getattr(lb, digest.DIGEST_ATTR), "the files' digests"
     assert weights_digest(la) != weights_digest(lb)
+    monkeypatch.setattr(digest, "hash_file", lambda p: pytest.fail(f"{p} hashed again: the cache missed"))
     again = load_unet(tmp_path / "a.pth", torch.float32, "cpu")
-    assert weights_digest(again) == weights_digest(la), "the same file, the same key"
+    assert weights_digest(again) == weights_digest(la), "the same file, the same key, from the cache"
     bf16 = load_unet(tmp_path / "a.pth", torch.bfloat16, "cpu")
     assert weights_digest(bf16) != weights_digest(la), "another storage dtype computes otherwise"
 
