@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(args._interrupted, file=sys.stderr)
         return INTERRUPT_EXIT
     finally:
-        _flush_stdout()  # a caller from Python (tests, scripts) keeps no handler on a stream it may close
+        _flush_stdout()  # a full or closed stdout after the work is done does not change the status
+        # a caller from Python (tests, scripts) keeps no handler on a stream it may close
         logging.getLogger(__package__).removeHandler(handler)
         logging.getLogger(__package__).setLevel(level_before)
