@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class Command:
     help: str
     configure: Hook  # (argparse.ArgumentParser) -> None
     run: Hook  # (argparse.Namespace) -> int
+    interrupted: str = "interrupted"  # the one line a Ctrl+C prints
 
 
 def _resolve(hook: Hook) -> Callable:
@@ -54,13 +56,15 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     info = convert_weights(args.input, args.output, fp16=args.fp16, overwrite=args.overwrite)
     arch = f", architecture -> {info['architecture']}" if info["architecture"] else ""
-    print(f"wrote {args.output}: {info['keys']} tensors, {info['bytes'] / 2**20:.1f} MiB{arch}")
+    say(f"wrote {args.output}: {info['keys']} tensors, {info['bytes'] / 2**20:.1f} MiB{arch}")
     return 0
 
 
 COMMANDS: list[Command] = [
     Command("animate", "portrait image + speech/singing audio -> talking-head video",
-            "pipeline:configure_cli", "pipeline:run_cli"),
+            "pipeline:configure_cli", "pipeline:run_cli",
+            interrupted="interrupted; run the same command again with --resume to continue from the last saved "
+                        "step"),
     Command("selftest", "tiny random models through the whole chain to a short mp4 (checks an install)",
             "selftest:configure_cli", "selftest:run_cli"),
     Command("convert-weights", "convert a checkpoint to .safetensors (optionally fp16)",
@@ -77,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         _resolve(cmd.configure)(p)
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(_run=cmd.run, _interrupted=cmd.interrupted)
     return parser
 
 
@@ -94,6 +98,40 @@ def _setup_logging(verbose: bool, quiet: bool) -> tuple[logging.Handler, int]:
 
 
 SIGTERM_EXIT = 128 + signal.SIGTERM  # the shell's status for a process ended by SIGTERM (143)
+INTERRUPT_EXIT = 128 + signal.SIGINT  # the shell's status for a process ended by Ctrl+C (130)
+
+
+def say(text: str) -> None:
+    """A command's result line on stdout. A stdout that cannot take it (a closed pipe, /dev/full) does
+    not fail a command whose work is done: warned on stderr, and stdout goes to the null device so
+    that Python's own flush at exit cannot fail either."""
+    try:
+        print(text, flush=True)
+    except OSError as e:  # BrokenPipeError, ENOSPC
+        _drop_stdout(e)
+
+
+def _drop_stdout(e: OSError) -> None:
+    logger.warning("could not write to stdout (%s); the command itself succeeded",
+                   e.strerror or type(e).__name__)
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
+    except (OSError, ValueError, AttributeError):  # no real stdout (a caller's capture): nothing to do
+        pass
+
+
+def _flush_stdout() -> None:
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError as e:
+        _drop_stdout(e)
+    except ValueError:  # closed by the caller
+        pass
 
 
 def _exit_on_sigterm(signum, _frame) -> None:
@@ -114,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:  # a caller from Python (tests, scripts) keeps no handler on a stream it may close
+    except KeyboardInterrupt:  # Ctrl+C: one line, no traceback (use -v for one)
+        if args.verbose:
+            raise
+        print(args._interrupted, file=sys.stderr)
+        return INTERRUPT_EXIT
+    finally:
+        _flush_stdout()  # a full or closed stdout after the work is done does not change the status
+        # a caller from Python (tests, scripts) keeps no handler on a stream it may close
         logging.getLogger(__package__).removeHandler(handler)
         logging.getLogger(__package__).setLevel(level_before)

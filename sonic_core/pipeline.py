@@ -7,6 +7,7 @@ decode -> RIFE 2x -> PyAV encode with the audio. Devices and dtypes are argument
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import logging
@@ -390,7 +391,9 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
 
     The sampler's state is saved after every denoising step in ``state_dir`` (default: a hidden
     ``.<output name>.resume`` folder beside the output); with ``resume`` a run with the same inputs
-    continues from the last saved step (sonic_core/resume.py). The state goes once sampling ends.
+    continues from the last saved step (sonic_core/resume.py). The final latents stay as a state until
+    the video is written (a crash while decoding or encoding loses no sampling: ``resume`` then goes
+    straight to decoding); then the state goes.
     With an explicit ``state_dir`` (and ``keep_result``) the final latents stay there too, up to
     RESULT_KEEP_MB / $SONIC_KEEP_MB in all: a later run with equal inputs (another -o, crf, RIFE
     choice) skips the sampler. A ``state_dir`` that cannot hold states is refused up front
@@ -401,10 +404,9 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     """
     settings = settings or AnimateSettings()
     from . import audio as audio_mod
-    from . import distributed, face, lowvram, motion, sampler, stream, video, weights
+    from . import distributed, face, lowvram, motion, sampler, weights
     from . import image as image_mod
     from .models import svd
-    from .models.rife import load_rife
 
     from . import budget, preflight
 
@@ -474,11 +476,42 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
                                group=group)  # [F,4,h,w] VAE space
     if group is not None and distributed.rank_of(group) != 0:
         return None  # rank 0 decodes and writes the video (the state folder is rank 0's too)
+    with sampling_kept_until_written(store):
+        frames, fps = write_animation(vae, latents, rife_path=models_dir / "RIFE" / "flownet.pkl", paste=paste,
+                        wave=wave, rate=rate, fps=sonic_audio.fps, size=(w_img, h_img), output=output,
+                        settings=settings, device=device, dtype=dtype, callback=stage("encoding"))
+    log.info("%s: %d frames at %g fps in %.1f s", output, frames, fps, time.perf_counter() - t0)
+    return output
+
+
+@contextlib.contextmanager
+def sampling_kept_until_written(store: ResumeStore):
+    """The sampler's final latents (held by ``store``, resume.py hold_final) stay on disk until the
+    block, which writes the video, ends without an error; then they go, with the folder if empty.
+    A failure (full disk, a crash) leaves them, with a line saying that --resume goes on from them."""
+    try:
+        yield
+    except Exception:
+        if store.held is not None:
+            log.warning("the finished sampling is kept in %s: run the same command again with --resume to "
+                        "go straight to decoding", store.held)
+        raise
+    store.release()
     store.remove_folder_if_empty()
-    fps = sonic_audio.fps
+
+
+def write_animation(vae, latents: torch.Tensor, *, rife_path: Path, paste, wave: torch.Tensor, rate: int,
+                    fps: float, size: tuple[int, int], output: Path, settings: AnimateSettings,
+                    device: torch.device, dtype: torch.dtype, callback) -> tuple[int, float]:
+    """Latents [F,4,h,w] -> ``output``: temporal VAE decode -> RIFE (settings.interpolate) -> paste back
+    -> PyAV encode with the audio ``wave`` [1,C,T], streamed in decoder chunks. Returns (frames, fps)."""
+    from . import budget, lowvram, stream, video
+    from .models.rife import load_rife
+
+    w_img, h_img = size
     rife = None
     if settings.interpolate:
-        rife = load_rife(str(models_dir / "RIFE" / "flownet.pkl"), device)
+        rife = load_rife(str(rife_path), device)
         fps = OUTPUT_FPS
     # decode -> RIFE -> encode stream in temporal-decoder chunks: memory does not grow with length
     # (the encoding bar counts output frames, so it covers decode and RIFE too)
@@ -489,9 +522,8 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     fmt = {".mp4": "h264-mp4", ".webm": "vp9-webm", ".gif": "gif"}[output.suffix.lower()]
     output.parent.mkdir(parents=True, exist_ok=True)
     video.write_video(frames, str(output), fps, audio=(wave[0], rate), format=fmt, crf=settings.crf,
-                      callback=stage("encoding"))
-    log.info("%s: %d frames at %g fps in %.1f s", output, len(frames), fps, time.perf_counter() - t0)
-    return output
+                      callback=callback)
+    return len(frames), fps
 
 
 def state_store(output: Path, state_dir: str | os.PathLike | None, resume: bool,
@@ -502,9 +534,10 @@ def state_store(output: Path, state_dir: str | os.PathLike | None, resume: bool,
     from .resume import keep_limit_bytes
 
     if state_dir is None:
-        store = ResumeStore(output.parent / f".{output.name}.resume", resume=resume)
+        store = ResumeStore(output.parent / f".{output.name}.resume", resume=resume, hold_final=True)
     else:
-        store = ResumeStore(state_dir, resume=resume, keep_bytes=keep_limit_bytes() if keep_result else 0)
+        store = ResumeStore(state_dir, resume=resume, keep_bytes=keep_limit_bytes() if keep_result else 0,
+                            hold_final=True)
     problem = store.check()
     if problem and state_dir is not None:
         raise ValueError(f"--state-dir: {problem}: choose a writable folder, or leave --state-dir out "
@@ -542,6 +575,17 @@ def _span(key: str, default: float | None = None) -> str:
     return f"{limit.default if default is None else default:g}; {limit.lo:g}-{limit.hi:g}"
 
 
+class GivenFlag(argparse.Action):
+    """Stores the value like argparse's default action and records the flag as given on the command
+    line (``args.given_flags``: flag -> value), which a default alone cannot tell."""
+
+    RECORD = "given_flags"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, self.RECORD, {**getattr(namespace, self.RECORD, {}), option_string: values})
+
+
 def configure_cli(p) -> None:
     p.add_argument("image", help="portrait image (png/jpg/webp; transparent pixels mark the face if any)")
     p.add_argument("audio", nargs="?", default=None,
@@ -562,9 +606,9 @@ def configure_cli(p) -> None:
     p.add_argument("--paste-back", action="store_true",
                    help="with --crop: paste the animated crop back into the whole photo, so the video has the "
                         "photo's own size (outside the crop it is the photo)")
-    p.add_argument("--paste-feather", type=float, default=PASTE_FEATHER,
+    p.add_argument("--paste-feather", type=float, default=PASTE_FEATHER, action=GivenFlag,
                    help=f"paste-back soft edge, a fraction of the pasted region's shorter side ({PASTE_FEATHER:g})")
-    p.add_argument("--paste-region", default=PASTE_REGION, choices=list(PASTE_REGIONS),
+    p.add_argument("--paste-region", default=PASTE_REGION, choices=list(PASTE_REGIONS), action=GivenFlag,
                    help=f"paste-back area: the whole crop square (default) or the face box scaled by "
                         f"{PASTE_FACE_SCALE:g}")
     p.add_argument("--no-interpolate", action="store_true", help="keep 12.5 fps (skip RIFE 2x)")
@@ -584,7 +628,8 @@ def configure_cli(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="UNet/VAE/CLIP dtype (auto: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run with the same inputs from its last finished step")
+                   help="continue an interrupted run with the same inputs from its last finished step (straight "
+                        "from decoding when its sampling had finished)")
     p.add_argument("--state-dir", default=None,
                    help="where the sampler saves its state after every step (default: .OUTPUT.resume beside "
                         "-o); a given folder also keeps finished samplings (see --no-keep-result)")
@@ -600,10 +645,24 @@ def configure_cli(p) -> None:
     conversation.configure_cli(p)  # --voice, --timeline, --speaker, --preview-faces (several faces)
 
 
+PASTE_ONLY_FLAGS = ("--paste-feather", "--paste-region")  # they shape --paste-back and nothing else
+
+
+def check_paste_flags(args) -> None:
+    """``--paste-feather`` / ``--paste-region`` given without ``--paste-back`` are refused (ValueError
+    naming the flag and its value), not silently ignored."""
+    given = getattr(args, GivenFlag.RECORD, {})
+    for flag in PASTE_ONLY_FLAGS:
+        if flag in given and not args.paste_back:
+            raise ValueError(f"{flag} {given[flag]} only shapes --paste-back, which is off: add --crop "
+                             f"--paste-back to paste the animated crop back into the photo, or leave {flag} out")
+
+
 def run_cli(args) -> int:
     from .preflight import check_output, check_settings
     from .progress import CliProgress
 
+    check_paste_flags(args)  # before any other check, download or weight
     settings = AnimateSettings(steps=args.steps, seed=args.seed, min_resolution=args.min_resolution,
                                dynamic_scale=args.dynamic_scale, crop=args.crop,
                                interpolate=not args.no_interpolate, max_seconds=args.max_seconds,
@@ -653,5 +712,7 @@ def run_cli(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return DIST_ERROR_EXIT
     if out is not None:
-        print(f"wrote {out}")
+        from .cli import say
+
+        say(f"wrote {out}")  # a closed pipe or full device on stdout does not fail the written video
     return 0

@@ -95,6 +95,7 @@ def check_output(output: str | os.PathLike) -> Path:
                                   "exist; remove the link or choose another output name (nothing is "
                                   "overwritten)")
         raise FileExistsError(f"{output} exists; choose another output name (nothing is overwritten)")
+    check_no_other_writer(output)
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"output {output} must end in {', '.join(OUTPUT_SUFFIXES)}")
     folder = _nearest_folder(output)
@@ -109,6 +110,29 @@ def check_output(output: str | os.PathLike) -> Path:
     os.close(fd)
     os.unlink(probe)
     return output
+
+
+def check_no_other_writer(path: str | os.PathLike) -> None:
+    """FileExistsError when a live encode (of another run) holds a temp video of ``path`` locked
+    (sonic_core/video.py's temp names): it would publish first, and this run's video be discarded."""
+    from .video import _PARTIAL_NAME, _try_lock
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        mine = [e.path for e in os.scandir(folder) if _PARTIAL_NAME.match(e.name) and e.name.startswith(f".{name}.")]
+    except OSError:
+        return
+    for tmp in mine:
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd):
+                raise FileExistsError(f"another run is writing {path} now (its temporary file "
+                                      f"{os.path.basename(tmp)}); wait for it to finish, or choose another name")
+        finally:
+            os.close(fd)
 
 
 def check_device(name: str) -> torch.device:

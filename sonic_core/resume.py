@@ -6,7 +6,10 @@ the sampler writes ``(latents, steps done, fingerprint)`` to one safetensors fil
 fingerprint of every input that changes the result; a later run with the same inputs finds it
 and continues at the next step (the loop body depends only on the latents and the step index,
 so the result is the uninterrupted one). A run with other inputs has another fingerprint and
-never reads that state. A finished run deletes its state.
+never reads that state. A finished run deletes its state, unless the store holds final states
+(``hold_final``: the CLI, whose run goes on to decode and encode): then the final latents stay as a
+state of all the steps until ``release`` (the video is written), so a crash, a Ctrl-C or a full disk
+while decoding or encoding loses no sampling, and ``--resume`` goes straight to decoding.
 
 A finished run can also keep its final latents (``keep_bytes`` > 0: the node, and the CLI with
 ``--state-dir``) as ``sonic-result-<fingerprint>.safetensors``: a later run with equal inputs
@@ -68,25 +71,13 @@ def fingerprint(tensors: dict[str, torch.Tensor | None], settings: dict) -> str:
     return h.hexdigest()
 
 
-WEIGHT_SAMPLES = 16  # values read from each weight tensor for the model's digest
-
-
 def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's weights as stored: every parameter's and buffer's name, dtype and shape,
-    and ``WEIGHT_SAMPLES`` evenly strided values of each (one transfer from the device). Another
-    checkpoint, another storage (fp8) or another dtype gives another digest; hashing all 3 GB of
-    a UNet on every run would cost seconds, a sample costs milliseconds."""
-    h = hashlib.sha256()
-    picks = []
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
-        flat = t.detach().reshape(-1)
-        if flat.numel():
-            step = max(1, flat.numel() // WEIGHT_SAMPLES)
-            picks.append(flat[::step][:WEIGHT_SAMPLES].to(torch.float64))
-    if picks:
-        h.update(torch.cat(picks).cpu().numpy().tobytes())
-    return h.hexdigest()
+    """The key of a model's whole content (digest.model_digest): the digest of the whole checkpoint
+    file recorded at load, or for a module not loaded from a file every byte of its tensors; with
+    every tensor's name, dtype and shape. Two models that differ anywhere get different keys."""
+    from .digest import model_digest
+
+    return model_digest(model)
 
 
 def keep_limit_bytes() -> int:
@@ -159,14 +150,19 @@ class ResumeStore:
 
     ``resume``: False saves every step but never continues from a saved state. ``keep_bytes``: the
     cap on kept results (0: none kept, none read; the node passes ``keep_limit_bytes()``).
+    ``hold_final``: a finished sampling leaves its final latents as a state of all its steps (unless
+    kept as a result) until ``release``: the caller's work after sampling can fail without losing it.
     """
 
-    def __init__(self, folder: str | os.PathLike, resume: bool = True, keep_bytes: int = 0):
+    def __init__(self, folder: str | os.PathLike, resume: bool = True, keep_bytes: int = 0,
+                 hold_final: bool = False):
         self.folder = Path(folder)
         self.resume = resume
         self.keep_bytes = max(int(keep_bytes), 0)
+        self.hold_final = hold_final
         self.off: str | None = None  # why states are off for the rest of this run (warned once)
         self.kept: Path | None = None  # the kept result this run returned or wrote
+        self.held: Path | None = None  # the final state this run wrote or resumed from (hold_final)
 
     def path(self, fp: str) -> Path:
         return self.folder / f"{PREFIX}{fp[:32]}{SUFFIX}"
@@ -188,18 +184,25 @@ class ResumeStore:
 
     # ------------------------------------------------------------------------------------------
     def load(self, fp: str, like: torch.Tensor, total_steps: int) -> tuple[int, torch.Tensor] | None:
-        """``(steps done, latents)`` saved for ``fp``, or None. A state that does not fit ``like``
-        (shape, dtype), claims a step outside ``1..total_steps-1``, or holds latents that are not
+        """``(steps done, latents)`` saved for ``fp``, or None. With ``hold_final``, ``total_steps``
+        done is a finished sampling whose caller's work did not end; it is held again (``release``).
+        A state that does not fit ``like`` (shape, dtype), claims a step outside
+        ``1..total_steps-1`` (``1..total_steps`` with ``hold_final``), or holds latents that are not
         finite or beyond RESUME_LATENT_ABS_MAX is discarded (warned, removed)."""
         p = self.path(fp)
         if self.off is not None or not os.path.lexists(p):
             return None
         if not self.resume and p.is_file() and not p.is_symlink():
-            log.warning("%s holds an interrupted run of these inputs; starting over (use --resume to "
-                        "continue it)", p)
+            log.warning("%s holds an interrupted run of these inputs (its last saved step, or its finished "
+                        "sampling if the video was not written); starting over (use --resume to continue it)",
+                        p)
             return None
-        return self._read(p, fp, like, lambda step: 0 < step < total_steps,
-                          f"a step between 1 and {total_steps - 1}", "resume state", "starting from step 1")
+        last = total_steps if self.hold_final else total_steps - 1  # all steps: only a held final state
+        got = self._read(p, fp, like, lambda step: 0 < step <= last, f"a step between 1 and {last}",
+                         "resume state", "starting from step 1")
+        if got is not None and got[0] == total_steps:
+            self.held = p  # removed by release() once the caller's work is done
+        return got
 
     def find_result(self, fp: str, like: torch.Tensor, total_steps: int) -> torch.Tensor | None:
         """The kept final latents of an earlier run with these inputs (validated like a state), or None."""
@@ -282,7 +285,8 @@ class ResumeStore:
         return final
 
     def finish(self, fp: str, latents: torch.Tensor, total_steps: int) -> None:
-        """The run is done: keep its result (when ``keep_bytes`` allows) and remove its state."""
+        """The run is done: keep its result (when ``keep_bytes`` allows) and remove its state; with
+        ``hold_final`` and no kept result, the state becomes the final latents until ``release``."""
         if self.off is None and self.keep_bytes:
             size = latents.numel() * latents.element_size()
             if size > self.keep_bytes:
@@ -294,7 +298,24 @@ class ResumeStore:
                 if self.kept is not None:
                     log.info("kept the sampler's result in %s (%.1f MiB): an identical run returns it "
                              "without sampling", self.kept, size / MIB)
+        if self.hold_final and self.kept is None and self.off is None:
+            self.held = self._write(self.path(fp), fp, total_steps, latents, "sampler's final state")
+            if self.held is not None:
+                log.info("sampling finished; its final latents stay in %s until the video is written", self.held)
+                return
         self.clear(fp)
+
+    def release(self) -> None:
+        """The caller's work after sampling is done (the video is written): remove the final state
+        held since ``finish`` or ``load``."""
+        p, self.held = self.held, None
+        if p is None or not p.is_file() or p.is_symlink():
+            return
+        try:
+            p.unlink()
+            log.info("video written; removed the sampler's final state %s", p)
+        except OSError as e:
+            log.warning("could not remove the sampler's final state %s (%s)", p, _reason(e))
 
     def _write(self, final: Path, fp: str, steps_done: int, latents: torch.Tensor, what: str) -> Path | None:
         from safetensors.torch import save_file

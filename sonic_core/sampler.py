@@ -376,7 +376,11 @@ def sample(
             state = resume.load(fp, latents, n_run)
             if state is not None:
                 start, latents = state
-                log.info("resuming at step %d of %d from %s", start + 1, n_run, resume.path(fp))
+                if start == n_run:  # a held final state (resume.py hold_final): no step left
+                    log.info("sampling had finished (%s holds its final latents): going straight to "
+                             "decoding", resume.path(fp))
+                else:
+                    log.info("resuming at step %d of %d from %s", start + 1, n_run, resume.path(fp))
     del noise  # only the start and the fingerprint need it: 64 KB a frame at 512x512 less while sampling
     if shard.world > 1:
         shard.check_same_run([num_frames, *latents.shape[1:], n_run, n_windows, window_batch,

@@ -168,6 +168,8 @@ def configure_cli(p) -> None:
 def run_cli(args) -> int:
     info = run_selftest(args.output, args.device)
     where = f" -> {info['path']}" if info["path"] else ""
-    print(f"selftest ok: {info['frames']} frames {info['width']}x{info['height']} at {info['fps']:g} fps "
-          f"with {info['audio_seconds']:.2f} s of audio in {info['seconds']:.1f} s{where}")
+    from .cli import say
+
+    say(f"selftest ok: {info['frames']} frames {info['width']}x{info['height']} at {info['fps']:g} fps "
+        f"with {info['audio_seconds']:.2f} s of audio in {info['seconds']:.1f} s{where}")
     return 0

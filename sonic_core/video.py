@@ -438,6 +438,14 @@ class _Encoder:
         self.stream = self.track = self.size = None
         self.count = 0  # frames encoded so far
 
+    def _pad_even(self, arr: np.ndarray) -> np.ndarray:
+        padded = _pad_even(arr)
+        if self.stream is None and padded.shape != arr.shape:  # said once, at the first frame
+            odd = " and ".join(n for n, k in (("column", 1), ("row", 0)) if arr.shape[k] % 2)
+            log.info("the frames are %dx%d px; %s needs even sides, so the video is %dx%d px (the last %s "
+                     "repeated once)", arr.shape[1], arr.shape[0], self.pix_fmt, *padded.shape[1::-1], odd)
+        return padded
+
     def add(self, frames, callback: Callback = None, total: int = 0) -> int:
         """Encode ``frames`` after those already added; ``callback(done, total)`` counts this call's
         frames. Returns how many were added."""
@@ -448,7 +456,7 @@ class _Encoder:
         added = 0
         for arr in _frames(frames, self.deep):
             if self.pad:
-                arr = _pad_even(arr)
+                arr = self._pad_even(arr)
             if self.stream is None:  # the first frame fixes the size; streams exist before the first mux
                 self.size = arr.shape[:2]
                 if max(self.size) > spec.max_side:
@@ -664,7 +672,11 @@ def write_video(frames: torch.Tensor | Iterable, path: str, fps: float, audio: A
     total = len(frames) if hasattr(frames, "__len__") else 0
     with _partial_file(folder, stem, spec.ext) as tmp:
         count = _encode(frames, tmp, spec, fps, audio, crf, pix_fmt, metadata, callback, total, path)
-        _publish(tmp, path)
+        try:
+            _publish(tmp, path)
+        except FileExistsError:  # nothing is overwritten
+            raise FileExistsError(f"{path} was written by another run (or program) while this one was encoding "
+                                  "it; this video is discarded: choose another output name") from None
     log.info("video: %d frames at %g fps -> %s", count, fps, path)
     return path
 

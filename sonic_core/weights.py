@@ -426,6 +426,9 @@ def load_unet(path: str | os.PathLike, dtype: torch.dtype, device: torch.device 
                               "diffusers UNetSpatioTemporalConditionModel config, or remove it") from e
     sd = read_state_dict(path)
     _assign_weights(model, sd, f"UNet checkpoint {path}", dtype, device)
+    from .digest import file_digest, record
+
+    record(model, file_digest(path), config)  # the key of its kept results and resume states (resume.py)
     if weight_dtype is not None:
         from .lowvram import store_weights_fp8
 

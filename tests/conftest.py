@@ -19,6 +19,9 @@ from tests._golden import golden_base, load_golden
 
 # the sampler node keeps resume states (nodes/runtime.resume_dir): one fresh folder per test session
 os.environ.setdefault("SONIC_RESUME_DIR", tempfile.mkdtemp(prefix="sonic-test-resume-"))
+# checkpoint digests (sonic_core/digest.py) are cached in a file of this session, not in ~/.cache
+os.environ.setdefault("SONIC_DIGEST_CACHE", os.path.join(tempfile.mkdtemp(prefix="sonic-test-digests-"),
+                                                         "file-digests.json"))
 THREADS_ENV = "SONIC_TEST_THREADS"
 if os.environ.get(THREADS_ENV):
     torch.set_num_threads(int(os.environ[THREADS_ENV]))

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tracemalloc
+import wave
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -251,8 +252,9 @@ def test_one_frame_with_rife_is_refused_before_loading(inputs, tmp_path, capsys,
 def test_short_audio_file_with_rife_is_refused_before_loading(tmp_path, capsys, inputs, no_loading):
     """The same for a 0.1 s file without --max-seconds: known once the audio is read, before any model."""
     short = tmp_path / "short.wav"
-    subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(short), "synth", "0.1", "sine", "300"],
-                   check=True)
+    with wave.open(str(short), "wb") as w:  # 0.1 s of a 300 Hz sine, 16-bit mono 16 kHz, made here (no sox)
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.sin(2 * np.pi * 300 * np.arange(1600) / 16000) * 8000).astype("<i2").tobytes())
     code, err = _cli(capsys, tmp_path, inputs[0], short)
     assert code == 2 and "gives 1 video frame(s)" in err and "--no-interpolate" in err, err
     assert sorted(os.listdir(tmp_path)) == ["short.wav"]
@@ -438,7 +440,7 @@ LONG_RATE = 48000
 @pytest.fixture(scope="module")
 def long_file(tmp_path_factory):
     if shutil.which("sox") is None:
-        pytest.skip("sox is not installed")
+        pytest.skip("sox is not installed (apt-get install sox): no 10-minute file to cap")
     path = tmp_path_factory.mktemp("long_audio") / "ten_minutes.flac"
     subprocess.run(["sox", "-n", "-r", str(LONG_RATE), "-c", "2", "-b", "16", str(path), "synth", str(LONG_SECONDS),
                     "sine", "220", "sine", "330", "vol", "0.5"], check=True, timeout=300)

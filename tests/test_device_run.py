@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ DRY_RUN_TIMEOUT_S = 600
 
 
 def test_device_run_dry_run(tmp_path):
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed: bench/device_run.sh cannot run")
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"))
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=DRY_RUN_TIMEOUT_S)

@@ -49,3 +49,33 @@ def test_onednn_isa_is_the_requested_one():
     if want and want.upper() == "AVX2":
         assert "AVX-512" not in isa[0] and "AVX2" in isa[0], isa[0]
         assert all("avx512" not in ln for ln in convs), convs
+
+
+def test_bf16_kernel_gap_skips_only_under_a_forced_lower_capability_on_a_packing_host(monkeypatch, tmp_path):
+    """tests/_cpu_kernels.py: PyTorch's "pack_vnni2 is only supported when avx512 is supported" is a
+    skip only with ATEN_CPU_CAPABILITY forced below AVX-512 on a host with AMX / AVX-512 bf16; any
+    other error, or that error anywhere else, fails the test."""
+    from tests import _cpu_kernels as k
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    amx = k.host_flags(cpuinfo)
+    assert {"avx2", "amx_bf16"} <= amx
+    assert k.forced_below_host({"ATEN_CPU_CAPABILITY": "avx2"}, amx) == \
+        "ATEN_CPU_CAPABILITY=avx2 on a host with amx_bf16, amx_tile"
+    assert k.forced_below_host({}, amx) is None  # the host's own kernels: bf16 must work
+    assert k.forced_below_host({"ATEN_CPU_CAPABILITY": "avx512"}, amx) is None
+    assert k.forced_below_host({"ATEN_CPU_CAPABILITY": "avx2"}, {"avx2", "fma"}) is None  # no packing
+    gap = RuntimeError("pack_vnni2 is only supported when avx512 is supported")
+    monkeypatch.setattr(k, "host_flags", lambda *_: amx)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    with pytest.raises(pytest.skip.Exception, match="ATEN_CPU_CAPABILITY=avx2 on a host with amx_bf16"):
+        with k.reduced_precision_kernels():
+            raise gap
+    with pytest.raises(RuntimeError, match="shapes"):  # another error is never a skip
+        with k.reduced_precision_kernels():
+            raise RuntimeError("shapes cannot be multiplied")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    with pytest.raises(RuntimeError, match="pack_vnni2"):  # not forced: a real failure
+        with k.reduced_precision_kernels():
+            raise gap

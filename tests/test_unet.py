@@ -19,6 +19,7 @@ from sonic_core.models.unet import (
     mask_token_grid,
     resize_face_mask,
 )
+from tests._cpu_kernels import reduced_precision_kernels
 from tests._golden import NOISE_FACTOR, assert_close_rel, assert_same_math, load_json, shared_path
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,8 @@ def test_bfloat16_stays_in_dtype():
              if isinstance(p, torch.nn.Linear)]
     unet.to(torch.bfloat16)
     x16 = {k: v.to(torch.bfloat16) if k != "face_mask" else v for k, v in x.items()}  # mask stays fp32
-    out = unet(**x16)
+    with reduced_precision_kernels():  # skips only under a forced capability PyTorch cannot pack bf16 in
+        out = unet(**x16)
     for h in hooks:
         h.remove()
     assert out.dtype == torch.bfloat16 and seen == {torch.bfloat16}
