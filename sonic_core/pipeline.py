@@ -41,6 +41,8 @@ from .config import (
     VAE_SCALE,
     VIDEO_CRF,
 )
+from . import identify
+from .paths import FILE, FOLDER, check_input, path_problem
 from .resume import ResumeStore
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,10 @@ WEIGHTS = (
                f"huggingface.co/{SVD_REPO}", "Stability AI Community License", folder=True),
 )
 DOWNLOAD_TOTAL = "8.3 GB"  # the sizes above added up
+WEIGHT_MODELS = {"Sonic/unet.pth": identify.UNET, "Sonic/audio2token.pth": identify.AUDIO2TOKEN,
+                 "Sonic/audio2bucket.pth": identify.AUDIO2BUCKET, "yoloface_v5m.pt": identify.DETECTOR,
+                 "RIFE/flownet.pkl": identify.RIFE, WHISPER_FOLDER: identify.WHISPER,
+                 SVD_FOLDER: identify.SVD}  # what each weight path must hold (sonic_core.identify)
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,8 @@ class MissingWeights(FileNotFoundError):
 def missing_weights(models_dir: str | os.PathLike, need_detector: bool = True,
                     need_rife: bool = True) -> list[WeightFile]:
     root = Path(models_dir)
+    if os.path.lexists(root):  # a models folder that is a file, a FIFO, a loop... is said as such
+        check_input(root, "models folder", FOLDER, fix=f"give --models (or ${MODELS_ENV}) a folder")
     skip = set()
     if not need_detector:
         skip.add("yoloface_v5m.pt")
@@ -136,8 +144,16 @@ def missing_weights(models_dir: str | os.PathLike, need_detector: bool = True,
         p = root / w.path
         if w.path in skip:
             continue
-        if not (p.is_dir() if w.folder else p.is_file()):
+        problem = path_problem(p, FOLDER if w.folder else FILE, allow_empty=True)  # the loader says "empty"
+        if problem is None:
+            continue
+        if problem[1] == "does not exist":  # nothing there: listed with its download
             out.append(w)
+            continue
+        with identify.expecting(p, WEIGHT_MODELS[w.path]):  # something else is there: say what
+            check_input(p, w.what, FOLDER if w.folder else FILE,
+                        fix=f"it must be a {'folder' if w.folder else 'file'} (see README 'Weights'); move it "
+                            "away and download it again")
     return out
 
 
@@ -208,13 +224,7 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
 
     from .image import check_image_size, pil_pixels
 
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"image {path} is a folder; give an image file (png, jpg, webp)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"image {path} is empty (0 bytes): an interrupted download or copy? Download or "
-                         "copy it again")
+    check_input(path, "image", fix="give an image file (png, jpg, webp)")  # what a non-file really is
     try:
         with warnings.catch_warnings():  # Pillow only warns below twice its limit: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -301,8 +311,7 @@ def read_audio(path: str | os.PathLike, max_seconds: float = 0.0) -> tuple[torch
     from .audio import pcm_to_float, source_samples_needed
     from .config import TRUNCATED_AUDIO_TOLERANCE_S
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"audio {path} does not exist")
+    check_input(path, "audio", fix="give an audio file (wav, mp3, flac, m4a) or a video with sound")
     chunks, rate, declared, damage, limit, held = [], None, None, None, None, 0
     try:
         container = av.open(str(path))
@@ -411,6 +420,9 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     output = preflight.check_output(output)
     preflight.check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)
     models_dir = Path(models_dir)
+    if svd_dir is not None:
+        with identify.expecting(svd_dir, identify.SVD):  # a file or another model's folder: says which
+            check_input(svd_dir, "--svd", FOLDER, fix=f"give the diffusers SVD-xt folder ({SVD_REPO})")
     device = torch.device(device)
     image, alpha_mask = read_image(image_path)
     wave, rate = read_audio(audio_path, settings.max_seconds)  # [1,C,T]: decoding stops at the cap's needs
