@@ -141,7 +141,8 @@ def _decode_track(path, index: int, max_seconds: float, options: dict | None = N
         except av.error.FFmpegError as e:  # damaged data part way: keep what decoded
             damage = e
             if not chunks:
-                raise ValueError(f"audio {path} cannot be decoded ({e}); re-export or download it again") from e
+                raise ValueError(f"audio {path} cannot be decoded ({e}); re-export or download it "
+                                 "again") from e
     if not chunks:
         raise ValueError(f"{path} holds no audio samples" + (f" in track {index + 1}" if tracks > 1 else ""))
     wave = np.concatenate(chunks, axis=1)  # [C,T]
@@ -163,8 +164,8 @@ def _pick_track(path, first: _Track, max_seconds: float) -> _Track:
         if track.peak > SILENT_TRACK_PEAK:
             others = ", ".join(str(i + 1) for i in range(first.tracks) if i != index)
             log.warning("audio %s has %d audio tracks and track 1 is silent: track %d (the first with sound) "
-                        "is used; not used: track(s) %s. Remux the file to choose another", path, first.tracks,
-                        index + 1, others)
+                        "is used; not used: track(s) %s. Remux the file to choose another", path,
+                        first.tracks, index + 1, others)
             return track
     log.warning("audio %s: all %d audio tracks are silent; track 1 is used (the face will barely move)", path,
                 first.tracks)
@@ -211,6 +212,6 @@ def read_audio(path: str | os.PathLike, max_seconds: float = 0.0) -> tuple[torch
                     f" ({track.damage})" if track.damage is not None else "")
     elif not track.stopped and declared is not None and decoded - declared > TOLERANCE and \
             not (sizes is not None and sizes.undeclared_s > TOLERANCE):
-        log.warning("audio %s declares %.2f s of audio but %.2f s decode: its header is wrong; all %.2f s are "
-                    "used (re-export the file to fix its header)", path, declared, decoded, decoded)
+        log.warning("audio %s declares %.2f s of audio but %.2f s decode: its header is wrong; all %.2f s "
+                    "are used (re-export the file to fix its header)", path, declared, decoded, decoded)
     return torch.from_numpy(track.wave)[None], track.rate

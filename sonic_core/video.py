@@ -307,7 +307,8 @@ def _pad_even(a: np.ndarray) -> np.ndarray:
 def _audio_array(audio: tuple[torch.Tensor, int]) -> tuple[np.ndarray, int]:
     """(waveform [C,T] float32 numpy with C in {1,2}, sample rate).
 
-    Integer PCM is converted (``audio.float_waveform``, the rule every AUDIO input uses); NaN/inf samples are an error; float samples
+    Any AUDIO layout, integer PCM converted (``audio.standard_waveform``, the rule every AUDIO input
+    uses); NaN/inf and absurd samples are an error; float samples
     beyond [-1, 1] are clipped with a warning that names the peak.
     """
     from .audio import check_sample_rate, check_samples, layout_note, standard_waveform
