@@ -275,6 +275,8 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
     background first; ``mask_name`` names it in the log and in errors. Returns the (cropped) image
     ``[h, w, 3]``, its mask ``[h, w]`` and the face box in its pixels.
     """
+    expand_ratio, mask_area, confidence = config.check_inputs(  # the node's ranges; NaN refused
+        {"expand_ratio": expand_ratio, "mask_area": mask_area, "confidence": confidence}).values()
     if on_no_face not in ON_NO_FACE:
         raise ValueError(f"on_no_face={on_no_face!r}; choose one of {ON_NO_FACE}")
     if expand_ratio < 0:

@@ -379,7 +379,7 @@ def test_nan_motion_scales_are_refused(field):
     kwargs = {"head": {"head_scale": float("nan")}, "expression": {"expression_scale": float("inf")},
               "fixed": {"fixed_head": float("nan")}}[field]
     audio = SimpleNamespace(num_frames=4)
-    with pytest.raises(ValueError, match=r"(head_scale|expression_scale|fixed_head)=(nan|inf) is not finite"):
+    with pytest.raises(ValueError, match=r"(head_scale|expression_scale|fixed_head) (nan|inf) must be a finite "):
         predict_motion(torch.nn.Linear(1, 1), audio, torch.zeros(1, 8), **kwargs)
 
 
