@@ -57,7 +57,8 @@ def odd(tmp_path) -> dict[str, Path]:
     """One path of every kind that is not a usable regular file."""
     if not hasattr(os, "mkfifo") or not os.path.exists(DEVICE):
         pytest.skip(f"needs os.mkfifo and {DEVICE} (POSIX)")
-    kinds = {"missing": tmp_path / "missing.wav", "folder": tmp_path / "folder.wav", "FIFO": tmp_path / "fifo.wav",
+    kinds = {"missing": tmp_path / "missing.wav", "folder": tmp_path / "folder.wav",
+             "FIFO": tmp_path / "fifo.wav",
              "symlink loop": tmp_path / "loop.wav", "dangling symlink": tmp_path / "dangling.wav",
              "empty file": tmp_path / "empty.wav", "character device": Path(DEVICE)}
     kinds["folder"].mkdir()
@@ -131,7 +132,8 @@ def test_cli_models_svd_and_state_dir_say_what_the_path_is(odd, media, tmp_path,
         assert code == 2 and f"models folder {p} {FOLDER_WORDS[kind]}" in err, (kind, err)
         code, err = _cli(capsys, image, voice, "-o", tmp_path / "o.mp4", "--models", tmp_path, "--svd", p)
         assert code == 2 and f"--svd {p} {FOLDER_WORDS[kind]}" in err, (kind, err)
-        code, err = _cli(capsys, image, voice, "-o", tmp_path / "o.mp4", "--models", tmp_path, "--state-dir", p)
+        code, err = _cli(capsys, image, voice, "-o", tmp_path / "o.mp4", "--models", tmp_path,
+                         "--state-dir", p)
         assert code == 2 and f"--state-dir: {p} {FOLDER_WORDS[kind]}" in err, (kind, err)
 
 
@@ -152,7 +154,8 @@ def test_loaders_say_what_the_path_is(odd):
 
     files = {"checkpoint": weights.read_state_dict, "RIFE weights": rife.load_rife,
              "face detector": lambda p: YoloFaceDetector.from_file(str(p), "cpu")}
-    folders = {"whisper folder": weights.load_whisper, "SVD-xt folder": lambda p: svd.load_svd(p, torch.float32, "cpu")}
+    folders = {"whisper folder": weights.load_whisper,
+               "SVD-xt folder": lambda p: svd.load_svd(p, torch.float32, "cpu")}
     for kind, p in odd.items():
         for what, load in files.items():
             if kind == "empty file" and what == "checkpoint":
@@ -184,4 +187,5 @@ def test_node_file_inputs_say_what_the_path_is(odd, tmp_path, monkeypatch):
         said = "is a symlink to" if kind == "dangling symlink" else WORDS[kind]
         assert err is not None and f"{name!r} in {models} {said}" in str(err), (kind, err)
         err = _finishes(runtime.resolve_path, str(p)).get("error")  # an absolute path: the same words
-        assert err is not None and said in str(err) and "outside the model folder" not in str(err), (kind, err)
+        assert err is not None and said in str(err), (kind, err)
+        assert "outside the model folder" not in str(err)
