@@ -71,6 +71,10 @@ def identify_keys(keys: Iterable[str]) -> str | None:
 
 
 def _json(path: Path) -> dict | None:
+    from .paths import FILE, describe_path
+
+    if describe_path(path)[0] != FILE:  # never open a FIFO, a device...
+        return None
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             return None

@@ -109,5 +109,14 @@ def check_input(path: str | os.PathLike, what: str, want: str = FILE, fix: str =
         cls = NotADirectoryError
     message = f"{what} {os.fspath(path)} {words}" + (f"; {fix}" if fix else "")
     err = cls(message)  # one-argument form: str(err) is the message itself
-    err.kind = kind  # the path's kind, for callers that react to it (e.g. a missing weight is listed)
+    err.kind = kind  # the path's kind, for callers that react to it
     raise err
+
+
+def optional_file(path: str | os.PathLike, what: str, fix: str = "") -> Path | None:
+    """None when nothing is at ``path`` (an optional file, or one of several names tried); the path
+    when it is a readable file; else ``check_input``'s error (a FIFO, a folder, a loop... at a
+    file's place is said, not taken for "missing")."""
+    if not os.path.lexists(path):
+        return None
+    return check_input(path, what, FILE, fix)

@@ -318,8 +318,10 @@ def architecture_path(checkpoint: str | os.PathLike) -> Path:
 
 def read_architecture(checkpoint: str | os.PathLike) -> dict | None:
     """The architecture dict beside ``checkpoint``, or None when there is none."""
+    from .paths import optional_file
+
     arch = architecture_path(checkpoint)
-    if not arch.is_file():
+    if not optional_file(arch, "architecture JSON", fix="fix or remove it"):  # a FIFO there is said
         return None
     try:
         data = json.loads(arch.read_text())
@@ -488,12 +490,15 @@ def _load_whisper(folder: Path, dtype: torch.dtype, device: torch.device | str |
 
     check_input(folder, "whisper folder", FOLDER, fix="download openai/whisper-tiny (config.json, "
                 "model.safetensors, preprocessor_config.json) into a folder and point there")
+    from .paths import optional_file
+
     config_file = folder / WHISPER_CONFIG_FILE
-    if not config_file.is_file():
+    if not optional_file(config_file, "whisper config", fix="download openai/whisper-tiny's config.json again"):
         raise FileNotFoundError(
             f"whisper folder {str(folder)!r} has no {WHISPER_CONFIG_FILE}; it must be a Hugging Face "
             "whisper model folder (openai/whisper-tiny)")
-    weights = next((folder / n for n in WHISPER_WEIGHT_FILES if (folder / n).is_file()), None)
+    weights = next((folder / n for n in WHISPER_WEIGHT_FILES
+                    if optional_file(folder / n, "whisper weights", fix="download it again")), None)
     if weights is None:
         raise FileNotFoundError(
             f"whisper folder {str(folder)!r} has no weights: expected one of {WHISPER_WEIGHT_FILES}")

@@ -189,3 +189,27 @@ def test_node_file_inputs_say_what_the_path_is(odd, tmp_path, monkeypatch):
         err = _finishes(runtime.resolve_path, str(p)).get("error")  # an absolute path: the same words
         assert err is not None and said in str(err), (kind, err)
         assert "outside the model folder" not in str(err)
+
+
+def test_files_inside_model_folders_say_what_they_are(tmp_path):
+    """config.json, the weights of a whisper / SVD folder and an architecture JSON that are FIFOs or
+    folders are said as such, not "missing" (nor opened)."""
+    from sonic_core import weights
+    from sonic_core.models import svd
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs os.mkfifo (POSIX)")
+    whisper = tmp_path / "whisper-tiny"
+    whisper.mkdir()
+    os.mkfifo(whisper / "config.json")
+    err = _finishes(weights.load_whisper, whisper).get("error")
+    assert err is not None and f"whisper config {whisper / 'config.json'} is a FIFO" in str(err), err
+    vae = tmp_path / "svd" / "vae"
+    vae.mkdir(parents=True)
+    (vae / "config.json").mkdir()
+    err = _finishes(svd.load_vae, tmp_path / "svd", torch.float32, "cpu").get("error")
+    assert err is not None and f"{vae / 'config.json'} is a folder" in str(err), err
+    (tmp_path / "a.pth").write_bytes(b"x")
+    os.mkfifo(tmp_path / "a.json")
+    err = _finishes(weights.read_architecture, tmp_path / "a.pth").get("error")
+    assert err is not None and f"architecture JSON {tmp_path / 'a.json'} is a FIFO" in str(err), err

@@ -174,8 +174,10 @@ class SVDImageEncoder:
 # Loading from a diffusers-format SVD-xt folder (vae/, image_encoder/)
 # ----------------------------------------------------------------------------------------------
 def _weights_file(folder: Path, names: tuple[str, ...], what: str) -> Path:
+    from ..paths import optional_file
+
     for n in names:
-        if (folder / n).is_file():
+        if optional_file(folder / n, what, fix="download it again"):  # a FIFO or folder there is said
             return folder / n
     raise FileNotFoundError(
         f"{what}: none of {list(names)} in {folder}; download the SVD-xt folder "
@@ -184,8 +186,10 @@ def _weights_file(folder: Path, names: tuple[str, ...], what: str) -> Path:
 
 
 def _read_config(folder: Path, what: str) -> dict:
+    from ..paths import optional_file
+
     cfg = folder / CONFIG_FILE
-    if not cfg.is_file():
+    if not optional_file(cfg, what, fix="download it again"):  # a FIFO or folder there is said
         raise FileNotFoundError(
             f"{what}: {cfg} is missing; point to a diffusers-format SVD-xt folder "
             f"containing {VAE_SUBFOLDER}/ and {IMAGE_ENCODER_SUBFOLDER}/"
