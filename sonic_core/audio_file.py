@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 WAV_HEADER_BYTES = 12  # "RIFF" <u32 size> "WAVE"
 WAV_CHUNK_HEADER_BYTES = 8  # <4-char id> <u32 size>
 WAV_STREAMING_SIZE = 0xFFFFFFFF  # data size of a WAV written while streaming (length unknown)
+TRAILING_TAGS = (b"ID3", b"TAG", b"APETAGEX")  # tags some taggers append after a WAV's chunks (not audio)
 WAV_IGNORE_LENGTH = {"ignore_length": "1"}  # FFmpeg's wav demuxer option: read the samples to the file's end
 
 
@@ -71,6 +72,8 @@ def _undeclared_bytes(f, end: int, size: int) -> int:
         f.seek(pos)
         chunk = f.read(WAV_CHUNK_HEADER_BYTES)
         n = int.from_bytes(chunk[4:], "little")
+        if chunk.startswith(TRAILING_TAGS):
+            return 0  # a tag appended by a tagger, not samples
         if not _is_chunk_id(chunk[:4]) or pos + WAV_CHUNK_HEADER_BYTES + n > size:
             return size - end  # not a chunk: the data goes on past what its header declares
         pos += WAV_CHUNK_HEADER_BYTES + n + n % 2

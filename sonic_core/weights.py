@@ -493,7 +493,7 @@ def _load_whisper(folder: Path, dtype: torch.dtype, device: torch.device | str |
     from .paths import optional_file
 
     config_file = folder / WHISPER_CONFIG_FILE
-    if not optional_file(config_file, "whisper config", fix="download openai/whisper-tiny's config.json again"):
+    if not optional_file(config_file, "whisper config", fix="download whisper-tiny's config.json again"):
         raise FileNotFoundError(
             f"whisper folder {str(folder)!r} has no {WHISPER_CONFIG_FILE}; it must be a Hugging Face "
             "whisper model folder (openai/whisper-tiny)")

@@ -232,3 +232,10 @@ def test_core_functions_check_their_numbers_as_the_nodes_do():
         sampler.generate(None, None, None, photo, None, None, None, seed=-1)
     with pytest.raises(ValueError, match="max_seconds nan must be a finite number"):
         A.encode_audio(None, torch.zeros(1, 1, RATE), RATE, float("nan"))
+
+
+def test_wav_with_an_appended_id3_tag_is_not_read_as_samples(tmp_path, caplog):
+    raw = _write(tmp_path / "a.wav", [_tone()]).read_bytes() + b"ID3\x03\x00\x00" + bytes(20000)  # ~0.6 s of bytes
+    (tmp_path / "b.wav").write_bytes(raw)
+    wave, _ = read_audio(tmp_path / "b.wav")
+    assert wave.shape[-1] == int(SECONDS * RATE) and not _warnings(caplog)
