@@ -61,9 +61,9 @@ def identify_keys(keys: Iterable[str]) -> str | None:
         return AUDIO2TOKEN if "norm.weight" in ks else AUDIO2BUCKET
     if any(k.startswith(("block0.conv0.", "block_tea.")) for k in ks):
         return RIFE
-    if "encoder.conv1.weight" in ks or "conv1.weight" in ks and "embed_positions.weight" in ks:
+    if "encoder.conv1.weight" in ks or ("conv1.weight" in ks and "embed_positions.weight" in ks):
         return WHISPER
-    if "decoder.time_conv_out.weight" in ks or "quant_conv.weight" in ks and "encoder.conv_in.weight" in ks:
+    if "decoder.time_conv_out.weight" in ks or ("quant_conv.weight" in ks and "encoder.conv_in.weight" in ks):
         return SVD_VAE
     if any(k.startswith("vision_model.") for k in ks):
         return CLIP

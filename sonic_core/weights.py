@@ -40,6 +40,7 @@ from .config import (
     SAFETENSORS_MAX_HEADER_BYTES,
     SAFETENSORS_MAX_TENSORS,
 )
+from .paths import FOLDER, check_input, optional_file
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ class CheckpointError(ValueError):
 # Reading and checking state dicts
 # ----------------------------------------------------------------------------------------------
 def _require_file(path: Path, what: str) -> Path:
-    from .paths import check_input
-
     return check_input(path, what, fix="check the path (see README 'Weights')")  # says what it really is
 
 
@@ -318,8 +317,6 @@ def architecture_path(checkpoint: str | os.PathLike) -> Path:
 
 def read_architecture(checkpoint: str | os.PathLike) -> dict | None:
     """The architecture dict beside ``checkpoint``, or None when there is none."""
-    from .paths import optional_file
-
     arch = architecture_path(checkpoint)
     if not optional_file(arch, "architecture JSON", fix="fix or remove it"):  # a FIFO there is said
         return None
@@ -485,13 +482,8 @@ def _load_whisper(folder: Path, dtype: torch.dtype, device: torch.device | str |
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     t0 = time.perf_counter()
-    folder = Path(folder)
-    from .paths import FOLDER, check_input
-
     check_input(folder, "whisper folder", FOLDER, fix="download openai/whisper-tiny (config.json, "
                 "model.safetensors, preprocessor_config.json) into a folder and point there")
-    from .paths import optional_file
-
     config_file = folder / WHISPER_CONFIG_FILE
     if not optional_file(config_file, "whisper config", fix="download whisper-tiny's config.json again"):
         raise FileNotFoundError(
