@@ -103,9 +103,11 @@ class SonicSVDLoader:
     def load(self, svd_folder: str, dtype: str = "auto", decode_chunk_size: int = 8):
         folder = runtime.resolve_path(svd_folder.strip())
         if not os.path.isdir(folder):
+            ident = core("identify")
+            said = ident.mismatch(folder, ident.SVD)  # another model's file: which one
             raise ValueError(
-                f"svd_folder {svd_folder!r} is not a folder; give the diffusers SVD-xt folder "
-                "that contains vae/ and image_encoder/"
+                f"svd_folder {svd_folder!r} is not a folder{'; ' + said if said else ''}; give the diffusers "
+                "SVD-xt folder that contains vae/ and image_encoder/"
             )
         device = runtime.load_device()
         torch_dtype = runtime.resolve_dtype(dtype, device)

@@ -91,7 +91,9 @@ def audio_track(audio):
     if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
         raise ValueError("audio: expected ComfyUI AUDIO {'waveform': [B, C, T], 'sample_rate': Hz}; "
                          "connect a Load Audio node")
-    return (audio["waveform"][0], int(audio["sample_rate"]))
+    # any layout other nodes produce ([B, C, T], channels-last, no batch axis...): [C, T] of the first item
+    core("audio").check_sample_rate(audio["sample_rate"], "audio")  # NaN / text: said, not int()'s error
+    return (core("audio").standard_waveform(audio["waveform"], "audio")[0][0], int(audio["sample_rate"]))
 
 
 def file_metadata(prompt, extra_pnginfo) -> dict:

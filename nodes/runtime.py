@@ -391,6 +391,12 @@ def list_subfolders(marker: str, folder: str = MODEL_FOLDER) -> list[str]:
     return sorted(found)
 
 
+def _path_error(kind: str, message: str) -> Exception:
+    """The error class a path of ``kind`` (sonic_core.paths.describe_path) gets."""
+    cls = {"dangling symlink": FileNotFoundError, "permission denied": PermissionError}.get(kind, ValueError)
+    return cls(message)
+
+
 def resolve_path(name: str, folder: str = MODEL_FOLDER) -> str:
     """Absolute path of ``name`` inside a model folder; absolute paths pass through if they exist.
 
@@ -399,22 +405,24 @@ def resolve_path(name: str, folder: str = MODEL_FOLDER) -> str:
     the user's own, and a Hugging Face cache (``hf download --local-dir`` or a linked snapshot)
     is all symlinks. The path returned is the link's own, so its name and suffix stay.
     """
-    if os.path.isabs(name) and os.path.exists(name):
-        return name
+    paths = core("paths")  # what a path that is not a file or folder really is (a FIFO is never opened)
+    usable = (paths.FILE, paths.FOLDER, "empty file")  # an empty file: its loader says so, with what to do
+    if os.path.isabs(name) and os.path.lexists(name):
+        kind, words = paths.describe_path(name)
+        if kind in usable:
+            return name
+        raise _path_error(kind, f"{name} {words}; give a model file or folder (see README 'Weights')")
     if os.path.isabs(name) or ".." in re.split(r"[\\/]+", name):
         raise ValueError(f"{name!r} points outside the model folder {model_dirs(folder)[0]}: give a name "
                          "relative to it, without '..' (symlinks inside the folder may point anywhere)")
     for root in model_dirs(folder):
         full = os.path.abspath(os.path.join(root, name))
-        if os.path.isfile(full) or os.path.isdir(full):  # follows symlinks
+        kind, words = paths.describe_path(full)  # follows symlinks
+        if kind in usable:
             return full
-        if os.path.islink(full):
-            target = os.path.realpath(full)
-            what = "does not exist" if not os.path.exists(target) else "is not a regular file or a folder"
-            raise FileNotFoundError(f"{name!r} in {root} is a symlink to {target}, which {what}; fix or "
-                                    "remove the link (see README 'Weights')")
-        if os.path.exists(full):
-            raise ValueError(f"{name!r} in {root} is not a regular file or a folder")
+        if kind != "missing":
+            raise _path_error(kind, f"{name!r} in {root} {words}; fix or remove it, and put the model file "
+                                    "or folder there (see README 'Weights')")
     raise FileNotFoundError(
         f"{name!r} was not found in {model_dirs(folder)}: put the file there (see README 'Weights')"
     )

@@ -28,9 +28,11 @@ from .config import (
     BUCKET_PAD_AFTER,
     BUCKET_PAD_BEFORE,
     BUCKET_WINDOW,
+    AUDIO_MAX_PEAK,
     DECODE_MARGIN_S,
     FRAME_STEP,
     GENERATED_FPS,
+    MAX_AUDIO_CHANNELS,
     MIN_AUDIO_SECONDS,
     MIN_SAMPLE_RATE,
     N_MEL_FRAMES,
@@ -126,6 +128,54 @@ def float_waveform(waveform):
     return torch.from_numpy(np.ascontiguousarray(pcm_to_float(raw)))
 
 
+STANDARD_LAYOUT = "[B, C, T]"
+
+
+def standard_waveform(waveform, what: str = "audio") -> tuple[torch.Tensor, str]:
+    """Any AUDIO waveform layout the nodes of ComfyUI's ecosystem produce -> ``([B, C, T] float,
+    layout)``, the layout named as it came: ``[B, C, T]`` (ComfyUI's), ``[B, T, C]`` (channels-last:
+    a last axis of at most MAX_AUDIO_CHANNELS beside a longer one), ``[C, T]``, ``[T, C]``, ``[T]``
+    (mono, no channel axis). Integer PCM becomes float (``float_waveform``). Any other shape is a
+    ValueError naming the shape and ``what``."""
+    wave = float_waveform(waveform)
+    shape, n = tuple(wave.shape), MAX_AUDIO_CHANNELS
+    if wave.dim() == 1:
+        return wave[None, None], "[T] (mono, no channel axis)"  # [T] -> [1, 1, T]
+    if wave.dim() == 2:
+        if shape[0] > n and shape[1] <= n:
+            return wave.t()[None], "[T, C] (channels-last, no batch axis)"  # [T, C] -> [1, C, T]
+        if shape[0] <= n:
+            return wave[None], "[C, T] (no batch axis)"  # [C, T] -> [1, C, T]
+    if wave.dim() == 3:
+        if shape[1] > n and shape[2] <= n:
+            return wave.transpose(1, 2), "[B, T, C] (channels-last)"  # [B, T, C] -> [B, C, T]
+        if shape[1] <= n:
+            return wave, STANDARD_LAYOUT
+    raise ValueError(f"{what}: waveform shape {shape} is not an audio layout this pack reads: [B, C, T] "
+                     f"(ComfyUI's), [B, T, C], [C, T], [T, C] or [T], with at most {n} channels; check the "
+                     "node that produced the AUDIO")
+
+
+def layout_note(layout: str, shape) -> str:
+    """" (waveform shape (..), read as layout)" for errors about a waveform; "" for ComfyUI's own."""
+    return f" (waveform shape {tuple(shape)}, read as {layout})"
+
+
+def check_samples(wave: torch.Tensor, sample_rate: float, what: str = "audio") -> None:
+    """Refuse NaN / inf samples and float samples beyond ``AUDIO_MAX_PEAK`` (not normalised audio:
+    full scale is 1.0), naming ``what`` (the file or the input) and where the first one is."""
+    bad = ~torch.isfinite(wave)
+    if bool(bad.any()):
+        where = int(bad.reshape(-1, wave.shape[-1]).nonzero()[0, 1])  # [rows, T] -> first bad sample
+        raise ValueError(f"{what} has {int(bad.sum())} NaN or inf samples (first at sample {where}, "
+                         f"{where / sample_rate:.3f} s); the audio is corrupt: clean or re-export it")
+    peak = float(wave.abs().max()) if wave.numel() else 0.0
+    if peak > AUDIO_MAX_PEAK:
+        raise ValueError(f"{what} has samples of magnitude {peak:.3g}, beyond {AUDIO_MAX_PEAK:g} (audio "
+                         "samples are within -1..1 at full scale): the audio is not normalised or is "
+                         "corrupt; re-export it as normal PCM or float audio")
+
+
 def check_sample_rate(sample_rate, what: str = "audio") -> None:
     """Raise unless ``sample_rate`` is a finite number of Hz of at least ``MIN_SAMPLE_RATE``."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)) \
@@ -141,29 +191,24 @@ def check_sample_rate(sample_rate, what: str = "audio") -> None:
 def check_waveform(waveform: torch.Tensor, sample_rate: float) -> torch.Tensor:
     """Validate a ComfyUI-style waveform and return it as ``[C, T]`` float (``float_waveform``).
 
-    Accepts ``[C, T]`` or ``[1, C, T]``; raises ValueError naming the bad value otherwise.
+    Accepts every layout ``standard_waveform`` reads (``[B, C, T]``, ``[B, T, C]``, ``[C, T]``,
+    ``[T, C]``, ``[T]``); raises ValueError naming the bad value and the layout otherwise.
     """
-    waveform = float_waveform(waveform)  # integer PCM -> float32
+    original = tuple(getattr(waveform, "shape", ()))
+    waveform, layout = standard_waveform(waveform)  # [B, C, T] float
+    note = layout_note(layout, original)
     check_sample_rate(sample_rate)
-    if waveform.dim() == 3:
-        if waveform.shape[0] != 1:
-            raise ValueError(f"audio batch size is {waveform.shape[0]} (waveform shape "
-                             f"{tuple(waveform.shape)}); Sonic animates one track: pass a single clip "
-                             "(batch 1)")
-        waveform = waveform[0]  # [C, T]
-    if waveform.dim() != 2:
-        raise ValueError(f"audio waveform must be [B, C, T] or [C, T], got shape {tuple(waveform.shape)}")
+    if waveform.shape[0] != 1:
+        raise ValueError(f"audio batch size is {waveform.shape[0]}{note}; Sonic animates one track: pass a "
+                         "single clip (batch 1)")
+    waveform = waveform[0]  # [C, T]
     if waveform.shape[0] == 0 or waveform.shape[1] == 0:
-        raise ValueError(f"audio is empty (waveform shape {tuple(waveform.shape)}); load a clip with sound")
-    bad = ~torch.isfinite(waveform)
-    if bool(bad.any()):
-        where = int(bad.nonzero()[0, 1])
-        raise ValueError(f"audio has {int(bad.sum())} NaN or inf samples (first at sample {where}, "
-                         f"{where / sample_rate:.3f} s); clean or re-export the audio")
+        raise ValueError(f"audio is empty{note}; load a clip with sound")
+    check_samples(waveform, sample_rate)
     seconds = waveform.shape[1] / sample_rate
     if seconds < MIN_AUDIO_SECONDS:
         raise ValueError(f"audio is {seconds * 1000:.1f} ms long ({waveform.shape[1]} samples at "
-                         f"{sample_rate:g} Hz); at least {MIN_AUDIO_SECONDS * 1000:.0f} ms (one video "
+                         f"{sample_rate:g} Hz{note}); at least {MIN_AUDIO_SECONDS * 1000:.0f} ms (one video "
                          "frame) is needed")
     return waveform
 
@@ -449,7 +494,10 @@ def encode_audio(models: Any, waveform: torch.Tensor, sample_rate: float, max_se
     """
     from .budget import DEVICE, HOST, MemoryEstimate, add_audio, check_fits
 
-    waveform = float_waveform(waveform)  # integer PCM -> float32 (the same rule as Video Combine's)
+    from .config import check_inputs
+
+    max_seconds = check_inputs({"max_seconds": max_seconds})["max_seconds"]  # the node's range, NaN refused
+    waveform = standard_waveform(waveform)[0]  # [B, C, T] float from any layout (Video Combine's rule too)
     out_device = waveform.device if out_device is None else out_device
     n16 = int(np.ceil(check_waveform(waveform, sample_rate).shape[-1] * (float(SAMPLE_RATE) / sample_rate)))
     check_fits(add_audio(MemoryEstimate(frame_counts(n16, max_seconds)[1]), models.dtype,
@@ -474,7 +522,7 @@ def encode_audio(models: Any, waveform: torch.Tensor, sample_rate: float, max_se
     audio2token = models.load("audio2token")
     cond, uncond = audio_tokens(audio2token, token_features, num_frames, models.dtype, out_device,
                                 callback=stages.stage(2))
-    wav = waveform if waveform.dim() == 3 else waveform[None]  # [C, T] -> [1, C, T]
+    wav = waveform[:1]  # [1, C, T] (check_waveform refused a batch of several)
     return SonicAudio(
         token_features=token_features,
         bucket_features=bucket_features,

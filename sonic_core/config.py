@@ -30,6 +30,10 @@ MIN_AUDIO_SECONDS = FRAME_STEP * SAMPLES_PER_25FPS_FRAME / SAMPLE_RATE  # 0.08 s
 MIN_SAMPLE_RATE = 4000  # Hz; lower audio rates are refused (telephone audio is 8000 Hz)
 DECODE_MARGIN_S = 1.0  # s decoded past the last 30 s chunk a capped run needs (soxr's filter reaches ~ms past it)
 TRUNCATED_AUDIO_TOLERANCE_S = 0.25  # s; decoded this much shorter than the file's declared length: warn
+# (or this much longer: a header that declares less than the data holds is warned about too)
+MAX_AUDIO_CHANNELS = 8  # channels an AUDIO waveform may have (7.1); a larger axis is the time axis
+AUDIO_MAX_PEAK = 1e3  # float samples beyond this magnitude are not audio (full scale is 1.0): refused
+SILENT_TRACK_PEAK = 1e-4  # a track whose peak stays under this (-80 dBFS) is silent: another one is looked for
 
 # token window (audio2token input): 10 positions centred on the frame, padding 4 before / 6 after
 TOKEN_WINDOW = 10  # whisper positions per token window (0.2 s)

@@ -391,6 +391,9 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
     ``[h, w, 3]``, its mask ``[h, w]``, the face box in its pixels (numbered, with the other faces'
     boxes in source pixels) and every face found.
     """
+    expand_ratio, mask_area, confidence, face_index = config.check_inputs(  # the node's ranges; NaN refused
+        {"expand_ratio": expand_ratio, "mask_area": mask_area, "confidence": confidence,
+         "face_index": face_index}).values()
     if on_no_face not in ON_NO_FACE:
         raise ValueError(f"on_no_face={on_no_face!r}; choose one of {ON_NO_FACE}")
     if expand_ratio < 0:

@@ -193,6 +193,7 @@ def working_size(width: int, height: int, min_resolution: int, check: bool = Tru
     Python ``round`` (half-to-even) of ``side * scale / 64``, as the official code. With ``check``
     a size over ``MAX_WORKING_SIDE`` / ``MAX_WORKING_PIXELS`` is an error (before any allocation).
     """
+    min_resolution = config.check_inputs({"min_resolution": min_resolution})["min_resolution"]  # as the node
     scale = min_resolution / min(width, height)
     m = config.SIZE_MULTIPLE
     new_w, new_h = round(width * scale / m) * m, round(height * scale / m) * m
@@ -422,9 +423,7 @@ class PasteBack:
                  region: str = config.PASTE_REGION, color_match: bool = config.PASTE_COLOR_MATCH):
         if region not in config.PASTE_REGIONS:
             raise ValueError(f"paste-back region {region!r} is not one of {config.PASTE_REGIONS}")
-        if not (isinstance(feather, (int, float)) and 0 <= feather <= config.PASTE_FEATHER_MAX):
-            raise ValueError(f"paste-back feather {feather!r} must be 0..{config.PASTE_FEATHER_MAX} "
-                             "(a fraction of the blended region's shorter side; 0 = hard edge)")
+        feather = config.check_inputs({"paste_feather": feather})["paste_feather"]  # the node's range
         if box is None or not hasattr(box, "crop_xyxy"):
             raise ValueError(f"expected the face box of Face Mask Detect (SONIC_FACE_BOX), got "
                              f"{type(box).__name__}")

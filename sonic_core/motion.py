@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,13 +49,15 @@ def predict_motion(
         raise ValueError(
             f"image_embeds must be [1, D] (one reference image), got {tuple(image_embeds.shape)}"
         )
-    scale_hint, fixed_hint = "0.5 (mild), 1.0 or 2.0 (intense)", "a bucket value in 0..128, or -1 to predict"
-    for name, v, hint in (("head_scale", head_scale, scale_hint),
-                          ("expression_scale", expression_scale, scale_hint),
-                          ("fixed_head", fixed_head, fixed_hint),
-                          ("fixed_expression", fixed_expression, fixed_hint)):
-        if v is not None and not math.isfinite(float(v)):
-            raise ValueError(f"{name}={v!r} is not finite; use {hint}")
+    from .config import check_inputs
+
+    given = {"head_scale": head_scale, "expression_scale": expression_scale, "fixed_head": fixed_head,
+             "fixed_expression": fixed_expression}
+    checked = check_inputs({k: v for k, v in given.items() if v is not None},  # node ranges; NaN refused
+                           {"head_scale": "motion_scale", "expression_scale": "motion_scale",
+                            "fixed_head": "fixed_bucket", "fixed_expression": "fixed_bucket"})
+    head_scale, expression_scale = checked["head_scale"], checked["expression_scale"]
+    fixed_head, fixed_expression = checked.get("fixed_head"), checked.get("fixed_expression")
     num_frames = int(audio.num_frames)
     if num_frames < 1:
         raise ValueError("the audio gives no video frame; use at least 0.08 s of audio")

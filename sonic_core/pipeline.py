@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .config import (
@@ -43,6 +42,9 @@ from .config import (
     VIDEO_CRF,
 )
 from . import conversation
+from . import identify
+from .audio_file import read_audio, wav_declared_seconds  # noqa: F401 (the file readers live there)
+from .paths import FILE, FOLDER, check_input, path_problem
 from .resume import ResumeStore
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ WEIGHTS = (
                f"huggingface.co/{SVD_REPO}", "Stability AI Community License", folder=True),
 )
 DOWNLOAD_TOTAL = "8.3 GB"  # the sizes above added up
+WEIGHT_MODELS = {"Sonic/unet.pth": identify.UNET, "Sonic/audio2token.pth": identify.AUDIO2TOKEN,
+                 "Sonic/audio2bucket.pth": identify.AUDIO2BUCKET, "yoloface_v5m.pt": identify.DETECTOR,
+                 "RIFE/flownet.pkl": identify.RIFE, WHISPER_FOLDER: identify.WHISPER,
+                 SVD_FOLDER: identify.SVD}  # what each weight path must hold (sonic_core.identify)
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,8 @@ class MissingWeights(FileNotFoundError):
 def missing_weights(models_dir: str | os.PathLike, need_detector: bool = True,
                     need_rife: bool = True) -> list[WeightFile]:
     root = Path(models_dir)
+    if os.path.lexists(root):  # a models folder that is a file, a FIFO, a loop... is said as such
+        check_input(root, "models folder", FOLDER, fix=f"give --models (or ${MODELS_ENV}) a folder")
     skip = set()
     if not need_detector:
         skip.add("yoloface_v5m.pt")
@@ -138,8 +146,16 @@ def missing_weights(models_dir: str | os.PathLike, need_detector: bool = True,
         p = root / w.path
         if w.path in skip:
             continue
-        if not (p.is_dir() if w.folder else p.is_file()):
+        problem = path_problem(p, FOLDER if w.folder else FILE, allow_empty=True)  # the loader says "empty"
+        if problem is None:
+            continue
+        if problem[1] == "does not exist":  # nothing there: listed with its download
             out.append(w)
+            continue
+        with identify.expecting(p, WEIGHT_MODELS[w.path]):  # something else is there: say what
+            check_input(p, w.what, FOLDER if w.folder else FILE,
+                        fix=f"it must be a {'folder' if w.folder else 'file'} (see README 'Weights'); move it "
+                            "away and download it again")
     return out
 
 
@@ -210,13 +226,7 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
 
     from .image import check_image_size, pil_pixels
 
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"image {path} is a folder; give an image file (png, jpg, webp)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"image {path} is empty (0 bytes): an interrupted download or copy? Download or "
-                         "copy it again")
+    check_input(path, "image", fix="give an image file (png, jpg, webp)")  # what a non-file really is
     try:
         with warnings.catch_warnings():  # Pillow only warns below twice its limit: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -253,106 +263,6 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
     if transparency is not None and (transparency > 0).any():
         mask = torch.from_numpy(transparency)[None]  # [1,H,W], 1 where transparent
     return torch.from_numpy(rgb)[None], mask
-
-
-WAV_HEADER_BYTES = 12  # "RIFF" <u32 size> "WAVE"
-WAV_CHUNK_HEADER_BYTES = 8  # <4-char id> <u32 size>
-WAV_STREAMING_SIZE = 0xFFFFFFFF  # data size of a WAV written while streaming (length unknown)
-
-
-def wav_declared_seconds(path: str | os.PathLike) -> float | None:
-    """Seconds of audio a WAV file's header declares (data chunk size / byte rate); None if not a WAV.
-
-    FFmpeg reports a truncated WAV's duration from the bytes present, so the header is read here.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(WAV_HEADER_BYTES)
-            if len(head) < WAV_HEADER_BYTES or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-                return None
-            byte_rate = None
-            while True:
-                chunk = f.read(WAV_CHUNK_HEADER_BYTES)
-                if len(chunk) < WAV_CHUNK_HEADER_BYTES:
-                    return None
-                cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
-                if cid == b"fmt ":
-                    fmt = f.read(size + size % 2)
-                    byte_rate = int.from_bytes(fmt[8:12], "little") if len(fmt) >= 12 else None
-                elif cid == b"data":
-                    if not byte_rate or size == WAV_STREAMING_SIZE:
-                        return None
-                    return size / byte_rate
-                else:
-                    f.seek(size + size % 2, os.SEEK_CUR)  # chunks are padded to even sizes
-    except OSError:
-        return None
-
-
-def read_audio(path: str | os.PathLike, max_seconds: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Decode any audio (or video-with-audio) file with PyAV: waveform [1,C,T] float32, sample rate.
-
-    Integer PCM becomes float (8-bit unsigned around 128, wider PCM signed). A file that decodes
-    to less than it declares (a truncated download) is used as far as it goes, with a warning.
-    ``max_seconds > 0``: decoding stops once the samples a run capped there reads are in
-    (``audio.source_samples_needed``: the cap rounded up to whole 30 s whisper chunks, plus a
-    second), so an hour-long file costs what half a minute does.
-    """
-    import av
-
-    from .audio import pcm_to_float, source_samples_needed
-    from .config import TRUNCATED_AUDIO_TOLERANCE_S
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"audio {path} does not exist")
-    chunks, rate, declared, damage, limit, held = [], None, None, None, None, 0
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as e:
-        raise ValueError(f"audio {path} cannot be read ({e}); give a wav/mp3/flac/m4a file or a video "
-                         "with sound") from e
-    with container:
-        if not container.streams.audio:
-            raise ValueError(f"{path} has no audio stream")
-        stream = container.streams.audio[0]
-        if stream.duration and stream.time_base:  # mp3 (Xing header), flac, m4a: from the file
-            declared = float(stream.duration * stream.time_base)
-        elif container.duration and len(container.streams) == 1:
-            declared = container.duration / av.time_base
-        try:
-            for frame in container.decode(stream):
-                arr = frame.to_ndarray()  # [C,n] planar or [1,n*C] packed
-                if not frame.format.is_planar:
-                    arr = arr.reshape(-1, len(frame.layout.channels)).T  # [C,n]
-                if limit is None and max_seconds:
-                    limit = source_samples_needed(max_seconds, frame.sample_rate)
-                if limit is not None:
-                    arr = arr[:, :limit - held]  # [C, <=n] the samples the cap still needs
-                chunks.append(pcm_to_float(arr))
-                rate, held = frame.sample_rate, held + arr.shape[1]
-                if limit is not None and held >= limit:
-                    break  # the rest of the file is never decoded
-        except av.error.FFmpegError as e:  # damaged data part way: keep what decoded
-            damage = e
-            if not chunks:
-                raise ValueError(f"audio {path} cannot be decoded ({e}); re-export or download it again") from e
-    if not chunks:
-        raise ValueError(f"{path} holds no audio samples")
-    wave = np.concatenate(chunks, axis=1)  # [C,T]
-    decoded = wave.shape[1] / rate
-    declared = wav_declared_seconds(path) or declared
-    stopped = limit is not None and held >= limit  # stopped at the cap on purpose: not a truncated file
-    if stopped:
-        log.info("audio %s: read the first %.1f s (--max-seconds %g and whole 30 s whisper chunks)", path,
-                 decoded, max_seconds)
-    if damage is not None or (not stopped and declared is not None
-                              and declared - decoded > TRUNCATED_AUDIO_TOLERANCE_S):
-        said = f"declares {declared:.2f} s of audio but" if declared else "is damaged:"
-        log.warning("audio %s %s only %.2f s could be decoded%s; the file is probably truncated (an "
-                    "interrupted download or copy): only the decoded part is used, the video will be that "
-                    "long. Re-export or download it again for the whole clip", path, said, decoded,
-                    f" ({damage})" if damage is not None else "")
-    return torch.from_numpy(wave)[None], int(rate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +324,9 @@ def animate(image_path: str | os.PathLike, audio_path: str | os.PathLike, output
     output = preflight.check_output(output)
     preflight.check_settings(settings, OUTPUT_FPS if settings.interpolate else GENERATED_FPS)
     models_dir = Path(models_dir)
+    if svd_dir is not None:
+        with identify.expecting(svd_dir, identify.SVD):  # a file or another model's folder: says which
+            check_input(svd_dir, "--svd", FOLDER, fix=f"give the diffusers SVD-xt folder ({SVD_REPO})")
     device = torch.device(device)
     image, alpha_mask = read_image(image_path)
     wave, rate = read_audio(audio_path, settings.max_seconds)  # [1,C,T]: decoding stops at the cap's needs

@@ -42,6 +42,7 @@ import torch
 
 from .config import (RESULT_KEEP_ENV, RESULT_KEEP_MB, RESUME_FORMAT_VERSION, RESUME_LATENT_ABS_MAX,
                      RESUME_MAX_AGE_S)
+from .paths import FOLDER, path_problem
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,13 @@ def folder_problem(folder: str | os.PathLike) -> str | None:
     made: list[Path] = []
     try:
         if os.path.lexists(folder) and not folder.is_dir():
-            return f"{folder} is not a folder (a file or a broken link)"
+            return f"{folder} {path_problem(folder, FOLDER)[1]}"
         missing, top = [], folder
         while not os.path.lexists(top) and top != top.parent:
             missing.append(top)
             top = top.parent
         if not top.is_dir():
-            return f"{top} is not a folder (a file or a broken link)"
+            return f"{top} {path_problem(top, FOLDER)[1]}"
         for d in reversed(missing):
             d.mkdir()
             made.append(d)

@@ -105,8 +105,22 @@ def guidance_scales(lo: float, hi: float, n_run: int, dtype: torch.dtype) -> tor
     return torch.linspace(lo, hi, n_run).to(dtype)
 
 
+# SamplerDefaults field -> config.LIMITS key: the numbers the Sonic Sampler node checks, checked
+# here too for Python callers (NaN, inf and out-of-range values are named as the node names them)
+SETTING_LIMITS = {"steps": "steps", "min_resolution": "min_resolution",
+                  "frames_per_window": "frames_per_window", "overlap": "overlap", "shift_offset": "shift_offset",
+                  "min_appearance_guidance": "min_appearance_guidance",
+                  "max_appearance_guidance": "max_appearance_guidance",
+                  "min_audio_guidance": "min_audio_guidance", "max_audio_guidance": "max_audio_guidance",
+                  "i2i_strength": "i2i_strength", "noise_aug_strength": "noise_aug",
+                  "fps_conditioning": "fps_conditioning", "audio_scale": "audio_scale"}
+
+
 def validate(settings: SamplerDefaults, num_frames: int) -> None:
     """Raise on settings the window loop cannot run with, naming the bad value."""
+    from .config import check_inputs
+
+    check_inputs({f: getattr(settings, f) for f in SETTING_LIMITS}, SETTING_LIMITS)  # the node's ranges
     w, ov = settings.frames_per_window, settings.overlap
     if w < 1:
         raise ValueError(f"frames_per_window={w} must be at least 1")
@@ -649,8 +663,9 @@ def generate(
     with ``noise_aug_strength > 0``) the pixel noise, so results do not depend on the device.
     ``group``: a torch.distributed process group to share the windows across ranks (see ``sample``).
     """
-    from .config import LATENT_CHANNELS
+    from .config import LATENT_CHANNELS, check_inputs
 
+    seed, window_batch = check_inputs({"seed": seed, "window_batch": window_batch}).values()  # as the node
     num_frames = int(audio.num_frames)
     if motion.buckets.shape[0] != num_frames:
         raise ValueError(

@@ -307,27 +307,27 @@ def _pad_even(a: np.ndarray) -> np.ndarray:
 def _audio_array(audio: tuple[torch.Tensor, int]) -> tuple[np.ndarray, int]:
     """(waveform [C,T] float32 numpy with C in {1,2}, sample rate).
 
-    Integer PCM is converted (``audio.float_waveform``, the rule every AUDIO input uses); NaN/inf samples are an error; float samples
+    Any AUDIO layout, integer PCM converted (``audio.standard_waveform``, the rule every AUDIO input
+    uses); NaN/inf and absurd samples are an error; float samples
     beyond [-1, 1] are clipped with a warning that names the peak.
     """
-    from .audio import check_sample_rate, float_waveform
+    from .audio import check_sample_rate, check_samples, layout_note, standard_waveform
 
     wave, sr = audio
     check_sample_rate(sr, "Video Combine audio:")
-    wave = float_waveform(wave if isinstance(wave, torch.Tensor) else np.asarray(wave))  # PCM -> float32
-    wave = wave.detach().to("cpu", torch.float32)
-    if wave.ndim == 3:  # ComfyUI AUDIO [B,C,T]: first item
-        wave = wave[0]
-    if wave.ndim == 1:
-        wave = wave[None]  # [1,T]
-    if wave.ndim != 2 or wave.shape[1] == 0:
-        raise ValueError(f"audio waveform must be [C, T] with T > 0, got {tuple(wave.shape)}")
+    wave = wave if isinstance(wave, torch.Tensor) else np.asarray(wave)
+    original = tuple(wave.shape)
+    wave, layout = standard_waveform(wave, "Video Combine audio")  # any layout, PCM -> [B, C, T] float32
+    wave = wave[0].detach().to("cpu", torch.float32)  # [C, T]: the first item of a batch
+    if wave.shape[1] == 0 or wave.shape[0] == 0:
+        raise ValueError(f"audio is empty{layout_note(layout, original)}; connect audio with sound")
     finite = torch.isfinite(wave)
     if not bool(finite.all()):
         where = int((~finite).nonzero()[0, 1])
         raise ValueError(f"audio has {int((~finite).sum())} NaN or infinite samples (first at "
                          f"{where / sr:.3f} s); nothing was written. Clean or re-export the audio, or leave "
                          "the audio input unconnected")
+    check_samples(wave, sr, "Video Combine audio")  # 1e30 samples are corrupt, not loud
     if wave.shape[0] > 2:
         log.warning("audio has %d channels; mixing down to mono", wave.shape[0])
         wave = wave.mean(0, keepdim=True)  # [1,T]

@@ -40,6 +40,7 @@ from .config import (
     SAFETENSORS_MAX_HEADER_BYTES,
     SAFETENSORS_MAX_TENSORS,
 )
+from .paths import FOLDER, check_input, optional_file
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,7 @@ class CheckpointError(ValueError):
 # Reading and checking state dicts
 # ----------------------------------------------------------------------------------------------
 def _require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist or is not a file; check the path")
-    return path
+    return check_input(path, what, fix="check the path (see README 'Weights')")  # says what it really is
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -319,7 +318,7 @@ def architecture_path(checkpoint: str | os.PathLike) -> Path:
 def read_architecture(checkpoint: str | os.PathLike) -> dict | None:
     """The architecture dict beside ``checkpoint``, or None when there is none."""
     arch = architecture_path(checkpoint)
-    if not arch.is_file():
+    if not optional_file(arch, "architecture JSON", fix="fix or remove it"):  # a FIFO there is said
         return None
     try:
         data = json.loads(arch.read_text())
@@ -391,17 +390,21 @@ def _load_module(path: str | os.PathLike, factory, what: str, dtype: torch.dtype
 def load_audio2token(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None):
     """audio2token (``AudioProjModel``) from a checkpoint; float32 by default like the official run."""
+    from . import identify
     from .models.audio_proj import AudioProjModel
 
-    return _load_module(path, AudioProjModel, "audio2token", dtype, device)
+    with identify.expecting(path, identify.AUDIO2TOKEN):  # another model's file: says which
+        return _load_module(path, AudioProjModel, "audio2token", dtype, device)
 
 
 def load_audio2bucket(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                       device: torch.device | str | None = None):
     """audio2bucket (``Audio2BucketModel``) from a checkpoint; float32 by default."""
+    from . import identify
     from .models.audio_proj import Audio2BucketModel
 
-    return _load_module(path, Audio2BucketModel, "audio2bucket", dtype, device)
+    with identify.expecting(path, identify.AUDIO2BUCKET):
+        return _load_module(path, Audio2BucketModel, "audio2bucket", dtype, device)
 
 
 def load_unet(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str | None = None,
@@ -413,6 +416,14 @@ def load_unet(path: str | os.PathLike, dtype: torch.dtype, device: torch.device 
     ``weight_dtype`` ``torch.float8_e4m3fn`` stores the Linear / Conv weights in fp8 (computed in
     ``dtype``, sonic_core.lowvram); None keeps them in ``dtype``.
     """
+    from . import identify
+
+    with identify.expecting(path, identify.UNET):  # another model's file: says which
+        return _load_unet(Path(path), dtype, device, weight_dtype)
+
+
+def _load_unet(path: Path, dtype: torch.dtype, device: torch.device | str | None,
+               weight_dtype: torch.dtype | None):
     from .models import unet as unet_module
 
     t0 = time.perf_counter()
@@ -463,21 +474,26 @@ def load_whisper(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     ``preprocessor_config.json`` (without it the extractor is built from the config's mel count).
     Only the encoder is built; its keys are checked strictly, decoder keys are ignored.
     """
+    from . import identify
+
+    with identify.expecting(folder, identify.WHISPER):  # another model's folder: says which
+        return _load_whisper(Path(folder), dtype, device)
+
+
+def _load_whisper(folder: Path, dtype: torch.dtype, device: torch.device | str | None):
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     t0 = time.perf_counter()
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"whisper folder {str(folder)!r} does not exist; download openai/whisper-tiny (config.json, "
-            "model.safetensors, preprocessor_config.json) into it")
+    check_input(folder, "whisper folder", FOLDER, fix="download openai/whisper-tiny (config.json, "
+                "model.safetensors, preprocessor_config.json) into a folder and point there")
     config_file = folder / WHISPER_CONFIG_FILE
-    if not config_file.is_file():
+    if not optional_file(config_file, "whisper config", fix="download whisper-tiny's config.json again"):
         raise FileNotFoundError(
             f"whisper folder {str(folder)!r} has no {WHISPER_CONFIG_FILE}; it must be a Hugging Face "
             "whisper model folder (openai/whisper-tiny)")
-    weights = next((folder / n for n in WHISPER_WEIGHT_FILES if (folder / n).is_file()), None)
+    weights = next((folder / n for n in WHISPER_WEIGHT_FILES
+                    if optional_file(folder / n, "whisper weights", fix="download it again")), None)
     if weights is None:
         raise FileNotFoundError(
             f"whisper folder {str(folder)!r} has no weights: expected one of {WHISPER_WEIGHT_FILES}")

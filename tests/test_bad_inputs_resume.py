@@ -193,8 +193,12 @@ def disks(tmp_path):
 def test_folder_problems_are_named_and_nothing_is_left(tmp_path, disks):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert folder_problem(afile) == f"{afile} is not a folder (a file or a broken link)"
-    assert folder_problem(afile / "below") == f"{afile} is not a folder (a file or a broken link)"
+    assert folder_problem(afile) == f"{afile} is a file, not a folder"
+    assert folder_problem(afile / "below") == f"{afile} is a file, not a folder"
+    (tmp_path / "loop").symlink_to("loop")  # what the path really is (sonic_core.paths), not "a file or..."
+    assert folder_problem(tmp_path / "loop") == f"{tmp_path / 'loop'} is a symlink loop (the link leads, " \
+        "directly or through others, to itself)"
+    (tmp_path / "loop").unlink()
     ro = disks("ro")
     assert folder_problem(ro) == f"{ro} is not writable (read-only file system)"
     assert folder_problem(ro / "a" / "b") == f"{ro / 'a' / 'b'} is not writable (read-only file system)"

@@ -213,7 +213,7 @@ def test_nan_audio_into_video_combine(combine, tmp_path):
 def test_absurd_sample_rate_into_video_combine(combine, tmp_path, rate):
     with pytest.raises(ValueError, match=rf"sample_rate is {rate} Hz, below the 4000 Hz minimum"):
         combine(_frames(25), {"waveform": _tone(0.3, sr=300)[None], "sample_rate": rate})
-    assert _listing(tmp_path / "bad") == []
+    assert not (tmp_path / "bad").exists() or _listing(tmp_path / "bad") == []  # refused before any folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def test_nan_motion_scales_are_refused(field):
     kwargs = {"head": {"head_scale": float("nan")}, "expression": {"expression_scale": float("inf")},
               "fixed": {"fixed_head": float("nan")}}[field]
     audio = SimpleNamespace(num_frames=4)
-    with pytest.raises(ValueError, match=r"(head_scale|expression_scale|fixed_head)=(nan|inf) is not finite"):
+    with pytest.raises(ValueError, match=r"(head_scale|expression_scale|fixed_head) (nan|inf) must be a finite "):
         predict_motion(torch.nn.Linear(1, 1), audio, torch.zeros(1, 8), **kwargs)
 
 

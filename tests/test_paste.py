@@ -180,7 +180,7 @@ def test_bad_input_is_named_before_any_work():
         image.PasteBack(smooth_photo(300, 200), found.box)
     with pytest.raises(ValueError, match=r"frames are 256x448 but the face box's crop is"):
         image.PasteBack(photo, found.box)(torch.rand(1, 448, 256, 3))
-    with pytest.raises(ValueError, match="feather 0.7 must be 0..0.5"):
+    with pytest.raises(ValueError, match="paste_feather 0.7 is out of range: must be a finite number from 0 to"):
         image.PasteBack(photo, found.box, feather=0.7)
     with pytest.raises(ValueError, match="region 'hair' is not one of"):
         image.PasteBack(photo, found.box, region="hair")

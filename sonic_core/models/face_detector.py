@@ -31,7 +31,6 @@ Everything here takes the device as an argument; nothing is decided at import.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -168,11 +167,21 @@ class YoloFaceDetector:
         The archive is checked statically first (``torchscript_check``): a file whose code or data
         is outside the reviewed allowlist raises ``UnsafeTorchScriptError`` and none of it runs.
         """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"face detector {path!r} does not exist: put yoloface_v5m.pt "
-                                    "in models/sonic or choose 'none' and draw a face mask")
+        from .. import identify
+
+        with identify.expecting(path, identify.DETECTOR):  # another model's file: says which
+            module = cls._load(path, device)
+        log.info("loaded face detector %s on %s", path, device)
+        return cls(module, device)
+
+    @staticmethod
+    def _load(path: str, device: torch.device | str):
+        from ..paths import check_input
+
+        check_input(path, "face detector", fix="put yoloface_v5m.pt in models/sonic or choose 'none' and "
+                    "draw a face mask")
         try:
-            module = load_checked(path, map_location=torch.device(device))
+            return load_checked(path, map_location=torch.device(device))
         except CheckpointError:
             raise  # refused by the check, or not a TorchScript archive: the message says which
         except (RuntimeError, ValueError) as exc:
@@ -180,8 +189,6 @@ class YoloFaceDetector:
                 f"{path!r} is not a TorchScript face detector ({exc.__class__.__name__}: {exc}); "
                 "use the official yoloface_v5m.pt"
             ) from exc
-        log.info("loaded face detector %s on %s", path, device)
-        return cls(module, device)
 
     def grids(self, width: int, height: int) -> list[torch.Tensor]:
         if self._grids is None or self._grids[0] != (width, height):

@@ -9,7 +9,6 @@ runs. The module computes in whatever dtype/device its parameters are on (the ca
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -162,9 +161,12 @@ def load_rife(path: str, device: torch.device | str = "cpu") -> IFNet:
 
     Pickles are read with ``torch.load(weights_only=True)`` (sonic_core.weights.read_state_dict).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"RIFE weights {path!r} not found: download RIFE/flownet.pkl (see README)")
-    state = rife_state_dict(read_state_dict(path))
-    model = build_rife(state, what=path)
+    from .. import identify
+    from ..paths import check_input
+
+    with identify.expecting(path, identify.RIFE):  # another model's file: says which
+        check_input(path, "RIFE weights", fix="download RIFE/flownet.pkl (see README 'Weights')")
+        state = rife_state_dict(read_state_dict(path))
+        model = build_rife(state, what=path)
     log.info("RIFE: loaded %s (%d tensors)", path, len(state))
     return model.to(device)

@@ -174,8 +174,10 @@ class SVDImageEncoder:
 # Loading from a diffusers-format SVD-xt folder (vae/, image_encoder/)
 # ----------------------------------------------------------------------------------------------
 def _weights_file(folder: Path, names: tuple[str, ...], what: str) -> Path:
+    from ..paths import optional_file
+
     for n in names:
-        if (folder / n).is_file():
+        if optional_file(folder / n, what, fix="download it again"):  # a FIFO or folder there is said
             return folder / n
     raise FileNotFoundError(
         f"{what}: none of {list(names)} in {folder}; download the SVD-xt folder "
@@ -184,8 +186,10 @@ def _weights_file(folder: Path, names: tuple[str, ...], what: str) -> Path:
 
 
 def _read_config(folder: Path, what: str) -> dict:
+    from ..paths import optional_file
+
     cfg = folder / CONFIG_FILE
-    if not cfg.is_file():
+    if not optional_file(cfg, what, fix="download it again"):  # a FIFO or folder there is said
         raise FileNotFoundError(
             f"{what}: {cfg} is missing; point to a diffusers-format SVD-xt folder "
             f"containing {VAE_SUBFOLDER}/ and {IMAGE_ENCODER_SUBFOLDER}/"
@@ -255,25 +259,26 @@ def load_vae(
     decode_chunk_size: int = SAMPLER_DEFAULTS.decode_chunk_size,
 ) -> SVDVAE:
     """``SVDVAE`` from ``folder/vae`` (``folder`` may also be the vae folder itself)."""
+    from .. import identify
+
     folder = Path(folder)
     sub = folder / VAE_SUBFOLDER if (folder / VAE_SUBFOLDER).is_dir() else folder
-    model = _build(build_vae, _read_config(sub, "SVD VAE"), sub, "SVD VAE")
-    model = _load_into(model, _weights_file(sub, VAE_WEIGHT_FILES, "SVD VAE"), "SVD VAE", dtype, device)
+    with identify.expecting(sub, identify.SVD_VAE):  # another model's folder: says which
+        model = _build(build_vae, _read_config(sub, "SVD VAE"), sub, "SVD VAE")
+        model = _load_into(model, _weights_file(sub, VAE_WEIGHT_FILES, "SVD VAE"), "SVD VAE", dtype, device)
     return SVDVAE(model, decode_chunk_size)
 
 
 def load_image_encoder(folder: str | Path, dtype: torch.dtype, device: torch.device | str) -> SVDImageEncoder:
     """``SVDImageEncoder`` from ``folder/image_encoder`` (or that folder itself)."""
+    from .. import identify
+
     folder = Path(folder)
     sub = folder / IMAGE_ENCODER_SUBFOLDER if (folder / IMAGE_ENCODER_SUBFOLDER).is_dir() else folder
-    model = _build(build_image_encoder, _read_config(sub, "SVD image encoder"), sub, "SVD image encoder")
-    model = _load_into(
-        model,
-        _weights_file(sub, ENCODER_WEIGHT_FILES, "SVD image encoder"),
-        "SVD image encoder",
-        dtype,
-        device,
-    )
+    with identify.expecting(sub, identify.CLIP):  # another model's folder: says which
+        model = _build(build_image_encoder, _read_config(sub, "SVD image encoder"), sub, "SVD image encoder")
+        model = _load_into(model, _weights_file(sub, ENCODER_WEIGHT_FILES, "SVD image encoder"),
+                           "SVD image encoder", dtype, device)
     return SVDImageEncoder(model)
 
 
@@ -284,10 +289,11 @@ def load_svd(
     decode_chunk_size: int = SAMPLER_DEFAULTS.decode_chunk_size,
 ) -> tuple[SVDVAE, SVDImageEncoder]:
     """VAE and image encoder of a diffusers-format SVD-xt folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"SVD-xt folder {folder} does not exist; it must contain "
-            f"{VAE_SUBFOLDER}/ and {IMAGE_ENCODER_SUBFOLDER}/"
-        )
-    return (load_vae(folder, dtype, device, decode_chunk_size), load_image_encoder(folder, dtype, device))
+    from .. import identify
+    from ..paths import FOLDER, check_input
+
+    with identify.expecting(folder, identify.SVD):  # the whole folder is named (not its vae/ part)
+        folder = check_input(folder, "SVD-xt folder", FOLDER,
+                             fix=f"give the diffusers SVD-xt folder, with {VAE_SUBFOLDER}/ and "
+                                 f"{IMAGE_ENCODER_SUBFOLDER}/")
+        return (load_vae(folder, dtype, device, decode_chunk_size), load_image_encoder(folder, dtype, device))
