@@ -1,5 +1,6 @@
 """Long clips: SonicLatentToVideo (decode + RIFE + save, streaming) and SonicLatentSegment (one
-segment of a clip at a time through any chain of IMAGE nodes, appended by Video Combine).
+segment of a clip at a time through any chain of IMAGE nodes, appended by Video Combine), and
+SonicAddFace (the other faces of a conversation, for Latent To Video's more_faces).
 
 The sampler's LATENT is small (64 KB a frame at 512x512); decoded frames are not (3 MB a frame as
 float32, and ComfyUI keeps every node's output). Both nodes decode in the temporal decoder's own

@@ -319,25 +319,36 @@ def _other_faces(box) -> list[tuple[float, float, float, float]]:
     return heads
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, C, h, w]`` with zero padding (normalised convolution divides it out)."""
+def _gauss(n: int, sigma: float) -> torch.Tensor:
+    """``[n, n]`` matrix of a Gaussian blur along one axis of ``n`` cells with zero padding (a
+    normalised convolution divides the padding out): row i weighs cell j by ``exp(-(i-j)^2 / 2 sigma^2)``."""
     r = max(1, math.ceil(3 * sigma))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma * sigma))
-    k = (k / k.sum()).repeat(x.shape[1], 1, 1)  # [C, 1, 2r+1]
-    c = x.shape[1]
-    x = torch.nn.functional.conv2d(x, k[:, :, None, :], padding=(0, r), groups=c)  # along w
-    return torch.nn.functional.conv2d(x, k[:, :, :, None], padding=(r, 0), groups=c)  # along h
+    d = torch.arange(n, dtype=torch.float32)
+    d = d[:, None] - d[None, :]  # [n, n] cell offsets
+    k = torch.exp(-d ** 2 / (2 * sigma * sigma)) * (d.abs() <= r)
+    norm = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma * sigma)).sum()
+    return k / norm
+
+
+def _pooling(n: int, cells: int) -> torch.Tensor:
+    """``[cells, n]`` matrix averaging ``n`` pixels into ``cells`` bins (adaptive average pooling)."""
+    m = torch.zeros(cells, n)
+    for c in range(cells):
+        a, b = (c * n) // cells, -((-(c + 1) * n) // cells)  # floor, ceil: torch's adaptive bins
+        m[c, a:b] = 1.0 / (b - a)
+    return m
 
 
 class ColorMatch:
-    """A smooth per-channel gain that pulls a generated region's colour to what lies under it.
+    """A smooth per-channel gain that pulls a generated crop's colour to what lies under it.
 
-    ``ring [rh, rw]``: where to measure (the blend band, 0 elsewhere). Local means of the frame and of
-    the photo over the ring are taken on a coarse grid (``PASTE_COLOR_GRID`` cells on the short side),
-    spread by a Gaussian (``PASTE_COLOR_SIGMA`` cells) and pulled towards the whole ring's mean where
-    the ring is far (``PASTE_COLOR_PRIOR``); their ratio, within ``1 +- PASTE_COLOR_MAX_GAIN`` and
-    bilinearly upsampled, multiplies the frame. Only the lowest frequencies change: a drift of the
-    model's colour, not the face's own motion.
+    ``ring [ch, cw]``: where to measure (a band along the crop's border, 0 elsewhere). Local means of
+    the frame and of the photo over the ring are taken on a coarse grid (``PASTE_COLOR_GRID`` cells on
+    the short side), spread by a Gaussian (``PASTE_COLOR_SIGMA`` cells) and pulled towards the whole
+    ring's mean where the ring is far (``PASTE_COLOR_PRIOR``); their ratio, within ``1 +-
+    PASTE_COLOR_MAX_GAIN`` and bilinearly upsampled, multiplies the frame. Only the lowest frequencies
+    change: a drift of the model's colour, not the face's own motion. Small matrices do the pooling and
+    the blur (a convolution on an 8x8 grid costs more in call overhead than in arithmetic).
     """
 
     def __init__(self, ring: torch.Tensor):
@@ -347,32 +358,42 @@ class ColorMatch:
                      max(1, round(config.PASTE_COLOR_GRID * rw / short)))
         self.size = (rh, rw)
         self.ring = ring.to(torch.float32)  # [rh, rw]
-        den = torch.nn.functional.adaptive_avg_pool2d(self.ring[None, None], self.grid)  # [1, 1, gh, gw]
+        self.pool = (_pooling(rh, self.grid[0]), _pooling(rw, self.grid[1]))  # [gh, rh], [gw, rw]
+        self.blur = (_gauss(self.grid[0], config.PASTE_COLOR_SIGMA), _gauss(self.grid[1], config.PASTE_COLOR_SIGMA))
+        den = self.pool[0] @ self.ring @ self.pool[1].T  # [gh, gw]
         self.total = float(den.sum())
-        self.prior = config.PASTE_COLOR_PRIOR * float(_blur(den, config.PASTE_COLOR_SIGMA).amax())
+        self.prior = config.PASTE_COLOR_PRIOR * float((self.blur[0] @ den @ self.blur[1].T).amax())
         self.active = self.total > 0
+        self.fixed = None  # the photo's means, kept once measured (``fixed=True`` calls)
 
     def to(self, device) -> "ColorMatch":
         out = object.__new__(ColorMatch)
-        out.__dict__.update(self.__dict__, ring=self.ring.to(device))
+        out.__dict__.update(self.__dict__, ring=self.ring.to(device), pool=tuple(m.to(device) for m in self.pool),
+                            blur=tuple(m.to(device) for m in self.blur), fixed=None)
         return out
 
     def _means(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[rh, rw, 3]`` -> local ring sums (blurred, not normalised) ``[1, 3, gh, gw]`` and the whole
-        ring's mean ``[1, 3, 1, 1]``."""
-        pooled = torch.nn.functional.adaptive_avg_pool2d((x * self.ring[:, :, None]).permute(2, 0, 1)[None],
-                                                         self.grid)  # [1, 3, gh, gw]
-        return _blur(pooled, config.PASTE_COLOR_SIGMA), pooled.sum((2, 3), keepdim=True) / self.total
+        """``[rh, rw, 3]`` -> local ring sums (blurred, not normalised) ``[3, gh, gw]`` and the whole
+        ring's mean ``[3, 1, 1]``."""
+        (ph, pw), (bh, bw) = self.pool, self.blur
+        rh, rw = self.size
+        y = ph @ (x * self.ring[:, :, None]).reshape(rh, rw * 3)  # [gh, rw * 3]
+        pooled = torch.einsum("grc,vr->cgv", y.reshape(-1, rw, 3), pw)  # [3, gh, gw]
+        return bh @ pooled @ bw.T, pooled.sum((1, 2), keepdim=True) / self.total
 
-    def __call__(self, part: torch.Tensor, under: torch.Tensor) -> torch.Tensor:
-        """``part`` (the frame's region) ``[rh, rw, 3]`` with its colour matched to ``under`` (the photo's)."""
+    def __call__(self, part: torch.Tensor, under: torch.Tensor, fixed: bool = False) -> torch.Tensor:
+        """``part`` (the frame's crop) ``[rh, rw, 3]`` with its colour matched to ``under`` (what it is
+        pasted onto); ``fixed``: ``under`` is the same photo at every call (its means are kept)."""
         if not self.active:
             return part
-        (fl, fg), (pl, pg) = self._means(part), self._means(under)
+        if fixed and self.fixed is None:
+            self.fixed = self._means(under)
+        (fl, fg), (pl, pg) = self._means(part), (self.fixed if fixed else self._means(under))
         eps = 1 / config.U8_MAX / config.U8_MAX  # far below one level: black on black stays a gain of 1
-        gain = (pl + self.prior * pg + eps) / (fl + self.prior * fg + eps)  # [1, 3, gh, gw]
+        gain = (pl + self.prior * pg + eps) / (fl + self.prior * fg + eps)  # [3, gh, gw]
         gain = gain.clamp(1 - config.PASTE_COLOR_MAX_GAIN, 1 + config.PASTE_COLOR_MAX_GAIN)
-        gain = torch.nn.functional.interpolate(gain - 1, size=self.size, mode="bilinear", align_corners=False)
+        gain = torch.nn.functional.interpolate(gain[None] - 1, size=self.size, mode="bilinear",
+                                               align_corners=False)  # [1, 3, rh, rw]
         return (part + part * gain[0].permute(1, 2, 0)).clamp_(0, 1)  # gain - 1 [rh, rw, 3]: 0 leaves part exact
 
 
@@ -559,7 +580,7 @@ class PasteBack:
             under = base[k].to(frames.device) if base is not None else self.base(start + k, frames.device)
             crop = self.resize_to_crop(frames[k:k + 1])[0]  # [ch, cw, 3]
             if color is not None:
-                crop = color(crop, under[y1:y2, x1:x2])
+                crop = color(crop, under[y1:y2, x1:x2], fixed=base is None and n_bases == 1)
             part = crop[ry1 - y1:ry2 - y1, rx1 - x1:rx2 - x1]  # [rh, rw, 3]
             inside = under[ry1:ry2, rx1:rx2]  # [rh, rw, 3]
             blended = torch.lerp(inside, part, mask)  # weight 0: the photo, 1: the frame, exactly
