@@ -260,7 +260,7 @@ RESUME_LATENT_ABS_MAX = 1e4
 RESULT_KEEP_MB = 2048
 RESULT_KEEP_ENV = "SONIC_KEEP_MB"  # overrides RESULT_KEEP_MB (MiB; 0 = keep none)
 # What keys states and kept results to the model (sonic_core/digest.py): the whole content of each checkpoint
-# file, hashed once per file (a ~100 entry JSON cache keyed by path, size, mtime and inode)
+# file, hashed once per file (a small JSON cache keyed by path, size, mtime and inode)
 DIGEST_CHUNK_BYTES = 8 * 2**20  # bytes read per hash update while streaming a checkpoint
 DIGEST_CACHE_ENV = "SONIC_DIGEST_CACHE"  # the cache file (default: $XDG_CACHE_HOME or ~/.cache, sonic/...)
 DIGEST_CACHE_ENTRIES = 256  # files remembered; the least recently used is forgotten first
