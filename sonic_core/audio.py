@@ -497,9 +497,10 @@ def encode_audio(models: Any, waveform: torch.Tensor, sample_rate: float, max_se
     from .config import check_inputs
 
     max_seconds = check_inputs({"max_seconds": max_seconds})["max_seconds"]  # the node's range, NaN refused
-    waveform = standard_waveform(waveform)[0]  # [B, C, T] float from any layout (Video Combine's rule too)
+    # any layout (Video Combine's rule too), checked as it came so errors name that layout
+    waveform = check_waveform(waveform, sample_rate)[None]  # [C, T] -> [1, C, T] float
     out_device = waveform.device if out_device is None else out_device
-    n16 = int(np.ceil(check_waveform(waveform, sample_rate).shape[-1] * (float(SAMPLE_RATE) / sample_rate)))
+    n16 = int(np.ceil(waveform.shape[-1] * (float(SAMPLE_RATE) / sample_rate)))
     check_fits(add_audio(MemoryEstimate(frame_counts(n16, max_seconds)[1]), models.dtype,
                          HOST if torch.device(out_device).type == "cpu" else DEVICE),
                out_device, "Whisper Audio Encode")  # before anything of that size is allocated

@@ -26,7 +26,7 @@ def describe_path(path: str | os.PathLike) -> tuple[str, str]:
         st = os.stat(p)  # follows links; never opens (a FIFO does not block)
     except FileNotFoundError:
         if os.path.islink(p):
-            return "dangling symlink", f"is a symlink to {os.readlink(p)!r}, which does not exist"
+            return "dangling symlink", f"is a symlink to {os.readlink(p)}, which does not exist"
         parent = _missing_parent(p)
         if parent is not None:
             return "missing", f"does not exist ({parent} is not a folder)"

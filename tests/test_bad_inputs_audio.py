@@ -190,6 +190,8 @@ def test_whisper_encode_reads_channels_last(model_dir, monkeypatch):
     (got,) = node.encode(models, {"waveform": stereo.t()[None], "sample_rate": RATE})  # [1, T, 2]
     assert got.num_frames == want.num_frames == 12
     assert torch.equal(got.cond_tokens, want.cond_tokens) and got.waveform.shape == (1, 2, RATE)
+    with pytest.raises(ValueError, match=r"read as \[B, T, C\] \(channels-last\)\)\); at least 80 ms"):
+        node.encode(models, {"waveform": stereo[:, :100].t()[None], "sample_rate": RATE})  # [1, 100, 2]: short
     bad = stereo.clone()
     bad[0, 100] = float("nan")
     with pytest.raises(ValueError, match=r"^audio has 1 NaN or inf samples"):  # named as the input
