@@ -207,6 +207,7 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from . import imagefile
+    from .budget import check_image_read
     from .image import check_image_size, pil_pixels
 
     if os.path.isdir(path):
@@ -246,6 +247,7 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
                          "open and re-save it in an image editor, or download/copy it again") from None
     with im:
         check_image_size(*im.size, what=f"image {path}")
+        check_image_read(*im.size, what=f"image {path}")  # its pixels and their float32 copy: before decoding
         try:
             with imagefile.strict_pillow():  # truncated data raises, whatever another pack set
                 im.load()

@@ -292,8 +292,10 @@ def _frames(frames: torch.Tensor | Iterable, deep: bool) -> Iterator[np.ndarray]
                             "255", src_dtype, peak)
                 warned = True
             t = t / U8_MAX
-        t = (t.clamp(0, 1) * scale).round()
-        yield np.ascontiguousarray(t.numpy().astype(dtype))
+        t = t.clamp(0, 1).mul_(scale).round_()  # one float copy of the frame, then in place
+        arr = np.ascontiguousarray(t.numpy().astype(dtype))
+        del f, t  # the frame is not held while the next one is made (a photo-sized frame is 12 B/px)
+        yield arr
 
 
 def _pad_even(a: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from sonic_core import pipeline
+from tests.test_long_nodes import env, models  # noqa: F401 (fixtures)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,3 +126,103 @@ def test_tiff_whose_header_does_not_parse_is_still_called_damaged(tmp_path):
     with pytest.raises(ValueError, match=r"bad.tif cannot be read: it starts like a TIFF file but its header is "
                                          r"damaged"):
         pipeline.read_image(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Photo-sized memory (items 5, 6)
+# ----------------------------------------------------------------------------------------------
+def _free(monkeypatch, nbytes: int) -> None:
+    from sonic_core import budget
+
+    monkeypatch.setattr(budget, "host_available_bytes", lambda: nbytes)
+
+
+def test_image_too_large_for_free_memory_is_refused_from_its_header(tmp_path, monkeypatch):
+    Image.new("RGB", (1200, 1000), (90, 120, 150)).save(tmp_path / "big.png")
+    _free(monkeypatch, 10 * 2**20)  # 10 MiB free; the pixels and their float32 copy are 18 MB
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(1))
+    with pytest.raises(ValueError, match=r"big.png is 1200x1000 px.*needs at least 17.2 MiB of host memory.*"
+                                         r"10.0 MiB is free: downscale it"):
+        pipeline.read_image(tmp_path / "big.png")
+    assert not decoded, "refused before decoding"
+
+
+def test_read_image_holds_few_photo_sized_buffers(tmp_path):
+    import tracemalloc
+
+    w, h = 1000, 800
+    rgba = np.full((h, w, 4), 200, np.uint8)
+    rgba[300:500, 400:600, 3] = 0  # transparent face square: a transparency mask comes back too
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    tracemalloc.start()
+    try:
+        image, mask = pipeline.read_image(tmp_path / "rgba.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.shape == (1, h, w, 3) and mask is not None
+    assert abs(float(image[0, 0, 0, 0]) - 200 / 255) < 1e-7 and float(mask[0, 400, 500]) == 1.0
+    # numpy's buffers and Pillow's bytes (tracemalloc sees them): the float32 RGB (12 B/px) and transparency
+    # (4 B/px) it returns and the RGB bytes (3 B/px) they come from: 19.3 B/px; no float temporaries beside
+    # them (32.2 B/px before issue 29: RGB / 255, alpha / 255 and 1 - alpha made copies)
+    assert peak < 21 * w * h, f"{peak / (w * h):.1f} bytes a pixel"
+
+
+def test_cli_estimate_counts_the_photo_sized_frames_and_refuses_with_what_to_do():
+    import torch
+
+    from sonic_core import budget, preflight
+
+    settings = pipeline.AnimateSettings(crop=True, paste_back=True)
+    est = preflight.estimate_run((8000, 8000), 16000 * 2, 16000, settings, torch.float32, torch.device("cpu"))
+    assert est.photo_size == (8000, 8000)
+    photo_part = sum(b for name, (b, _w) in est.parts.items() if name.startswith(("paste-back", "encoder")))
+    # one pasted float32 frame, its float32 / uint8 / yuv copies and x264's 40 look-ahead frames of 3 B/px
+    assert photo_part == 8000 * 8000 * (24 + 4.5 + 40 * 3)
+    with pytest.raises(budget.MemoryBudgetError, match=r"8.9 GiB of it is paste-back into the 8000x8000 photo: "
+                                                       r"give a smaller photo"):
+        budget.check_fits(est, "cpu", "this run", host_free=6 * 2**30)
+    budget.check_fits(est, "cpu", "this run", host_free=12 * 2**30)  # fits
+
+
+def test_latent_to_video_refuses_a_photo_too_large_for_memory_before_decoding(env, monkeypatch):
+    from nodes import nodes_long
+    from sonic_core import face
+    from tests.test_paste import smooth_photo
+
+    vae, rife, latents, out, written = env
+    photo = smooth_photo(97, 150)
+    box = face.FaceBox(x=16.0, y=16.0, w=32.0, h=32.0, image_size=(64, 64), crop_xyxy=(40, 20, 104, 84),
+                       source_size=(150, 97))
+    _free(monkeypatch, 100 * 2**10)  # 100 KiB: one pasted frame and its copies alone are 415 kB
+    with pytest.raises(ValueError, match=r"Latent To Video cannot fit: pasting back into the 150x97 photo needs "
+                                         r"at least [\d.]+ MiB of host memory .*0.1 MiB is free: give a smaller photo"):
+        nodes_long.SonicLatentToVideo().save({"samples": latents}, vae, 12.5, "RIFE/flownet.pkl", 2, "Sonic/x",
+                                             photo=photo, face_box=box)
+    assert not written and list(out.iterdir()) == []
+
+
+def test_paste_back_node_checks_its_batch_before_allocating(monkeypatch):
+    import torch
+
+    from nodes import nodes_paste
+    from sonic_core import face
+    from tests.test_paste import smooth_photo
+
+    photo = smooth_photo(300, 240)
+    m = torch.zeros(photo.shape[:3])
+    m[0, 100:170, 90:150] = 1
+    found = face.detect_face_mask(photo, mask=m, crop=True)
+    frames = torch.rand(25, 64, 64, 3)
+    _free(monkeypatch, 3 * 2**20)  # 25 frames of 300x240x3 float32 are 21.6 MB
+    allocated = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a) or real_empty(*a, **k))
+    with pytest.raises(ValueError, match=r"Sonic Paste Back cannot fit: 25 frames of the 240x300 photo .* need "
+                                         r"20.6 MiB of host memory .* 3.0 MiB is free \(room for about 3 frame\(s\)\): "
+                                         r"paste fewer frames per call .*Latent To Video's photo and face_box"):
+        nodes_paste.SonicPasteBack().paste(frames, photo, found.box, 0.1, "crop")
+    assert not any(len(a) == 4 and a[0] == 25 for a in allocated), "refused before the batch was allocated"
+    _free(monkeypatch, 2**30)
+    assert nodes_paste.SonicPasteBack().paste(frames[:2], photo, found.box, 0.1, "crop")[0].shape == (2, 300, 240, 3)
