@@ -106,6 +106,10 @@ PASTE_FACE_SCALE = 1.5  # "face" region = the face box scaled by this about its 
 PASTE_FEATHER = 0.1  # soft edge, as a fraction of the blended region's shorter side (0 = hard edge)
 PASTE_FEATHER_MAX = 0.5  # at 0.5 the soft edges of opposite sides meet in the middle
 PASTE_ASPECT_TOLERANCE = 0.1  # relative aspect difference allowed between the frames and the crop (x64 rounding)
+# the face box's fingerprint of its source image (issue 29): mean grey of each cell of a grid over it
+FINGERPRINT_GRID = 16  # cells per side
+FINGERPRINT_LEVEL_TOL = 0.06  # grey level (0..1, 15/255) a cell may move: fp16/bf16 copies, mild edits, another face
+FINGERPRINT_MAX_CHANGED = 0.5  # fraction of the cells beyond that tolerance that makes the photo another picture
 
 # ----------------------------------------------------------------------------------------------
 # Face detector (YOLOv5-face, issue 4)

@@ -40,7 +40,8 @@ class FaceBox:
 
     ``source`` is ``"detector"``, ``"mask"`` or ``"whole_image"``; ``score`` is the detector
     confidence (None otherwise); ``crop_xyxy`` is the crop taken from the input image, if any, and
-    ``source_size = (width, height)`` that input image's size (paste-back checks the photo against it).
+    ``source_size = (width, height)`` that input image's size and ``fingerprint`` its
+    ``image_fingerprint`` (paste-back checks the photo against both).
     """
 
     x: float
@@ -52,6 +53,7 @@ class FaceBox:
     score: float | None = None
     crop_xyxy: tuple[int, int, int, int] | None = None
     source_size: tuple[int, int] | None = None
+    fingerprint: tuple[float, ...] | None = None  # image_fingerprint of the source image (with a crop)
 
     @property
     def xyxy(self) -> tuple[float, float, float, float]:
@@ -60,6 +62,48 @@ class FaceBox:
     @property
     def area(self) -> float:
         return self.w * self.h
+
+
+def image_fingerprint(image: torch.Tensor) -> tuple[float, ...]:
+    """A small fingerprint of an RGB image ``[H, W, C]`` (of a batch ``[B, H, W, C]``: its first frame):
+    the mean level of every cell of a ``FINGERPRINT_GRID`` square grid, rows first. Read one band of
+    rows at a time (no photo-sized copy); float16 / bfloat16 / uint8 copies of one photo give the same
+    figures within rounding."""
+    img = image[0] if image.ndim == 4 else image
+    h, w = img.shape[:2]
+    g = config.FINGERPRINT_GRID
+    scale = config.U8_MAX if not img.is_floating_point() else 1.0
+    ys = [round(k * h / g) for k in range(g + 1)]
+    xs = [round(k * w / g) for k in range(g + 1)]
+    cells = []
+    for r in range(g):
+        band = img[ys[r]:ys[r + 1]].to(torch.float64).sum(dim=(0, 2))  # [W]: every channel of each column
+        edges = torch.cat([band.new_zeros(1), band.cumsum(0)])  # [W + 1]
+        for c in range(g):
+            count = (ys[r + 1] - ys[r]) * (xs[c + 1] - xs[c]) * img.shape[2] * scale
+            cells.append(round(float(edges[xs[c + 1]] - edges[xs[c]]) / max(count, 1), 4))
+    return tuple(cells)
+
+
+def check_same_photo(photo: torch.Tensor, box: FaceBox) -> None:
+    """Refuse a ``photo`` (``[H, W, 3]`` or a batch: its first frame) of the face box's source size that is
+    another picture than the one the box was found on: more than ``FINGERPRINT_MAX_CHANGED`` of the
+    fingerprint's cells moved by over ``FINGERPRINT_LEVEL_TOL``. A float16 copy, mild edits or another
+    face pasted in (a chain of paste-backs) move far fewer. Boxes without a fingerprint pass."""
+    if getattr(box, "fingerprint", None) is None:
+        return
+    now = torch.tensor(image_fingerprint(photo))
+    then = torch.tensor(box.fingerprint)
+    if now.shape != then.shape:
+        return
+    changed = float(((now - then).abs() > config.FINGERPRINT_LEVEL_TOL).float().mean())
+    if changed > config.FINGERPRINT_MAX_CHANGED:
+        h, w = (photo[0] if photo.ndim == 4 else photo).shape[:2]
+        raise ValueError(f"the photo is {w}x{h} like the image the face box was found on, but it is another "
+                         f"picture ({changed:.0%} of its {config.FINGERPRINT_GRID}x{config.FINGERPRINT_GRID} "
+                         f"grid differs by more than {config.FINGERPRINT_LEVEL_TOL * config.U8_MAX:.0f}/255): "
+                         "connect the image you gave Face Mask Detect to photo (or give Face Mask Detect this "
+                         "photo)")
 
 
 @dataclass(frozen=True)
@@ -282,6 +326,7 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
     if mask_area <= 0:
         raise ValueError(f"mask_area={mask_area} must be > 0")
     image = to_rgb(image)
+    source = image  # as given (before a cut-out is flattened): what paste-back's photo is checked against
     h, w = image.shape[:2]
 
     box, verdict = None, None
@@ -333,6 +378,6 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
         found = detect_largest_face(detector, image, confidence) if box.source == "detector" else None
         if found is None:
             found = replace(box, x=box.x - x1, y=box.y - y1, image_size=(cw, ch))
-        box = replace(found, crop_xyxy=(x1, y1, x2, y2), source_size=(w, h))
+        box = replace(found, crop_xyxy=(x1, y1, x2, y2), source_size=(w, h), fingerprint=image_fingerprint(source))
         h, w = ch, cw
     return FaceMaskResult(image=image, mask=face_mask(box, w, h, mask_area), box=box)

@@ -300,6 +300,9 @@ class PasteBack:
             sw, sh = box.source_size
             raise ValueError(f"the photo is {w}x{h} but the face box was found on a {sw}x{sh} image: "
                              "connect the image you gave Face Mask Detect")
+        from .face import check_same_photo
+
+        check_same_photo(self.photo, box)  # same size, another picture: refused (issue 29)
         x1, y1, x2, y2 = (int(v) for v in box.crop_xyxy)
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
             raise ValueError(f"the face box's crop {box.crop_xyxy} does not lie inside the {w}x{h} photo: "

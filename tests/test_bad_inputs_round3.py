@@ -226,3 +226,88 @@ def test_paste_back_node_checks_its_batch_before_allocating(monkeypatch):
     assert not any(len(a) == 4 and a[0] == 25 for a in allocated), "refused before the batch was allocated"
     _free(monkeypatch, 2**30)
     assert nodes_paste.SonicPasteBack().paste(frames[:2], photo, found.box, 0.1, "crop")[0].shape == (2, 300, 240, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paste-back into another photo; a change of audio between segments (item 14)
+# ----------------------------------------------------------------------------------------------
+def _found(photo, x0=90, y0=100, x1=150, y1=170):
+    import torch
+
+    from sonic_core import face
+
+    m = torch.zeros(photo.shape[:3])
+    m[0, y0:y1, x0:x1] = 1
+    return face.detect_face_mask(photo, mask=m, crop=True)
+
+
+def test_paste_back_refuses_another_photo_of_the_same_size():
+    from nodes import nodes_paste
+    from sonic_core import image
+    from tests.test_paste import smooth_photo
+
+    photo, other = smooth_photo(300, 240, seed=0), smooth_photo(300, 240, seed=5)
+    found = _found(photo)
+    assert found.box.fingerprint is not None and len(found.box.fingerprint) == 16 * 16
+    frames = found.image[None].expand(2, -1, -1, -1)
+    with pytest.raises(ValueError, match=r"the photo is 240x300 like the image the face box was found on, but it "
+                                         r"is another picture \(\d+% of its 16x16 grid.*connect the image you gave "
+                                         r"Face Mask Detect to photo"):
+        nodes_paste.SonicPasteBack().paste(frames, other, found.box, 0.1, "crop")
+    with pytest.raises(ValueError, match="another picture"):
+        image.PasteBack(other.flip(1), found.box)  # the same picture upside down is another one too
+
+
+def test_paste_back_accepts_the_same_photo_in_other_dtypes_edited_or_with_another_face_pasted():
+    import torch
+
+    from sonic_core import image
+    from tests.test_paste import smooth_photo
+
+    photo = smooth_photo(300, 240, seed=0)
+    found = _found(photo)
+    for same in (photo.half(), photo.bfloat16(), (photo * 255).round().to(torch.uint8),
+                 (photo + 0.04).clamp(0, 1), photo[..., [0, 1, 2, 0]]):  # fp16/bf16/uint8/brighter/RGBA copies
+        image.PasteBack(same, found.box)
+    # a chain of paste-backs: face B is pasted into the output of face A's paste-back, whose crop moved
+    other = _found(photo, 20, 20, 70, 80)
+    animated = torch.rand(3, *other.image.shape[:2], 3, generator=torch.Generator().manual_seed(0))
+    base = image.PasteBack(photo, other.box)(animated)  # [3, 300, 240, 3]: face A animated (noise)
+    image.PasteBack(base, found.box)  # first base frame checked: face A's crop alone does not make it another
+    assert float((base[0] - photo[0]).abs().max()) > 0.5
+    from sonic_core import face
+
+    old = face.FaceBox(**{k: v for k, v in vars(found.box).items() if k != "fingerprint"})  # a box without one
+    image.PasteBack(smooth_photo(300, 240, seed=5), old)
+
+
+def test_video_combine_refuses_a_change_of_audio_between_segments(env):
+    from nodes import nodes_long, nodes_video
+    from tests.test_long_nodes import CHUNK, SEGMENT, _audio, _files
+
+    vae, rife, latents, out, written = env
+    seg_node, combine = nodes_long.SonicLatentSegment(), nodes_video.SonicVideoCombine()
+    first = _audio(1.0)
+    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")
+    combine.combine(images, 12.5, "Sonic/audio", audio=first, segment=info)
+    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    edited = {"waveform": first["waveform"].clone(), "sample_rate": first["sample_rate"]}
+    edited["waveform"][0, 0, 8000] += 0.01  # one sample changed: another take of the same length
+    with pytest.raises(ValueError, match=r"the audio changed between segments of one clip \(segment 1 had 16000 "
+                                         r"samples at 16000 Hz, segment 2 has 16000 samples at 16000 Hz, other "
+                                         r"samples\).*same audio for every segment, set segment_index to 0"):
+        combine.combine(images, 12.5, "Sonic/audio", audio=edited, segment=info)
+    assert not nodes_video._live and _files(out) == [], "the unfinished video is removed"
+    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")
+    combine.combine(images, 12.5, "Sonic/audio", audio=first, segment=info)
+    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    with pytest.raises(ValueError, match=r"segment 1 had 16000 samples at 16000 Hz, segment 2 has no audio"):
+        combine.combine(images, 12.5, "Sonic/audio", segment=info)
+    # the same audio (ComfyUI's cache, or Load Audio run again) goes on
+    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")
+    combine.combine(images, 12.5, "Sonic/audio", audio=first, segment=info)
+    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    again = {"waveform": first["waveform"].clone(), "sample_rate": first["sample_rate"]}
+    combine.combine(images, 12.5, "Sonic/audio", audio=again, segment=info)
+    assert len(nodes_video._live) == 1
+    nodes_video._drop_live(next(iter(nodes_video._live)), "test over")
