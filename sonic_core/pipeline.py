@@ -252,7 +252,7 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
             with imagefile.strict_pillow():  # truncated data raises, whatever another pack set
                 im.load()
             imagefile.check_complete(im, path)  # pixel data shorter than the header says (a PNG: black rows)
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # no copy of an upright photo
             rgb, transparency = pil_pixels(im)  # [H,W,3], [H,W] or None
         except imagefile.TruncatedImage:
             raise
