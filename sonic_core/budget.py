@@ -46,6 +46,9 @@ from .config import (
     TOKEN_PAD_BEFORE,
     VAE_SCALE,
     WHISPER_DIM,
+    X264_LARGE_FRAME_PIXELS,
+    X264_LARGE_LOOKAHEAD,
+    X264_LOOKAHEAD,
 )
 
 log = logging.getLogger(__name__)
@@ -59,10 +62,9 @@ KIB = 1024
 GIB = 2**30
 HOST, DEVICE = "host", "device"
 YUV420_BYTES = 1.5  # bytes per pixel of a yuv420p frame (8-bit luma, chroma at a quarter)
-# measured (bench/RESULTS.md, issue 29): x264 (preset medium) holds ~3.06 bytes a pixel for every frame in
-# flight (the yuv frame and its half-resolution look-ahead planes), for at least its 40-frame rc-lookahead
-ENCODER_BYTES_PER_PIXEL = 3.0  # bytes per pixel of one frame held by the encoder
-ENCODER_FRAMES_HELD = 40  # frames x264's look-ahead holds (rc-lookahead of preset medium), a floor
+# measured (bench/RESULTS.md, issue 29): x264 holds ~3.1-3.3 bytes a pixel for every frame in flight (the yuv
+# frame and its half-resolution look-ahead planes), for at least the frames of its rc-lookahead
+ENCODER_BYTES_PER_PIXEL = 3.0  # bytes per pixel of one frame held by the encoder (a floor)
 # reading a photo (pipeline.read_image): at least its RGB uint8 pixels and their float32 copy
 IMAGE_READ_BYTES_PER_PIXEL = RGB_CHANNELS * (1 + FLOAT32_BYTES)
 PASTE_ADVICE = ("give a smaller photo (downscale it: the face crop is taken from it, and the video has its size), "
@@ -157,7 +159,7 @@ def add_paste(est: MemoryEstimate, photo_size: tuple[int, int], output_frames: i
               encoder: bool = True) -> MemoryEstimate:
     """Paste-back into a photo of ``photo_size = (w, h)`` px: one pasted float32 frame, its float32,
     uint8 and yuv copies for the encoder and (``encoder``: x264) the frames its look-ahead holds, up to
-    ``ENCODER_FRAMES_HELD`` of the ``output_frames``. The photo itself is not counted: it is read
+    its rc-lookahead of the ``output_frames``. The photo itself is not counted: it is read
     already (the CLI) or held by ComfyUI (the nodes)."""
     est.photo_size = tuple(photo_size)
     pixels = photo_size[0] * photo_size[1]
@@ -165,7 +167,8 @@ def add_paste(est: MemoryEstimate, photo_size: tuple[int, int], output_frames: i
     est.add("paste-back frame and its encoder copies (float32, uint8, yuv)",
             2 * frame + pixels * (RGB_CHANNELS + YUV420_BYTES), HOST)
     if encoder:
-        held = min(max(output_frames, 1), ENCODER_FRAMES_HELD)
+        lookahead = X264_LARGE_LOOKAHEAD if pixels > X264_LARGE_FRAME_PIXELS else X264_LOOKAHEAD  # video.py's choice
+        held = min(max(output_frames, 1), lookahead)
         est.add(f"encoder look-ahead ({held} frames at the photo's size)", held * pixels * ENCODER_BYTES_PER_PIXEL,
                 HOST)
     return est

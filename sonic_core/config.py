@@ -169,6 +169,11 @@ RIFE_BATCH = 4  # frame pairs per IFNet call (default of the node)
 # encoding (sonic_core/video.py)
 VIDEO_CRF = 18  # x264/x265/vp9 constant-rate factor of the official export (lower = better)
 VIDEO_CRF_MAX = 63  # largest crf libvpx-vp9 accepts (x264/x265 stop at 51)
+# x264 holds ~3 bytes a pixel for every frame of its look-ahead (issue 29, bench/RESULTS.md): 40 frames of an
+# 8000x8000 paste-back are 7.7 GB, so frames over 4K UHD get preset veryfast's look-ahead instead
+X264_LOOKAHEAD = 40  # frames, rc-lookahead of x264's preset medium (its default)
+X264_LARGE_FRAME_PIXELS = 3840 * 2160  # px per frame above which the look-ahead is shortened
+X264_LARGE_LOOKAHEAD = 10  # frames of rc-lookahead for those frames (preset veryfast's)
 AUDIO_BITRATE = 192000  # bit/s for AAC / Opus
 # the least a video takes on disk, for the free-space check before a run (bits per pixel per frame,
 # by extension): measured at crf 18 on 512x512 frames, textured and moving: mp4 0.073, webm 0.040,

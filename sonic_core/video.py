@@ -56,6 +56,8 @@ from .config import (
     U8_RANGE_PEAK,
     VIDEO_BITS_PER_PIXEL_FLOOR,
     VIDEO_CRF,
+    X264_LARGE_FRAME_PIXELS,
+    X264_LARGE_LOOKAHEAD,
 )
 
 try:  # POSIX: a live temp file is locked, so another process never removes it
@@ -411,6 +413,8 @@ def _add_video_stream(container, spec: VideoFormat, rate: Fraction, width: int, 
     cc.color_range = RANGE_LIMITED
     stream.bit_rate = 0  # constant quality (crf) for vp9
     stream.options = {"crf": str(crf), **dict(spec.options)}
+    if spec.codec == "libx264" and width * height > X264_LARGE_FRAME_PIXELS:  # photo-sized paste-back frames
+        stream.options = {**stream.options, "rc-lookahead": str(X264_LARGE_LOOKAHEAD)}  # ~3 B/px a frame held
     if spec.codec_tag:
         cc.codec_tag = spec.codec_tag
     return stream

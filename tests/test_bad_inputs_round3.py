@@ -178,12 +178,29 @@ def test_cli_estimate_counts_the_photo_sized_frames_and_refuses_with_what_to_do(
     est = preflight.estimate_run((8000, 8000), 16000 * 2, 16000, settings, torch.float32, torch.device("cpu"))
     assert est.photo_size == (8000, 8000)
     photo_part = sum(b for name, (b, _w) in est.parts.items() if name.startswith(("paste-back", "encoder")))
-    # one pasted float32 frame, its float32 / uint8 / yuv copies and x264's 40 look-ahead frames of 3 B/px
-    assert photo_part == 8000 * 8000 * (24 + 4.5 + 40 * 3)
-    with pytest.raises(budget.MemoryBudgetError, match=r"8.9 GiB of it is paste-back into the 8000x8000 photo: "
+    # one pasted float32 frame, its float32 / uint8 / yuv copies and x264's look-ahead of 3 B/px a frame: 10 frames
+    # over 4K UHD (video.py shortens it there), else 40
+    assert photo_part == 8000 * 8000 * (24 + 4.5 + 10 * 3)
+    with pytest.raises(budget.MemoryBudgetError, match=r"3.5 GiB of it is paste-back into the 8000x8000 photo: "
                                                        r"give a smaller photo"):
-        budget.check_fits(est, "cpu", "this run", host_free=6 * 2**30)
-    budget.check_fits(est, "cpu", "this run", host_free=12 * 2**30)  # fits
+        budget.check_fits(est, "cpu", "this run", host_free=3 * 2**30)
+    budget.check_fits(est, "cpu", "this run", host_free=6 * 2**30)  # fits
+    small = preflight.estimate_run((2000, 1500), 16000 * 2, 16000, settings, torch.float32, torch.device("cpu"))
+    assert sum(b for name, (b, _w) in small.parts.items() if name.startswith("encoder")) == 2000 * 1500 * 40 * 3
+
+
+def test_x264_look_ahead_is_shortened_for_frames_over_4k(tmp_path):
+    import av
+
+    from sonic_core import config, video
+
+    for (w, h), want in (((3840, 2160), None), ((4000, 2200), str(config.X264_LARGE_LOOKAHEAD))):
+        with av.open(str(tmp_path / "o.mp4"), "w") as c:
+            stream = video._add_video_stream(c, video.FORMATS["h264-mp4"], 25, w, h, 18, "yuv420p")
+            assert stream.options.get("rc-lookahead") == want and stream.options["crf"] == "18"
+    with av.open(str(tmp_path / "o.webm"), "w") as c:  # other encoders keep their settings
+        stream = video._add_video_stream(c, video.FORMATS["vp9-webm"], 25, 4000, 2200, 18, "yuv420p")
+        assert "rc-lookahead" not in stream.options
 
 
 def test_latent_to_video_refuses_a_photo_too_large_for_memory_before_decoding(env, monkeypatch):
