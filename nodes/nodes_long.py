@@ -152,6 +152,8 @@ class SonicLatentToVideo:
             paste = core("image").plan_paste(photo, face_box, float(paste_feather), paste_region, bool(color_match))
             if paste is not None:
                 paste.check_frames(h, w)  # before any decode
+                out_frames = latents.shape[0] * (multiplier if rife_model != NO_RIFE else 1)
+                core("budget").check_paste_stream(paste.size, out_frames, encoder=format == "h264-mp4")  # photo-sized
         faces = _faces(latents, paste, more_faces, photo, float(paste_feather), paste_region, bool(color_match))
         decoder = runtime.ChunkDecoder(vae)
         chunk = decoder.chunk_size(int(decode_chunk_size))

@@ -90,6 +90,7 @@ class SonicPasteBack:
         paste.check_frames(frames.shape[1], frames.shape[2])  # before the output is allocated
         paste.check_count(frames.shape[0])
         w, h = paste.size
+        core("budget").check_paste_batch(frames.shape[0], (w, h), runtime.intermediate_device())
         out = torch.empty(frames.shape[0], h, w, 3, dtype=torch.float32, device=runtime.intermediate_device())
         progress = runtime.Progress(frames.shape[0], "Sonic Paste Back")
         paste(frames, out, callback=progress.callback())  # [N, H, W, 3]

@@ -130,9 +130,27 @@ class _LiveVideo:
     next_index: int
     count: int
     touched: float
+    audio: tuple | None = None  # _audio_key of the audio given with segment 1 (the one muxed)
 
 
 _live: dict[str, _LiveVideo] = {}  # SONIC_SEGMENT job -> its open video
+
+
+def _audio_key(sound) -> tuple | None:
+    """What tells one audio track from another: its rate, shape and a hash of every sample (a 10-minute
+    stereo track hashes in a fraction of a second; sampled values would miss an edit)."""
+    if sound is None:
+        return None
+    import hashlib
+
+    import torch
+
+    wave, rate = sound
+    samples = wave.detach().to("cpu")
+    if samples.dtype not in (torch.float32, torch.float64, torch.int16, torch.int32):
+        samples = samples.to(torch.float32)  # bfloat16 has no numpy buffer
+    digest = hashlib.blake2b(samples.contiguous().numpy(), digest_size=16).hexdigest()
+    return rate, tuple(wave.shape), str(wave.dtype), digest
 
 
 def _drop_live(job: str, why: str) -> None:
@@ -152,11 +170,12 @@ def _append_segment(images, segment, fps, prefix, format, crf, pix_fmt, sound, m
     for other in [j for j, v in _live.items() if now - v.touched > SEGMENT_IDLE_S]:
         _drop_live(other, f"no segment arrived for {SEGMENT_IDLE_S / 60:.0f} min")
     settings = (fps, prefix, format, crf, pix_fmt)
+    audio = _audio_key(sound)
     if seg.index == 0:
         _drop_live(job, "the clip starts again from segment 1")
         writer = _video.VideoWriter(runtime.output_dir(), prefix, fps, audio=sound, format=format, crf=crf,
                                     pix_fmt=pix_fmt, metadata=metadata)
-        _live[job] = _LiveVideo(writer, settings, 0, seg.count, now)
+        _live[job] = _LiveVideo(writer, settings, 0, seg.count, now, audio)
     live = _live.get(job)
     if live is None or live.next_index != seg.index:
         want = "segment 1" if live is None else f"segment {live.next_index + 1}"
@@ -167,6 +186,13 @@ def _append_segment(images, segment, fps, prefix, format, crf, pix_fmt, sound, m
         _drop_live(job, "its settings changed between segments")
         raise ValueError("frame_rate, filename_prefix, format, crf or pix_fmt changed between segments of "
                          "one clip: set segment_index to 0 and queue again")
+    if live.audio != audio:
+        _drop_live(job, "its audio changed between segments")
+        was, now_is = ("no audio" if k is None else f"{k[1][-1]} samples at {k[0]} Hz" for k in (live.audio, audio))
+        raise ValueError(f"the audio changed between segments of one clip (segment 1 had {was}, segment "
+                         f"{seg.index + 1} has {now_is}{', other samples' if was == now_is else ''}): the video "
+                         "has one audio track, the one given with segment 1. Connect the same audio for every "
+                         "segment, set segment_index to 0 and queue again")
     frames = images[seg.leading:]
     if frames.shape[0] == 0:
         raise ValueError(f"segment {seg.index + 1} has no frames after its leading frame: the nodes between "

@@ -9,6 +9,11 @@ counted by their loaders and ComfyUI, not here):
   dtype (updated in place; the step's accumulator only holds the frames several windows share)
   and the audio tokens on the compute device.
 * Decode: one temporal-decoder chunk of float32 frames and its RIFE output.
+* Paste-back (issue 29): frames at the photo's own size. Reading the photo (``check_image_read``,
+  from the file's header, before its pixels are decoded); per output frame one pasted float32
+  frame, its float32 / uint8 / yuv copies for the encoder and the frames x264 holds in its
+  look-ahead (``add_paste``, counted by the CLI's estimate and Latent To Video before any model
+  loads or anything decodes); Sonic Paste Back's whole IMAGE batch (``check_paste_batch``).
 
 The figures are lower bounds (activations are not counted), so a refusal is certain: the run's
 tensors alone do not fit. Host memory is MemAvailable of /proc/meminfo, bounded by the cgroup
@@ -41,6 +46,9 @@ from .config import (
     TOKEN_PAD_BEFORE,
     VAE_SCALE,
     WHISPER_DIM,
+    X264_LARGE_FRAME_PIXELS,
+    X264_LARGE_LOOKAHEAD,
+    X264_LOOKAHEAD,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,14 @@ CGROUP_V1 = ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memo
 KIB = 1024
 GIB = 2**30
 HOST, DEVICE = "host", "device"
+YUV420_BYTES = 1.5  # bytes per pixel of a yuv420p frame (8-bit luma, chroma at a quarter)
+# measured (bench/RESULTS.md, issue 29): x264 holds ~3.1-3.3 bytes a pixel for every frame in flight (the yuv
+# frame and its half-resolution look-ahead planes), for at least the frames of its rc-lookahead
+ENCODER_BYTES_PER_PIXEL = 3.0  # bytes per pixel of one frame held by the encoder (a floor)
+# reading a photo (pipeline.read_image): at least its RGB uint8 pixels and their float32 copy
+IMAGE_READ_BYTES_PER_PIXEL = RGB_CHANNELS * (1 + FLOAT32_BYTES)
+PASTE_ADVICE = ("give a smaller photo (downscale it: the face crop is taken from it, and the video has its size), "
+                "or leave paste-back out (the crop video) and free memory")
 
 
 class MemoryBudgetError(ValueError):
@@ -66,6 +82,7 @@ class MemoryEstimate:
     frames: int
     size: tuple[int, int] | None = None  # (w, h) px working size, when known
     parts: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (bytes, HOST / DEVICE)
+    photo_size: tuple[int, int] | None = None  # (w, h) px of the photo pasted into, when pasting back
 
     def add(self, name: str, nbytes: float, where: str) -> None:
         self.parts[name] = (int(nbytes), where)
@@ -138,10 +155,22 @@ def add_decode(est: MemoryEstimate, size: tuple[int, int], chunk: int,
     return est
 
 
-def add_paste(est: MemoryEstimate, photo_size: tuple[int, int]) -> MemoryEstimate:
-    """Paste-back: the photo, one pasted frame and its encoder copy, whatever the length."""
-    frame = photo_size[0] * photo_size[1] * RGB_CHANNELS * FLOAT32_BYTES
-    est.add("paste-back (the photo and one frame at its size)", 3 * frame, HOST)
+def add_paste(est: MemoryEstimate, photo_size: tuple[int, int], output_frames: int,
+              encoder: bool = True) -> MemoryEstimate:
+    """Paste-back into a photo of ``photo_size = (w, h)`` px: one pasted float32 frame, its float32,
+    uint8 and yuv copies for the encoder and (``encoder``: x264) the frames its look-ahead holds, up to
+    its rc-lookahead of the ``output_frames``. The photo itself is not counted: it is read
+    already (the CLI) or held by ComfyUI (the nodes)."""
+    est.photo_size = tuple(photo_size)
+    pixels = photo_size[0] * photo_size[1]
+    frame = pixels * RGB_CHANNELS * FLOAT32_BYTES
+    est.add("paste-back frame and its encoder copies (float32, uint8, yuv)",
+            2 * frame + pixels * (RGB_CHANNELS + YUV420_BYTES), HOST)
+    if encoder:
+        lookahead = X264_LARGE_LOOKAHEAD if pixels > X264_LARGE_FRAME_PIXELS else X264_LOOKAHEAD  # video.py's choice
+        held = min(max(output_frames, 1), lookahead)
+        est.add(f"encoder look-ahead ({held} frames at the photo's size)", held * pixels * ENCODER_BYTES_PER_PIXEL,
+                HOST)
     return est
 
 
@@ -191,9 +220,63 @@ def device_free_bytes(device: torch.device | str | None) -> int | None:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
+def _photo_bytes(est: MemoryEstimate) -> int:
+    return sum(b for name, (b, w) in est.parts.items() if w == HOST and name.startswith(("paste-back", "encoder")))
+
+
 # ----------------------------------------------------------------------------------------------
 # The guard
 # ----------------------------------------------------------------------------------------------
+def check_image_read(width: int, height: int, what: str, host_free: int | None = None) -> None:
+    """Refuse, from its header, a ``width`` x ``height`` image whose pixels and their float32 copy
+    cannot fit the free host memory (before Pillow decodes it)."""
+    need = width * height * IMAGE_READ_BYTES_PER_PIXEL
+    free = host_available_bytes() if host_free is None else host_free
+    if free is not None and need > free:
+        raise MemoryBudgetError(
+            f"{what} is {width}x{height} px ({width * height / 1e6:.0f} MP): reading it needs at least "
+            f"{_size(need)} of host memory (RGB pixels and their float32 copy), but {_size(free)} is free: "
+            "downscale it (the model works at 512 px; a photo of a few megapixels keeps paste-back sharp) or "
+            "free memory")
+
+
+def check_paste_stream(photo_size: tuple[int, int], output_frames: int, what: str = "Latent To Video",
+                       encoder: bool = True, host_free: int | None = None) -> MemoryEstimate:
+    """Refuse a streamed paste-back into a ``photo_size = (w, h)`` photo (``add_paste``) whose
+    photo-sized buffers cannot fit the free host memory, before anything decodes."""
+    est = add_paste(MemoryEstimate(output_frames), photo_size, output_frames, encoder)
+    need = est.total(HOST)
+    free = host_available_bytes() if host_free is None else host_free
+    log.info("%s: paste-back into the %dx%d photo needs %s of host memory (%s)", what, *photo_size, _size(need),
+             est.describe())
+    if free is not None and need > free:
+        raise MemoryBudgetError(
+            f"{what} cannot fit: pasting back into the {photo_size[0]}x{photo_size[1]} photo needs at least "
+            f"{_size(need)} of host memory ({est.describe()}), but {_size(free)} is free: {PASTE_ADVICE}")
+    return est
+
+
+def check_paste_batch(frames: int, photo_size: tuple[int, int], device: torch.device | str | None,
+                      what: str = "Sonic Paste Back", host_free: int | None = None,
+                      device_free: int | None = None) -> None:
+    """Refuse an IMAGE batch of ``frames`` float32 frames at ``photo_size = (w, h)`` px that cannot fit
+    where it is allocated (the host, or a CUDA device), before it is allocated."""
+    w, h = photo_size
+    need = frames * w * h * RGB_CHANNELS * FLOAT32_BYTES
+    on_device = device is not None and torch.device(device).type == "cuda"
+    free = (device_free if device_free is not None else device_free_bytes(device)) if on_device else \
+        (host_available_bytes() if host_free is None else host_free)
+    log.info("%s: %d frames of %dx%d px as float32 need %s", what, frames, w, h, _size(need))
+    if free is None or need <= free:
+        return
+    fit = int(free // (w * h * RGB_CHANNELS * FLOAT32_BYTES))
+    raise MemoryBudgetError(
+        f"{what} cannot fit: {frames} frames of the {w}x{h} photo as float32 (an IMAGE batch) need {_size(need)} "
+        f"of {'memory on ' + str(device) if on_device else 'host memory (RAM)'}, but {_size(free)} is free "
+        f"(room for about {fit} frame(s)): paste fewer frames per call (Latent Segment with a smaller "
+        "segment_frames), or use Latent To Video's photo and face_box inputs instead (it pastes one frame at a "
+        "time while it writes the video), or give a smaller photo")
+
 def check_fits(est: MemoryEstimate, device: torch.device | str | None = None, what: str = "this run",
                host_free: int | None = None, device_free: int | None = None) -> None:
     """Log the estimate; raise MemoryBudgetError, with the numbers and a length that would fit, if
@@ -214,6 +297,10 @@ def check_fits(est: MemoryEstimate, device: torch.device | str | None = None, wh
         shorter = (f"set max_seconds to {fit_seconds} or less (and animate the rest of the audio as "
                    "further clips)" if fit_seconds >= 1 else "free memory first")
         smaller = ", or lower min_resolution" if est.size else ""
+        photo = _photo_bytes(est) if where == HOST else 0
+        if est.photo_size and photo > need / 2:  # mostly frames at the photo's size: a shorter clip hardly helps
+            shorter, smaller = (f"{_size(photo)} of it is paste-back into the {est.photo_size[0]}x"
+                                f"{est.photo_size[1]} photo: {PASTE_ADVICE}"), ""
         raise MemoryBudgetError(
             f"{what} cannot fit: {est.frames} frames ({seconds:.0f} s of audio){at} need at least "
             f"{_size(need)} of {name} for their main tensors alone ({est.describe(where)}), but "

@@ -139,6 +139,10 @@ PASTE_COLOR_SIGMA = 2.0  # Gaussian spread of the gain over that grid, in cells 
 PASTE_COLOR_KEEPOUT_SCALE = 2.2  # not measured within another face's box scaled by this (its crop at expand 0.5)
 PASTE_COLOR_PRIOR = 0.05  # weight of the whole band's mean gain where the band is far (the region's middle)
 PASTE_COLOR_MAX_GAIN = 0.06  # the gain stays within 1 +- this: twice a 3% drift; a real difference is not undone
+# the face box's fingerprint of its source image (issue 29): mean grey of each cell of a grid over it
+FINGERPRINT_GRID = 16  # cells per side
+FINGERPRINT_LEVEL_TOL = 0.06  # grey level (0..1, 15/255) a cell may move: fp16/bf16 copies, mild edits, another face
+FINGERPRINT_MAX_CHANGED = 0.5  # fraction of the cells beyond that tolerance that makes the photo another picture
 
 # ----------------------------------------------------------------------------------------------
 # Face detector (YOLOv5-face, issue 4)
@@ -198,6 +202,11 @@ RIFE_BATCH = 4  # frame pairs per IFNet call (default of the node)
 # encoding (sonic_core/video.py)
 VIDEO_CRF = 18  # x264/x265/vp9 constant-rate factor of the official export (lower = better)
 VIDEO_CRF_MAX = 63  # largest crf libvpx-vp9 accepts (x264/x265 stop at 51)
+# x264 holds ~3 bytes a pixel for every frame of its look-ahead (issue 29, bench/RESULTS.md): 40 frames of an
+# 8000x8000 paste-back are 7.7 GB, so frames over 4K UHD get preset veryfast's look-ahead instead
+X264_LOOKAHEAD = 40  # frames, rc-lookahead of x264's preset medium (its default)
+X264_LARGE_FRAME_PIXELS = 3840 * 2160  # px per frame above which the look-ahead is shortened
+X264_LARGE_LOOKAHEAD = 10  # frames of rc-lookahead for those frames (preset veryfast's)
 AUDIO_BITRATE = 192000  # bit/s for AAC / Opus
 # the least a video takes on disk, for the free-space check before a run (bits per pixel per frame,
 # by extension): measured at crf 18 on 512x512 frames, textured and moving: mp4 0.073, webm 0.040,

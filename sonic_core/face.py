@@ -46,6 +46,7 @@ class FaceBox:
     ``number``: 1-based number of this face among all faces found, left to right by box centre (0 = not
     numbered, e.g. whole_image); ``others``: the boxes ``(x1, y1, x2, y2)`` (not expanded) of every other
     face found, in the pixels of the source photo (paste-back leaves their head regions untouched).
+    ``fingerprint``: the source image's ``image_fingerprint`` (paste-back checks the photo against it).
     """
 
     x: float
@@ -59,6 +60,7 @@ class FaceBox:
     source_size: tuple[int, int] | None = None
     number: int = 0
     others: tuple[tuple[float, float, float, float], ...] = ()
+    fingerprint: tuple[float, ...] | None = None  # image_fingerprint of the source image (with a crop)
 
     @property
     def xyxy(self) -> tuple[float, float, float, float]:
@@ -67,6 +69,48 @@ class FaceBox:
     @property
     def area(self) -> float:
         return self.w * self.h
+
+
+def image_fingerprint(image: torch.Tensor) -> tuple[float, ...]:
+    """A small fingerprint of an RGB image ``[H, W, C]`` (of a batch ``[B, H, W, C]``: its first frame):
+    the mean level of every cell of a ``FINGERPRINT_GRID`` square grid, rows first. Read one band of
+    rows at a time (no photo-sized copy); float16 / bfloat16 / uint8 copies of one photo give the same
+    figures within rounding."""
+    img = image[0] if image.ndim == 4 else image
+    h, w = img.shape[:2]
+    g = config.FINGERPRINT_GRID
+    scale = config.U8_MAX if not img.is_floating_point() else 1.0
+    ys = [round(k * h / g) for k in range(g + 1)]
+    xs = [round(k * w / g) for k in range(g + 1)]
+    cells = []
+    for r in range(g):
+        band = img[ys[r]:ys[r + 1]].to(torch.float64).sum(dim=(0, 2))  # [W]: every channel of each column
+        edges = torch.cat([band.new_zeros(1), band.cumsum(0)])  # [W + 1]
+        for c in range(g):
+            count = (ys[r + 1] - ys[r]) * (xs[c + 1] - xs[c]) * img.shape[2] * scale
+            cells.append(round(float(edges[xs[c + 1]] - edges[xs[c]]) / max(count, 1), 4))
+    return tuple(cells)
+
+
+def check_same_photo(photo: torch.Tensor, box: FaceBox) -> None:
+    """Refuse a ``photo`` (``[H, W, 3]`` or a batch: its first frame) of the face box's source size that is
+    another picture than the one the box was found on: more than ``FINGERPRINT_MAX_CHANGED`` of the
+    fingerprint's cells moved by over ``FINGERPRINT_LEVEL_TOL``. A float16 copy, mild edits or another
+    face pasted in (a chain of paste-backs) move far fewer. Boxes without a fingerprint pass."""
+    if getattr(box, "fingerprint", None) is None:
+        return
+    now = torch.tensor(image_fingerprint(photo))
+    then = torch.tensor(box.fingerprint)
+    if now.shape != then.shape:
+        return
+    changed = float(((now - then).abs() > config.FINGERPRINT_LEVEL_TOL).float().mean())
+    if changed > config.FINGERPRINT_MAX_CHANGED:
+        h, w = (photo[0] if photo.ndim == 4 else photo).shape[:2]
+        raise ValueError(f"the photo is {w}x{h} like the image the face box was found on, but it is another "
+                         f"picture ({changed:.0%} of its {config.FINGERPRINT_GRID}x{config.FINGERPRINT_GRID} "
+                         f"grid differs by more than {config.FINGERPRINT_LEVEL_TOL * config.U8_MAX:.0f}/255): "
+                         "connect the image you gave Face Mask Detect to photo (or give Face Mask Detect this "
+                         "photo)")
 
 
 @dataclass(frozen=True)
@@ -401,6 +445,7 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
     if mask_area <= 0:
         raise ValueError(f"mask_area={mask_area} must be > 0")
     image = to_rgb(image)
+    source = image  # as given (before a cut-out is flattened): what paste-back's photo is checked against
     h, w = image.shape[:2]
 
     image, faces, verdict = _faces_in(image, detector, mask, confidence, mask_name)
@@ -441,7 +486,7 @@ def detect_face_mask(image: torch.Tensor, detector=None, mask: torch.Tensor | No
         if found is None:
             found = shifted
         box = replace(found, crop_xyxy=(x1, y1, x2, y2), source_size=(w, h), number=box.number,
-                      others=box.others)
+                      others=box.others, fingerprint=image_fingerprint(source))
         h, w = ch, cw
     return FaceMaskResult(image=image, mask=face_mask(box, w, h, mask_area), box=box, faces=tuple(faces))
 

@@ -94,7 +94,8 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
 
 def to_u8(image: torch.Tensor) -> torch.Tensor:
     """Float ``[..]`` in ``[0, 1]`` -> uint8 by ``round(x * 255)`` (exact for ``u8 / 255`` input)."""
-    return (image.to(torch.float32) * config.U8_MAX).round().clamp(0, config.U8_MAX).to(torch.uint8)
+    x = image.to(torch.float32) * config.U8_MAX  # one float copy (a photo's is 12 bytes a pixel), then in place
+    return x.round_().clamp_(0, config.U8_MAX).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,9 +126,10 @@ def pil_pixels(im) -> tuple[np.ndarray, np.ndarray | None]:
         im, mode = im.convert("RGBA"), "RGBA"  # a palette / colour-key transparency becomes alpha
     transparency = None
     if mode in ALPHA_MODES:
-        im = im.convert(ALPHA_MODES[mode])
-        alpha = np.asarray(im.getchannel("A"), dtype=np.float32) / U8_MAX  # [H,W]
-        transparency = 1.0 - alpha
+        im = im.convert(ALPHA_MODES[mode]) if mode != ALPHA_MODES[mode] else im  # convert() would copy it
+        transparency = np.asarray(im.getchannel("A"), dtype=np.float32)  # [H,W] alpha levels
+        transparency /= U8_MAX  # in place: photo-sized buffers stay few (issue 29)
+        np.subtract(1.0, transparency, out=transparency)  # 1 - alpha
         im = im.convert("RGB")
     if mode.startswith("I") and mode != "I;8":  # I;16, I;16B, I;16L, I;16N, I (32-bit int)
         grey = np.asarray(im).astype(np.float32)  # [H,W] integer levels
@@ -147,7 +149,8 @@ def pil_pixels(im) -> tuple[np.ndarray, np.ndarray | None]:
             log.info("the float (mode F) image peaks at %g: read as 0..%g", peak, scale)
         rgb = np.repeat(np.clip(grey / scale, 0.0, 1.0)[:, :, None], 3, axis=2)  # [H,W,3]
     else:
-        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / U8_MAX  # [H,W,3]
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32)  # [H,W,3] levels, one float32 copy
+        rgb /= U8_MAX  # in place
     return np.ascontiguousarray(rgb), transparency
 
 
@@ -156,7 +159,8 @@ def flatten_cutout(image: torch.Tensor, transparency: torch.Tensor,
     """A cut-out ``[H,W,3]`` composited onto a plain ``background`` grey through its transparency
     ``[H,W]`` (1 = transparent): what the detector and the model see instead of hidden pixels."""
     t = transparency.to(image.dtype).clamp(0, 1)[:, :, None]  # [H,W,1]
-    return image * (1 - t) + background * t
+    out = image * (1 - t)  # the one image-sized result; the same sum as image * (1 - t) + background * t
+    return out.add_(background * t)
 
 
 def fits_working_limits(width: int, height: int) -> bool:
@@ -458,6 +462,9 @@ class PasteBack:
             sw, sh = box.source_size
             raise ValueError(f"the photo is {w}x{h} but the face box was found on a {sw}x{sh} image: "
                              "connect the image you gave Face Mask Detect")
+        from .face import check_same_photo
+
+        check_same_photo(self.photo, box)  # same size, another picture: refused (issue 29)
         x1, y1, x2, y2 = (int(v) for v in box.crop_xyxy)
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
             raise ValueError(f"the face box's crop {box.crop_xyxy} does not lie inside the {w}x{h} photo: "

@@ -224,6 +224,8 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from . import imagefile
+    from .budget import check_image_read
     from .image import check_image_size, pil_pixels
 
     check_input(path, "image", fix="give an image file (png, jpg, webp)")  # what a non-file really is
@@ -241,6 +243,11 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
         with open(path, "rb") as f:
             head = f.read(IMAGE_SIGNATURE_BYTES)
         kind = next((k for sig, k in IMAGE_SIGNATURES.items() if head.startswith(sig)), None)
+        layout = imagefile.tiff_layout(path) if kind == "TIFF" else None
+        if layout is not None:  # a TIFF whose header parses: a layout Pillow does not read (CMYK + alpha)
+            raise ValueError(f"image {path} is a TIFF of {layout}: Pillow, the image library used here, cannot "
+                             "read that layout. Convert it to RGB or RGBA (an image editor's Image > Mode, or "
+                             "`magick in.tif -colorspace sRGB out.png`) and give that file") from None
         if kind is not None:  # an image file whose header does not parse: damaged, not a wrong format
             raise ValueError(f"image {path} cannot be read: it starts like a {kind} file but its header is "
                              "damaged; open and re-save it in an image editor, or download/copy it again") \
@@ -252,9 +259,15 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
                          "open and re-save it in an image editor, or download/copy it again") from None
     with im:
         check_image_size(*im.size, what=f"image {path}")
+        check_image_read(*im.size, what=f"image {path}")  # its pixels and their float32 copy: before decoding
         try:
-            im = ImageOps.exif_transpose(im)
+            with imagefile.strict_pillow():  # truncated data raises, whatever another pack set
+                im.load()
+            imagefile.check_complete(im, path)  # pixel data shorter than the header says (a PNG: black rows)
+            ImageOps.exif_transpose(im, in_place=True)  # no copy of an upright photo
             rgb, transparency = pil_pixels(im)  # [H,W,3], [H,W] or None
+        except imagefile.TruncatedImage:
+            raise
         except IMAGE_DECODE_ERRORS as e:
             raise ValueError(f"image {path} cannot be decoded ({e}): the file is damaged or incomplete (an "
                              "interrupted download or copy?); open and re-save it in an image editor, or "

@@ -182,7 +182,7 @@ def estimate_run(image_hw: tuple[int, int], num_samples: int, sample_rate: int, 
     add_sampler(est, size, dtype, device.type != "cpu")
     add_decode(est, size, SAMPLER_DEFAULTS.decode_chunk_size, RIFE_MULTIPLIER if settings.interpolate else 1)
     if getattr(settings, "paste_back", False):
-        add_paste(est, (w, h))
+        add_paste(est, (w, h), frames * (RIFE_MULTIPLIER if settings.interpolate else 1))
     return est
 
 

@@ -109,6 +109,7 @@ class FrameStream:
     def __iter__(self) -> Iterator[torch.Tensor]:
         for chunk in self.chunks:
             yield from chunk
+            del chunk  # not held while the next chunk is made (paste-back: one photo-sized frame each)
 
 
 def paste_chunks(paste, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:

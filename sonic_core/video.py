@@ -56,6 +56,8 @@ from .config import (
     U8_RANGE_PEAK,
     VIDEO_BITS_PER_PIXEL_FLOOR,
     VIDEO_CRF,
+    X264_LARGE_FRAME_PIXELS,
+    X264_LARGE_LOOKAHEAD,
 )
 
 try:  # POSIX: a live temp file is locked, so another process never removes it
@@ -292,8 +294,10 @@ def _frames(frames: torch.Tensor | Iterable, deep: bool) -> Iterator[np.ndarray]
                             "255", src_dtype, peak)
                 warned = True
             t = t / U8_MAX
-        t = (t.clamp(0, 1) * scale).round()
-        yield np.ascontiguousarray(t.numpy().astype(dtype))
+        t = t.clamp(0, 1).mul_(scale).round_()  # one float copy of the frame, then in place
+        arr = np.ascontiguousarray(t.numpy().astype(dtype))
+        del f, t  # the frame is not held while the next one is made (a photo-sized frame is 12 B/px)
+        yield arr
 
 
 def _pad_even(a: np.ndarray) -> np.ndarray:
@@ -409,6 +413,8 @@ def _add_video_stream(container, spec: VideoFormat, rate: Fraction, width: int, 
     cc.color_range = RANGE_LIMITED
     stream.bit_rate = 0  # constant quality (crf) for vp9
     stream.options = {"crf": str(crf), **dict(spec.options)}
+    if spec.codec == "libx264" and width * height > X264_LARGE_FRAME_PIXELS:  # photo-sized paste-back frames
+        stream.options = {**stream.options, "rc-lookahead": str(X264_LARGE_LOOKAHEAD)}  # ~3 B/px a frame held
     if spec.codec_tag:
         cc.codec_tag = spec.codec_tag
     return stream
