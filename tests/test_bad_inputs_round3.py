@@ -178,15 +178,16 @@ def test_cli_estimate_counts_the_photo_sized_frames_and_refuses_with_what_to_do(
     est = preflight.estimate_run((8000, 8000), 16000 * 2, 16000, settings, torch.float32, torch.device("cpu"))
     assert est.photo_size == (8000, 8000)
     photo_part = sum(b for name, (b, _w) in est.parts.items() if name.startswith(("paste-back", "encoder")))
-    # one pasted float32 frame, its float32 / uint8 / yuv copies and x264's look-ahead of 3 B/px a frame: 10 frames
-    # over 4K UHD (video.py shortens it there), else 40
-    assert photo_part == 8000 * 8000 * (24 + 4.5 + 10 * 3)
-    with pytest.raises(budget.MemoryBudgetError, match=r"3.5 GiB of it is paste-back into the 8000x8000 photo: "
+    # one pasted float32 frame, its float32 / uint8 / yuv copies and x264's frames of 3 B/px: its look-ahead (10
+    # frames over 4K UHD, where video.py shortens it, else 40) and 7 more (b-frames, references, the one encoding)
+    assert photo_part == 8000 * 8000 * (24 + 4.5 + (10 + 7) * 3)
+    with pytest.raises(budget.MemoryBudgetError, match=r"4.7 GiB of it is paste-back into the 8000x8000 photo: "
                                                        r"give a smaller photo"):
         budget.check_fits(est, "cpu", "this run", host_free=3 * 2**30)
     budget.check_fits(est, "cpu", "this run", host_free=6 * 2**30)  # fits
     small = preflight.estimate_run((2000, 1500), 16000 * 2, 16000, settings, torch.float32, torch.device("cpu"))
-    assert sum(b for name, (b, _w) in small.parts.items() if name.startswith("encoder")) == 2000 * 1500 * 40 * 3
+    held = min(49, 40 + 7)  # 2 s: 25 generated frames, 49 after RIFE
+    assert sum(b for name, (b, _w) in small.parts.items() if name.startswith("encoder")) == 2000 * 1500 * held * 3
 
 
 def test_x264_look_ahead_is_shortened_for_frames_over_4k(tmp_path):
