@@ -306,26 +306,22 @@ def test_video_combine_refuses_a_change_of_audio_between_segments(env):
     vae, rife, latents, out, written = env
     seg_node, combine = nodes_long.SonicLatentSegment(), nodes_video.SonicVideoCombine()
     first = _audio(1.0)
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")
-    combine.combine(images, 12.5, "Sonic/audio", audio=first, segment=info)
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    seg0 = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")  # (images, info)
+    seg1 = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    combine.combine(seg0[0], 12.5, "Sonic/audio", audio=first, segment=seg0[1])
     edited = {"waveform": first["waveform"].clone(), "sample_rate": first["sample_rate"]}
     edited["waveform"][0, 0, 8000] += 0.01  # one sample changed: another take of the same length
     with pytest.raises(ValueError, match=r"the audio changed between segments of one clip \(segment 1 had 16000 "
                                          r"samples at 16000 Hz, segment 2 has 16000 samples at 16000 Hz, other "
                                          r"samples\).*same audio for every segment, set segment_index to 0"):
-        combine.combine(images, 12.5, "Sonic/audio", audio=edited, segment=info)
+        combine.combine(seg1[0], 12.5, "Sonic/audio", audio=edited, segment=seg1[1])
     assert not nodes_video._live and _files(out) == [], "the unfinished video is removed"
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")
-    combine.combine(images, 12.5, "Sonic/audio", audio=first, segment=info)
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    combine.combine(seg0[0], 12.5, "Sonic/audio", audio=first, segment=seg0[1])
     with pytest.raises(ValueError, match=r"segment 1 had 16000 samples at 16000 Hz, segment 2 has no audio"):
-        combine.combine(images, 12.5, "Sonic/audio", segment=info)
+        combine.combine(seg1[0], 12.5, "Sonic/audio", segment=seg1[1])
     # the same audio (ComfyUI's cache, or Load Audio run again) goes on
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")
-    combine.combine(images, 12.5, "Sonic/audio", audio=first, segment=info)
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    combine.combine(seg0[0], 12.5, "Sonic/audio", audio=first, segment=seg0[1])
     again = {"waveform": first["waveform"].clone(), "sample_rate": first["sample_rate"]}
-    combine.combine(images, 12.5, "Sonic/audio", audio=again, segment=info)
+    combine.combine(seg1[0], 12.5, "Sonic/audio", audio=again, segment=seg1[1])
     assert len(nodes_video._live) == 1
     nodes_video._drop_live(next(iter(nodes_video._live)), "test over")
