@@ -278,6 +278,7 @@ def check_paste_batch(frames: int, photo_size: tuple[int, int], device: torch.de
         "segment_frames), or use Latent To Video's photo and face_box inputs instead (it pastes one frame at a "
         "time while it writes the video), or give a smaller photo")
 
+
 def check_fits(est: MemoryEstimate, device: torch.device | str | None = None, what: str = "this run",
                host_free: int | None = None, device_free: int | None = None) -> None:
     """Log the estimate; raise MemoryBudgetError, with the numbers and a length that would fit, if
