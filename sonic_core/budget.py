@@ -49,6 +49,7 @@ from .config import (
     X264_LARGE_FRAME_PIXELS,
     X264_LARGE_LOOKAHEAD,
     X264_LOOKAHEAD,
+    X264_PIPELINE_FRAMES,
 )
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def add_paste(est: MemoryEstimate, photo_size: tuple[int, int], output_frames: i
               encoder: bool = True) -> MemoryEstimate:
     """Paste-back into a photo of ``photo_size = (w, h)`` px: one pasted float32 frame, its float32,
     uint8 and yuv copies for the encoder and (``encoder``: x264) the frames its look-ahead holds, up to
-    its rc-lookahead of the ``output_frames``. The photo itself is not counted: it is read
+    its rc-lookahead and pipeline of the ``output_frames``. The photo itself is not counted: it is read
     already (the CLI) or held by ComfyUI (the nodes)."""
     est.photo_size = tuple(photo_size)
     pixels = photo_size[0] * photo_size[1]
@@ -168,7 +169,7 @@ def add_paste(est: MemoryEstimate, photo_size: tuple[int, int], output_frames: i
             2 * frame + pixels * (RGB_CHANNELS + YUV420_BYTES), HOST)
     if encoder:
         lookahead = X264_LARGE_LOOKAHEAD if pixels > X264_LARGE_FRAME_PIXELS else X264_LOOKAHEAD  # video.py's choice
-        held = min(max(output_frames, 1), lookahead)
+        held = min(max(output_frames, 1), lookahead + X264_PIPELINE_FRAMES)
         est.add(f"encoder look-ahead ({held} frames at the photo's size)", held * pixels * ENCODER_BYTES_PER_PIXEL,
                 HOST)
     return est
@@ -276,6 +277,7 @@ def check_paste_batch(frames: int, photo_size: tuple[int, int], device: torch.de
         f"(room for about {fit} frame(s)): paste fewer frames per call (Latent Segment with a smaller "
         "segment_frames), or use Latent To Video's photo and face_box inputs instead (it pastes one frame at a "
         "time while it writes the video), or give a smaller photo")
+
 
 def check_fits(est: MemoryEstimate, device: torch.device | str | None = None, what: str = "this run",
                host_free: int | None = None, device_free: int | None = None) -> None:

@@ -207,6 +207,7 @@ VIDEO_CRF_MAX = 63  # largest crf libvpx-vp9 accepts (x264/x265 stop at 51)
 X264_LOOKAHEAD = 40  # frames, rc-lookahead of x264's preset medium (its default)
 X264_LARGE_FRAME_PIXELS = 3840 * 2160  # px per frame above which the look-ahead is shortened
 X264_LARGE_LOOKAHEAD = 10  # frames of rc-lookahead for those frames (preset veryfast's)
+X264_PIPELINE_FRAMES = 7  # frames x264 holds beside its look-ahead, at least: 3 b-frames, 3 references, 1 encoding
 AUDIO_BITRATE = 192000  # bit/s for AAC / Opus
 # the least a video takes on disk, for the free-space check before a run (bits per pixel per frame,
 # by extension): measured at crf 18 on 512x512 frames, textured and moving: mp4 0.073, webm 0.040,

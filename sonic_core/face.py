@@ -84,7 +84,7 @@ def image_fingerprint(image: torch.Tensor) -> tuple[float, ...]:
     xs = [round(k * w / g) for k in range(g + 1)]
     cells = []
     for r in range(g):
-        band = img[ys[r]:ys[r + 1]].to(torch.float64).sum(dim=(0, 2))  # [W]: every channel of each column
+        band = img[ys[r]:ys[r + 1]].sum(dim=(0, 2), dtype=torch.float64)  # [W]: every channel of each column
         edges = torch.cat([band.new_zeros(1), band.cumsum(0)])  # [W + 1]
         for c in range(g):
             count = (ys[r + 1] - ys[r]) * (xs[c + 1] - xs[c]) * img.shape[2] * scale

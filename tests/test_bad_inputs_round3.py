@@ -178,15 +178,16 @@ def test_cli_estimate_counts_the_photo_sized_frames_and_refuses_with_what_to_do(
     est = preflight.estimate_run((8000, 8000), 16000 * 2, 16000, settings, torch.float32, torch.device("cpu"))
     assert est.photo_size == (8000, 8000)
     photo_part = sum(b for name, (b, _w) in est.parts.items() if name.startswith(("paste-back", "encoder")))
-    # one pasted float32 frame, its float32 / uint8 / yuv copies and x264's look-ahead of 3 B/px a frame: 10 frames
-    # over 4K UHD (video.py shortens it there), else 40
-    assert photo_part == 8000 * 8000 * (24 + 4.5 + 10 * 3)
-    with pytest.raises(budget.MemoryBudgetError, match=r"3.5 GiB of it is paste-back into the 8000x8000 photo: "
+    # one pasted float32 frame, its float32 / uint8 / yuv copies and x264's frames of 3 B/px: its look-ahead (10
+    # frames over 4K UHD, where video.py shortens it, else 40) and 7 more (b-frames, references, the one encoding)
+    assert photo_part == 8000 * 8000 * (24 + 4.5 + (10 + 7) * 3)
+    with pytest.raises(budget.MemoryBudgetError, match=r"4.7 GiB of it is paste-back into the 8000x8000 photo: "
                                                        r"give a smaller photo"):
         budget.check_fits(est, "cpu", "this run", host_free=3 * 2**30)
     budget.check_fits(est, "cpu", "this run", host_free=6 * 2**30)  # fits
     small = preflight.estimate_run((2000, 1500), 16000 * 2, 16000, settings, torch.float32, torch.device("cpu"))
-    assert sum(b for name, (b, _w) in small.parts.items() if name.startswith("encoder")) == 2000 * 1500 * 40 * 3
+    held = min(49, 40 + 7)  # 2 s: 25 generated frames, 49 after RIFE
+    assert sum(b for name, (b, _w) in small.parts.items() if name.startswith("encoder")) == 2000 * 1500 * held * 3
 
 
 def test_x264_look_ahead_is_shortened_for_frames_over_4k(tmp_path):
@@ -305,26 +306,22 @@ def test_video_combine_refuses_a_change_of_audio_between_segments(env):
     vae, rife, latents, out, written = env
     seg_node, combine = nodes_long.SonicLatentSegment(), nodes_video.SonicVideoCombine()
     first = _audio(1.0)
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")
-    combine.combine(images, 12.5, "Sonic/audio", audio=first, segment=info)
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    seg0 = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")  # (images, info)
+    seg1 = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    combine.combine(seg0[0], 12.5, "Sonic/audio", audio=first, segment=seg0[1])
     edited = {"waveform": first["waveform"].clone(), "sample_rate": first["sample_rate"]}
     edited["waveform"][0, 0, 8000] += 0.01  # one sample changed: another take of the same length
     with pytest.raises(ValueError, match=r"the audio changed between segments of one clip \(segment 1 had 16000 "
                                          r"samples at 16000 Hz, segment 2 has 16000 samples at 16000 Hz, other "
                                          r"samples\).*same audio for every segment, set segment_index to 0"):
-        combine.combine(images, 12.5, "Sonic/audio", audio=edited, segment=info)
+        combine.combine(seg1[0], 12.5, "Sonic/audio", audio=edited, segment=seg1[1])
     assert not nodes_video._live and _files(out) == [], "the unfinished video is removed"
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")
-    combine.combine(images, 12.5, "Sonic/audio", audio=first, segment=info)
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    combine.combine(seg0[0], 12.5, "Sonic/audio", audio=first, segment=seg0[1])
     with pytest.raises(ValueError, match=r"segment 1 had 16000 samples at 16000 Hz, segment 2 has no audio"):
-        combine.combine(images, 12.5, "Sonic/audio", segment=info)
+        combine.combine(seg1[0], 12.5, "Sonic/audio", segment=seg1[1])
     # the same audio (ComfyUI's cache, or Load Audio run again) goes on
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 0, CHUNK, unique_id="7")
-    combine.combine(images, 12.5, "Sonic/audio", audio=first, segment=info)
-    images, info = seg_node.decode({"samples": latents}, vae, SEGMENT, 1, CHUNK, unique_id="7")
+    combine.combine(seg0[0], 12.5, "Sonic/audio", audio=first, segment=seg0[1])
     again = {"waveform": first["waveform"].clone(), "sample_rate": first["sample_rate"]}
-    combine.combine(images, 12.5, "Sonic/audio", audio=again, segment=info)
+    combine.combine(seg1[0], 12.5, "Sonic/audio", audio=again, segment=seg1[1])
     assert len(nodes_video._live) == 1
     nodes_video._drop_live(next(iter(nodes_video._live)), "test over")
