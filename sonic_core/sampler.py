@@ -661,8 +661,8 @@ def generate(
     ``group``: a torch.distributed process group to share the windows across ranks (see ``sample``).
     """
     device = next(unet.parameters()).device
-    inputs = face_inputs(vae, clip_vision, image, mask, audio, motion, settings=settings, seed=seed, dtype=dtype,
-                         device=device, noise=noise)
+    inputs = face_inputs(vae, clip_vision, image, mask, audio, motion, settings=settings, seed=seed,
+                         dtype=dtype, device=device, noise=noise)
     # handed over, not kept here: sample() drops the noise once the start latents exist
     handoff = [inputs.pop("noise")]
     del noise
@@ -709,8 +709,8 @@ def face_inputs(vae, clip_vision, image, mask, audio, motion, *, settings: Sampl
     w_img, h_img = working_size(int(rgb_hw[1]), int(rgb_hw[0]), settings.min_resolution)
     from .budget import MemoryEstimate, add_sampler, check_fits
 
-    check_fits(add_sampler(MemoryEstimate(num_frames * faces), (w_img, h_img), dtype, device.type != "cpu"), device,
-               "Sonic sampler")  # before the noise is drawn
+    check_fits(add_sampler(MemoryEstimate(num_frames * faces), (w_img, h_img), dtype, device.type != "cpu"),
+               device, "Sonic sampler")  # before the noise is drawn
     latent_shape = (1, num_frames, LATENT_CHANNELS, h_img // VAE_SCALE, w_img // VAE_SCALE)
     seeded = torch.randn(latent_shape, generator=gen, dtype=torch.float32)  # [1,F,4,h,w]
     if noise is None:

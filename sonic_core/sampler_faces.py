@@ -38,8 +38,8 @@ from .sampler import (
 
 log = logging.getLogger(__name__)
 
-FACE_KEYS = ("image_latents", "ref_latents", "clip_embeds", "cond_tokens", "uncond_tokens", "buckets", "face_mask",
-             "noise")  # one face's inputs: sampler.sample's keyword arguments
+FACE_KEYS = ("image_latents", "ref_latents", "clip_embeds", "cond_tokens", "uncond_tokens", "buckets",
+             "face_mask", "noise")  # one face's inputs: sampler.sample's keyword arguments
 
 
 def shape_groups(faces: list[dict]) -> list[list[int]]:
@@ -88,13 +88,14 @@ def sample_faces(
         raise ValueError(f"face {next(k for k, m in enumerate(missing) if m) + 1} lacks the inputs "
                          f"{next(m for m in missing if m)}; give each face sampler.sample's keyword inputs")
     if len({f["face_mask"] is None for f in faces}) > 1:
-        raise ValueError("some faces have a face mask and some none: give every face its mask (Face Mask Detect)")
+        raise ValueError("some faces have a face mask and some none: give every face its mask (Face Mask "
+                         "Detect)")
     noises = [f.pop("noise") for f in faces]
     noises = [n[0] if n.dim() == 5 else n for n in noises]  # [1,F,4,h,w] -> [F,4,h,w]
     frames = {int(n.shape[0]) for n in noises}
     if len(frames) > 1:
-        raise ValueError(f"the faces have {sorted(frames)} frames; pad every voice to the longest so all faces "
-                         "share the frame count")
+        raise ValueError(f"the faces have {sorted(frames)} frames; pad every voice to the longest so all "
+                         "faces share the frame count")
     num_frames = frames.pop()
     validate(settings, num_frames)
     for face in faces:
@@ -114,8 +115,9 @@ def sample_faces(
         handoff = [noises[k] for k in group]
         for k in group:
             noises[k] = None
-        results = _sample_group(unet, [faces[k] for k in group], handoff, settings, device, dtype, window_batch,
-                                progress, scheduler_config, resume, kept, [labels[k] for k in group])
+        results = _sample_group(unet, [faces[k] for k in group], handoff, settings, device, dtype,
+                                window_batch, progress, scheduler_config, resume, kept,
+                                [labels[k] for k in group])
         for k, lat in zip(group, results):
             out[k] = lat
     return out
@@ -133,8 +135,8 @@ class _Progress:
             self.callback(self.done, self.total, preview)
 
 
-def _sample_group(unet, faces, noises, settings, device, dtype, window_batch, progress, scheduler_config, resume,
-                  kept, labels) -> list[torch.Tensor]:
+def _sample_group(unet, faces, noises, settings, device, dtype, window_batch, progress, scheduler_config,
+                  resume, kept, labels) -> list[torch.Tensor]:
     """The step loop of faces with one latent shape; see ``sample_faces``."""
     sched = make_schedule(settings.steps, settings.i2i_strength, scheduler_config)
     sigmas = sched.sigmas.to(device)  # [n_run + 1] float32
@@ -147,8 +149,8 @@ def _sample_group(unet, faces, noises, settings, device, dtype, window_batch, pr
     n_windows = len(range(0, num_frames, w - ov))
     state = []  # per face: its tensors on the device, fingerprint and first step to run
     for face in faces:
-        latents = initial_latents(face["ref_latents"].to(device, torch.float32), noises[0].to(device, torch.float32),
-                                  sigmas[0]).to(**to)  # [F,4,h,w]
+        latents = initial_latents(face["ref_latents"].to(device, torch.float32),
+                                  noises[0].to(device, torch.float32), sigmas[0]).to(**to)  # [F,4,h,w]
         fp, start = None, 0
         if resume is not None:
             fp = _fingerprint(unet, face["image_latents"], face["ref_latents"], face["clip_embeds"],
@@ -191,11 +193,13 @@ def _sample_group(unet, faces, noises, settings, device, dtype, window_batch, pr
                 if batch == 1:
                     raise
                 batch = max(1, batch // 2)
-                log.warning("out of memory with %d windows per UNet call; retrying with %d", len(chunk), batch)
+                log.warning("out of memory with %d windows per UNet call; retrying with %d", len(chunk),
+                            batch)
                 continue
             for k, (a, j) in enumerate(chunk):
                 lat = active[a]["latents"]
-                x_out = euler_step(v[k], lat[torch.tensor(wins[j], device=device)], sigma, sigma_next)  # [W,4,h,w]
+                index = torch.tensor(wins[j], device=device)  # [W]
+                x_out = euler_step(v[k], lat[index], sigma, sigma_next)  # [W,4,h,w]
                 acc[a].add(wins[j], x_out)  # a frame one window covers: only that window reads it
                 progress(x_out)
             b0 += len(chunk)
@@ -228,8 +232,8 @@ def _velocity(unet, active, chunk, wins, t, sigma, g1, g2, settings) -> torch.Te
         js = [j for _, j in chunk[b:e]]  # this face's windows in the call, in window order
         s = active[a]
         index = torch.tensor([wins[j] for j in js], device=s["latents"].device)  # [n,W]
-        parts.append(window_rows(s["latents"][index], sigma, s["img"], s["clip"], s["cond"][index], s["uncond"],
-                                 s["mb"][index], settings))  # one face's windows
+        parts.append(window_rows(s["latents"][index], sigma, s["img"], s["clip"], s["cond"][index],
+                                 s["uncond"], s["mb"][index], settings))  # one face's windows
         masks.append(None if s["mask"] is None else s["mask"].expand(len(js), *s["mask"].shape[1:]))
         b += len(js)
     if len(parts) == 1:
@@ -244,14 +248,17 @@ def _velocity(unet, active, chunk, wins, t, sigma, g1, g2, settings) -> torch.Te
 @torch.no_grad()
 def generate_faces(unet: torch.nn.Module, vae, clip_vision, faces: list[tuple], *,
                    settings: SamplerDefaults = SAMPLER_DEFAULTS, seed: int = SAMPLER_DEFAULTS.seed,
-                   dtype: torch.dtype = torch.float32, window_batch: int = 1, callback: ProgressFn | None = None,
-                   resume=None, kept: list | None = None, labels: list[str] | None = None) -> list[torch.Tensor]:
+                   dtype: torch.dtype = torch.float32, window_batch: int = 1,
+                   callback: ProgressFn | None = None, resume=None, kept: list | None = None,
+                   labels: list[str] | None = None) -> list[torch.Tensor]:
     """``sampler.generate`` for several faces, sampled together: ``faces`` holds each face's
     ``(image, mask, audio, motion)``; returns each face's VAE-space latents [F,4,h,w] float32 on
     the CPU, each what its own ``generate`` call returns (same seed, same noise rule)."""
     device = next(unet.parameters()).device
-    inputs = [face_inputs(vae, clip_vision, image, mask, audio, motion, settings=settings, seed=seed, dtype=dtype,
-                          device=device, faces=len(faces)) for image, mask, audio, motion in faces]
-    latents = sample_faces(unet, inputs, settings=settings, device=device, dtype=dtype, window_batch=window_batch,
-                           callback=callback, resume=resume, kept=kept, labels=labels)
+    inputs = [face_inputs(vae, clip_vision, image, mask, audio, motion, settings=settings, seed=seed,
+                          dtype=dtype, device=device, faces=len(faces))
+              for image, mask, audio, motion in faces]
+    latents = sample_faces(unet, inputs, settings=settings, device=device, dtype=dtype,
+                           window_batch=window_batch, callback=callback, resume=resume, kept=kept,
+                           labels=labels)
     return [lat.float().mul_(1.0 / VAE_SCALING_FACTOR).cpu() for lat in latents]

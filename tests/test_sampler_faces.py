@@ -33,7 +33,8 @@ def _face(seed: int, hw=HW, dtype=torch.float32) -> dict:
     mask = torch.zeros(1, 1, 8 * h, 8 * w)
     mask[..., 8 + 4 * seed : 40 + 4 * seed, 10:50] = 1.0  # each face its own mask
     face = dict(
-        image_latents=torch.randn(1, 4, h, w, generator=gen), ref_latents=torch.randn(1, 4, h, w, generator=gen),
+        image_latents=torch.randn(1, 4, h, w, generator=gen),
+        ref_latents=torch.randn(1, 4, h, w, generator=gen),
         clip_embeds=torch.randn(1, d, generator=gen), cond_tokens=torch.randn(FRAMES, K, d, generator=gen),
         uncond_tokens=torch.randn(K, d, generator=gen), buckets=torch.rand(FRAMES, 2, generator=gen) * 100,
         face_mask=mask, noise=torch.randn(FRAMES, 4, h, w, generator=gen),
@@ -93,8 +94,9 @@ def test_two_faces_share_calls_each_equals_its_own_run(unet, alone):
 def test_float64_shared_calls_are_the_single_face_math(unet, alone):
     """In float64 the shared call is the same arithmetic per window (strict: a window that saw another
     face's mask, tokens or latents would be far off)."""
-    out = sampler_faces.sample_faces(unet.double(), [_face(1, dtype=torch.float64), _face(2, dtype=torch.float64)],
-                                     settings=SETTINGS, dtype=torch.float64, window_batch=8)
+    faces = [_face(1, dtype=torch.float64), _face(2, dtype=torch.float64)]
+    out = sampler_faces.sample_faces(unet.double(), faces, settings=SETTINGS, dtype=torch.float64,
+                                     window_batch=8)
     unet.float()
     assert rel_err(out[0], alone[1, "f64"]) < 1e-10 and rel_err(out[1], alone[2, "f64"]) < 1e-10
 
@@ -130,7 +132,8 @@ def test_cancel_then_resume_every_face_from_its_state(unet, alone, tmp_path):
     keep = ResumeStore(tmp_path / "keep", resume=True, keep_bytes=1 << 30)
     first = sampler.sample(unet, **_face(1), settings=SETTINGS, resume=keep)  # face 1 sampled alone, kept
     with pytest.raises(Stop):
-        sampler.sample(unet, **_face(2), settings=SETTINGS, callback=stop_at(5), resume=keep)  # face 2: step 1
+        # face 2 alone: stopped in step 2, its state at step 1
+        sampler.sample(unet, **_face(2), settings=SETTINGS, callback=stop_at(5), resume=keep)
     kept, rows = [], []
     hook = unet.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
     try:

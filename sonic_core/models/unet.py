@@ -200,7 +200,8 @@ class SonicAudioAttnProcessor(nn.Module):
         if mask is not None and mask.shape[0] == 1:
             audio_out = audio_out * mask[0]  # [rows, L, C] x [1, L, 1]
         elif mask is not None:  # one mask per group: rows are group-major, each group rows // G of them
-            audio_out = (audio_out.view(mask.shape[0], -1, length, channels) * mask).view(rows, length, channels)
+            grouped = audio_out.view(mask.shape[0], -1, length, channels)  # [G, rows/G, L, C]
+            audio_out = (grouped * mask).view(rows, length, channels)  # [rows, L, C]
         if ctx.audio_scale != 1.0:
             audio_out = audio_out * ctx.audio_scale
         out = out + audio_out
@@ -317,8 +318,8 @@ class SonicUNet(UNetSpatioTemporalConditionModel):
             if groups < 1 or batch % groups:
                 raise ValueError(f"groups={groups} must divide the batch {batch}")
             if face_mask is not None and face_mask.shape[0] not in (1, groups):
-                raise ValueError(f"face_mask has {face_mask.shape[0]} masks for groups={groups}: give one mask "
-                                 "[1, 1, H, W_img] or one per group")
+                raise ValueError(f"face_mask has {face_mask.shape[0]} masks for groups={groups}: give one "
+                                 "mask [1, 1, H, W_img] or one per group")
             ctx.groups = int(groups)
             ctx.audio_frames = audio_tokens.flatten(0, 1)  # [B*W, K, D], batch-major
             ctx.audio_window = audio_tokens.mean(dim=1)  # [B, K, D], mean over the window's frames
@@ -347,8 +348,8 @@ class SonicUNet(UNetSpatioTemporalConditionModel):
         if added_time_ids.ndim != 2 or added_time_ids.shape[0] != batch:
             raise ValueError(f"added_time_ids must be [B={batch}, 3], got shape {tuple(added_time_ids.shape)}")
         if face_mask is not None and (face_mask.ndim != 4 or face_mask.shape[1] != 1):
-            raise ValueError(f"face_mask must be [1, 1, H, W_img] or [groups, 1, H, W_img] (or None for no mask), "
-                             f"got shape {tuple(face_mask.shape)}")
+            raise ValueError("face_mask must be [1, 1, H, W_img] or [groups, 1, H, W_img] (or None for no "
+                             f"mask), got shape {tuple(face_mask.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
