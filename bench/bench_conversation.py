@@ -39,8 +39,8 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import torch
     from sonic_core import conversation, pipeline, sampler_faces
-    work, faces, steps, res, interp = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-    shared, batch = sys.argv[7] == "1", int(sys.argv[8])
+    work, faces, steps, res = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    interp, shared, batch = sys.argv[6], sys.argv[7] == "1", int(sys.argv[8])
     voices = {1: f"{work}/a.wav", 3: f"{work}/b.wav"}
     cast = conversation.Cast(voices={n: voices[n] for n in list(voices)[:faces]})
     s = pipeline.AnimateSettings(steps=steps, min_resolution=res, crop=True, paste_back=True,
@@ -88,9 +88,10 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved, so a change of the machine's load hits every mode alike
             for mode, (faces, shared) in modes.items():
                 (w / f"out{faces}.mp4").unlink(missing_ok=True)
-                run = subprocess.run([sys.executable, "-c", CHILD, str(REPO), work, str(faces), str(args.steps),
-                                      str(args.min_resolution), "0" if args.no_interpolate else "1",
-                                      "1" if shared else "0", str(args.window_batch)],
+                run = subprocess.run([sys.executable, "-c", CHILD, str(REPO), work, str(faces),
+                                      str(args.steps), str(args.min_resolution),
+                                      "0" if args.no_interpolate else "1", "1" if shared else "0",
+                                      str(args.window_batch)],
                                      capture_output=True, text=True, cwd=REPO)
                 if run.returncode:
                     raise SystemExit(run.stderr[-3000:])

@@ -44,7 +44,8 @@ def face(seed: int, frames: int, hw: tuple[int, int]) -> dict:
     mask = torch.zeros(1, 1, 8 * h, 8 * w)
     mask[..., 2 * h : 6 * h, (1 + seed) * w : (4 + seed) * w] = 1.0
     return dict(image_latents=torch.randn(1, 4, h, w, generator=gen),
-                ref_latents=torch.randn(1, 4, h, w, generator=gen), clip_embeds=torch.randn(1, d, generator=gen),
+                ref_latents=torch.randn(1, 4, h, w, generator=gen),
+                clip_embeds=torch.randn(1, d, generator=gen),
                 cond_tokens=torch.randn(frames, TOKENS, d, generator=gen),
                 uncond_tokens=torch.randn(TOKENS, d, generator=gen),
                 buckets=torch.rand(frames, 2, generator=gen) * 100, face_mask=mask,
@@ -84,8 +85,8 @@ def main() -> None:
     peaks = {name: counted_peak_bytes(fn, module_tensors(unet)) / 2**20 for name, fn in modes.items()}
     diff = max((a - b).abs().max().item() for a, b in zip(results["twice-one"], results["shared"]))
     med = {m: statistics.median(t) for m, t in times.items()}
-    summary = {"frames": args.frames, "size": args.size, "steps": args.steps, "window_batch": args.window_batch,
-               "repeat": args.repeat, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+    summary = {"frames": args.frames, "size": args.size, "steps": args.steps,
+               "window_batch": args.window_batch, "repeat": args.repeat, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                "median_s": med, "times_s": times, "peak_tensor_mib": peaks,
                "time_ratio_shared_vs_twice_one": med["shared"] / med["twice-one"],
                "peak_ratio_shared_vs_twice_one": peaks["shared"] / peaks["twice-one"],

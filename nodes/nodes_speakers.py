@@ -61,10 +61,10 @@ class SonicSpeakerVoice:
         return {"required": {
             "audio": ("AUDIO", {"tooltip": "The mixed recording of the whole conversation."}),
             "timeline": ("STRING", {"multiline": True, "default": "", "tooltip":
-                                    "RTTM text, one turn a line: SPEAKER <file> 1 <start s> <duration s> <NA> "
-                                    "<NA> <name> <NA> <NA>. Lines starting with # are comments."}),
-            "speaker": ("STRING", {"default": "", "tooltip": "The speaker name in the timeline whose face this "
-                                                             "voice drives (case-sensitive)."}),
+                                    "RTTM text, one turn a line: SPEAKER <file> 1 <start s> <duration s> "
+                                    "<NA> <NA> <name> <NA> <NA>. Lines starting with # are comments."}),
+            "speaker": ("STRING", {"default": "", "tooltip": "The speaker name in the timeline whose face "
+                                                             "this voice drives (case-sensitive)."}),
         }}
 
     def voice(self, audio, timeline, speaker):
@@ -73,4 +73,5 @@ class SonicSpeakerVoice:
 
 
 NODE_CLASS_MAPPINGS = {"SonicMixVoices": SonicMixVoices, "SonicSpeakerVoice": SonicSpeakerVoice}
-NODE_DISPLAY_NAME_MAPPINGS = {"SonicMixVoices": "Mix Voices", "SonicSpeakerVoice": "Speaker Voice From Timeline"}
+NODE_DISPLAY_NAME_MAPPINGS = {"SonicMixVoices": "Mix Voices",
+                              "SonicSpeakerVoice": "Speaker Voice From Timeline"}

@@ -128,12 +128,13 @@ PASTE_KEEPOUT_SCALE = 1.5  # another face's head region = its face box scaled by
 PASTE_KEEPOUT_SOFT = 0.15  # soft edge outside that region, as a fraction of its shorter side (0 = hard edge)
 # colour match (issue 30 item 8): each generated frame's low-frequency colour pulled to the photo's, measured
 # where the crop meets the photo (the blend band), as a smooth per-channel gain over the pasted region
-PASTE_COLOR_MATCH = False  # default of the color_match inputs and --color-match (see bench/RESULTS.md)
-PASTE_COLOR_BAND = 0.1  # measuring band, at least this fraction of the region's shorter side (also at feather 0)
+PASTE_COLOR_MATCH = True  # default of the color_match inputs: on, bench/RESULTS.md (drift 2.27 -> 0.37 levels)
+PASTE_COLOR_BAND = 0.1  # measuring band along the crop's border, as a fraction of its side (whatever the feather)
 PASTE_COLOR_GRID = 8  # cells on the region's shorter side of the grid the gain is measured on
 PASTE_COLOR_SIGMA = 2.0  # Gaussian spread of the gain over that grid, in cells (low-pass: larger is smoother)
+PASTE_COLOR_KEEPOUT_SCALE = 2.2  # not measured within another face's box scaled by this (its crop at expand 0.5)
 PASTE_COLOR_PRIOR = 0.05  # weight of the whole band's mean gain where the band is far (the region's middle)
-PASTE_COLOR_MAX_GAIN = 0.15  # the gain stays within 1 +- this (a real difference, not a drift, is left alone)
+PASTE_COLOR_MAX_GAIN = 0.06  # the gain stays within 1 +- this: twice a 3% drift; a real difference is not undone
 
 # ----------------------------------------------------------------------------------------------
 # Face detector (YOLOv5-face, issue 4)
@@ -364,7 +365,8 @@ LIMITS: dict[str, Limit] = {
     "expand_ratio": Limit(0.0, 5.0, CROP_EXPAND_RATIO),
     "mask_area": Limit(0.1, 5.0, MASK_AREA),
     "confidence": Limit(0.01, 0.99, DETECTOR_CONFIDENCE),
-    "face_index": Limit(0, FACE_INDEX_MAX, 0, True, hint="0 = the largest face, 1..N = the N-th from the left"),
+    "face_index": Limit(0, FACE_INDEX_MAX, 0, True,
+                        hint="0 = the largest face, 1..N = the N-th from the left"),
     # decoding, interpolation and saving
     "decode_chunk_size": Limit(1, 1024, _D.decode_chunk_size, True),  # SVD loader; Latent nodes: 0 = the VAE's
     "decode_chunk_or_auto": Limit(0, 1024, 0, True),

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .config import (GENERATED_FPS, OUTPUT_FPS, PASTE_COLOR_MATCH, RIFE_BATCH, RIFE_MULTIPLIER, SAMPLER_DEFAULTS,
-                     VAE_SCALE)
+from .config import (GENERATED_FPS, OUTPUT_FPS, PASTE_COLOR_MATCH, RIFE_BATCH, RIFE_MULTIPLIER,
+                     SAMPLER_DEFAULTS, VAE_SCALE)
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ def configure_cli(p) -> None:
                         "repeat for each face; needs --crop --paste-back; the video's sound is the voices "
                         "mixed (README 'Conversations')")
     p.add_argument("--timeline", default=None, metavar="RTTM",
-                   help="with AUDIO, a mixed recording: its speaker turns (RTTM lines 'SPEAKER <file> 1 <start> "
-                        "<duration> <NA> <NA> <name> <NA> <NA>'); each --speaker's face hears its own turns, the "
-                        "video keeps AUDIO's sound")
+                   help="with AUDIO, a mixed recording: its speaker turns (RTTM lines 'SPEAKER <file> 1 "
+                        "<start> <duration> <NA> <NA> <name> <NA> <NA>'); each --speaker's face hears its "
+                        "own turns, the video keeps AUDIO's sound")
     p.add_argument("--speaker", action="append", default=[], metavar="NAME=N",
                    help="with --timeline: the timeline's speaker NAME is face N; repeat for each face")
     p.add_argument("--preview-faces", default=None, metavar="PNG",
@@ -91,45 +91,46 @@ def _pairs(values: list[str], flag: str, form: str) -> list[tuple[str, str]]:
     for value in values:
         m = PAIR.match(value)
         if m is None:
-            raise ValueError(f"{flag} {value!r} is not {form}: write it like {flag} "
-                             f"{form.replace('N', '1').replace('AUDIO', 'alice.wav').replace('NAME', 'alice')}")
+            example = form.replace("N", "1").replace("AUDIO", "alice.wav").replace("NAME", "alice")
+            raise ValueError(f"{flag} {value!r} is not {form}: write it like {flag} {example}")
         out.append((m.group(1), m.group(2)))
     return out
 
 
 def _face_number(text: str, flag: str, value: str) -> int:
     if not FACE_NUMBER.match(text) or int(text) < 1:
-        raise ValueError(f"{flag} {value}: {text!r} is not a face number; faces are numbered 1, 2, 3... from the "
-                         f"left (see them with {PREVIEW_HINT})")
+        raise ValueError(f"{flag} {value}: {text!r} is not a face number; faces are numbered 1, 2, 3... "
+                         f"from the left (see them with {PREVIEW_HINT})")
     return int(text)
 
 
 def parse_cast(args) -> Cast:
     """The ``--voice`` / ``--timeline`` / ``--speaker`` flags as a Cast, every combination checked."""
     if args.voice and args.timeline:
-        raise ValueError(f"--voice and --timeline {args.timeline} together: give each face its own file with "
-                         "--voice N=AUDIO, or one mixed recording (AUDIO) with --timeline and --speaker NAME=N")
+        raise ValueError(f"--voice and --timeline {args.timeline} together: give each face its own file "
+                         "with --voice N=AUDIO, or one mixed recording (AUDIO) with --timeline and --speaker "
+                         "NAME=N")
     if args.speaker and not args.timeline:
         raise ValueError(f"--speaker {args.speaker[0]} needs --timeline RTTM (the file that says when each "
                          "speaker talks)")
     if args.timeline and not args.speaker:
-        raise ValueError(f"--timeline {args.timeline} needs at least one --speaker NAME=N (which face is which "
-                         "speaker)")
+        raise ValueError(f"--timeline {args.timeline} needs at least one --speaker NAME=N (which face is "
+                         "which speaker)")
     flag = "--voice" if args.voice else "--timeline"
     if not (args.crop and args.paste_back):
-        raise ValueError(f"{flag} needs --crop --paste-back: every face is animated on its own crop and pasted "
-                         "back into the one photo")
+        raise ValueError(f"{flag} needs --crop --paste-back: every face is animated on its own crop and "
+                         "pasted back into the one photo")
     if args.voice:
         if args.audio is not None:
-            raise ValueError(f"AUDIO {args.audio} and --voice together: with --voice every face's audio is a "
-                             "--voice N=AUDIO (the video's sound is their mix); for one mixed recording use AUDIO "
-                             "with --timeline and --speaker NAME=N")
+            raise ValueError(f"AUDIO {args.audio} and --voice together: with --voice every face's audio is "
+                             "a --voice N=AUDIO (the video's sound is their mix); for one mixed recording "
+                             "use AUDIO with --timeline and --speaker NAME=N")
         voices: dict[int, str] = {}
         for key, path in _pairs(args.voice, "--voice", "N=AUDIO"):
             n = _face_number(key, "--voice", f"{key}={path}")
             if n in voices:
-                raise ValueError(f"--voice {n}={path}: face {n} already has the voice {voices[n]}; give each face "
-                                 "one voice (mix them first if both should come from it)")
+                raise ValueError(f"--voice {n}={path}: face {n} already has the voice {voices[n]}; give each "
+                                 "face one voice (mix them first if both should come from it)")
             voices[n] = path
         return Cast(voices=voices)
     if args.audio is None:
@@ -138,8 +139,8 @@ def parse_cast(args) -> Cast:
     for name, key in _pairs(args.speaker, "--speaker", "NAME=N"):
         n = _face_number(key, "--speaker", f"{name}={key}")
         if n in speakers:
-            raise ValueError(f"--speaker {name}={n}: face {n} is already the speaker {speakers[n]!r}; give each "
-                             "face one speaker")
+            raise ValueError(f"--speaker {name}={n}: face {n} is already the speaker {speakers[n]!r}; give "
+                             "each face one speaker")
         if name in speakers.values():
             raise ValueError(f"--speaker {name}={n}: {name!r} is already given a face; one face per speaker")
         speakers[n] = name
@@ -215,7 +216,8 @@ def find_photo_faces(image: torch.Tensor, alpha_mask: torch.Tensor | None, model
             return marked, None
     missing = missing_weights(models_dir, need_detector=True, need_rife=need_rife)
     if any(w.path == DETECTOR_FILE for w in missing):
-        log.warning("photo %s: its transparency marks no face; the face detector is needed to find them", photo)
+        log.warning("photo %s: its transparency marks no face; the face detector is needed to find them",
+                    photo)
         raise MissingWeights(missing_message(models_dir, missing))
     detector = face.load_detector(str(models_dir / DETECTOR_FILE), device)
     return face.find_faces(image[0], detector, alpha_mask[0] if alpha_mask is not None else None), detector
@@ -226,8 +228,8 @@ def check_face_numbers(cast: Cast, boxes: list, photo: str) -> None:
     for n in cast.faces:
         if n > len(boxes):
             found = f"faces 1..{len(boxes)} were found" if boxes else "no face was found"
-            raise ValueError(f"{cast.source(n)}: face {n} is past the faces of {photo} ({found}, numbered from "
-                             f"the left); see the numbers with {PREVIEW_HINT}")
+            raise ValueError(f"{cast.source(n)}: face {n} is past the faces of {photo} ({found}, numbered "
+                             f"from the left); see the numbers with {PREVIEW_HINT}")
 
 
 def preview(args) -> int:
@@ -248,8 +250,8 @@ def preview(args) -> int:
     boxes, _ = find_photo_faces(image, alpha, Path(args.models), pick_device(args.device), args.image,
                                 need_rife=False)
     if not boxes:
-        raise ValueError(f"no face found in {args.image}: crop it tighter around the faces, or make each face "
-                         "transparent (each transparent region marks one face)")
+        raise ValueError(f"no face found in {args.image}: crop it tighter around the faces, or make each "
+                         "face transparent (each transparent region marks one face)")
     picture = face.face_preview(image[0], boxes, None)  # [H,W,3]
     u8 = (picture.clamp(0, 1) * U8_MAX).round().to(torch.uint8).cpu().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +296,8 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
     from . import image as image_mod
     from .models import svd
     from .models.rife import load_rife
-    from .pipeline import SVD_FOLDER, WHISPER_FOLDER, MissingWeights, missing_message, missing_weights, read_image
+    from .pipeline import (SVD_FOLDER, WHISPER_FOLDER, MissingWeights, missing_message, missing_weights,
+                           read_image)
 
     if not (settings.crop and settings.paste_back):
         raise ValueError("several faces need crop and paste_back on (--crop --paste-back)")
@@ -315,9 +318,12 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
     boxes, detector = find_photo_faces(image, alpha_mask, models_dir, device, str(image_path),
                                        settings.interpolate)
     check_face_numbers(cast, boxes, str(image_path))
-    log.info("%s: %d face(s) found; driving %s", photo, len(boxes), ", ".join(f"face {n}" for n in cast.faces))
+    log.info("%s: %d face(s) found; driving %s", photo, len(boxes),
+             ", ".join(f"face {n}" for n in cast.faces))
     found = {n: face.detect_face_mask(image, detector=detector, mask=alpha_mask, crop=True, face_index=n,
                                       mask_name=f"the transparency of {photo}") for n in cast.faces}
+    pastes = {n: image_mod.PasteBack(image, found[n].box, settings.paste_feather, settings.paste_region,
+                                     getattr(settings, "color_match", PASTE_COLOR_MATCH)) for n in cast.faces}
     missing = missing_weights(models_dir, need_detector=detector is not None, need_rife=settings.interpolate)
     if svd_dir is not None:
         missing = [w for w in missing if w.path != SVD_FOLDER]
@@ -331,8 +337,9 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
         return lambda done, total, *_: progress(name, done, total)
 
     t0 = time.perf_counter()
-    models = weights.load_sonic_models(models_dir / "Sonic" / "unet.pth", models_dir / "Sonic" / "audio2token.pth",
-                                       models_dir / "Sonic" / "audio2bucket.pth", models_dir / WHISPER_FOLDER,
+    sonic = models_dir / "Sonic"
+    models = weights.load_sonic_models(sonic / "unet.pth", sonic / "audio2token.pth",
+                                       sonic / "audio2bucket.pth", models_dir / WHISPER_FOLDER,
                                        dtype=dtype, device=device, load_device=device,
                                        weight_dtype=lowvram.WEIGHT_DTYPES[settings.weight_dtype])
     vae, clip = svd.load_svd(svd_dir or models_dir / SVD_FOLDER, dtype, device)
@@ -351,7 +358,8 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
         driven.append((ref_image, ref_mask, sonic_audio, sonic_motion))
         fps = sonic_audio.fps
         del sonic_audio, sonic_motion, embeds
-    together = [driven] if shared_calls else [[face] for face in driven]  # sampled together, or one by one
+    # sampled together (windows of different faces share UNet calls), or one face after another
+    together = [driven] if shared_calls else [[face] for face in driven]
     numbered = [cast.faces] if shared_calls else [[n] for n in cast.faces]
     latents = []
     for faces_now, numbers in zip(together, numbered):
@@ -361,10 +369,8 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
                                                 seed=settings.seed, dtype=dtype, window_batch=window_batch,
                                                 callback=stage("sampling"), resume=store, kept=kept,
                                                 labels=[f"face {n}" for n in numbers])  # VAE space
-    del driven, together
-    faces = [(lat, image_mod.PasteBack(image, found[n].box, settings.paste_feather, settings.paste_region,
-                                       getattr(settings, "color_match", PASTE_COLOR_MATCH)))
-             for n, lat in zip(cast.faces, latents)]
+    del driven, together, faces_now
+    faces = [(lat, pastes[n]) for n, lat in zip(cast.faces, latents)]  # [F,4,h,w] VAE space, its paste
     del latents
     rife = None
     if settings.interpolate:
@@ -389,7 +395,8 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
     return output
 
 
-def plan_face_batching(faces: list[tuple], run, settings, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+def plan_face_batching(faces: list[tuple], run, settings, dtype: torch.dtype,
+                       device: torch.device) -> tuple[int, int]:
     """(windows per UNet call, CFG rows per call) for faces sampled together (``(image, mask, audio,
     motion)`` each): the windows of all faces count together against free memory (the largest crop's
     size, so any call fits), and so does every face's clip state (latents, audio tokens)."""
@@ -403,8 +410,8 @@ def plan_face_batching(faces: list[tuple], run, settings, dtype: torch.dtype, de
     clip_bytes = sum(sampler.clip_state_bytes(audio.num_frames, hh // VAE_SCALE, ww // VAE_SCALE,
                                               audio.cond_tokens.shape, dtype)
                      for (ww, hh), (_, _, audio, _) in zip(sizes, faces))
-    batch, rows = sampler.plan_batching(budget.device_free_bytes(device), h, w, run.frames_per_window, dtype, windows,
-                                        settings.window_batch, settings.guidance_rows, clip_bytes)
+    batch, rows = sampler.plan_batching(budget.device_free_bytes(device), h, w, run.frames_per_window, dtype,
+                                        windows, settings.window_batch, settings.guidance_rows, clip_bytes)
     log.info("sampler: %d face(s), %d window(s) x %d guidance row(s) per UNet call", len(faces), batch, rows)
     return batch, rows
 
@@ -413,7 +420,8 @@ def run_cli(args, settings) -> int:
     """``animate`` with --voice / --timeline (or --preview-faces): called by pipeline.run_cli once
     the numbers are checked."""
     from . import distributed
-    from .pipeline import MissingWeights, download_weights, missing_weights, pick_device, pick_dtype, state_store
+    from .pipeline import (MissingWeights, download_weights, missing_weights, pick_device, pick_dtype,
+                           state_store)
     from .preflight import check_output
     from .progress import CliProgress
 

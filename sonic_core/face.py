@@ -10,8 +10,9 @@ Project decisions (where the official code has a quirk or no answer):
   face from the left instead (``find_faces`` numbers them 1..N by box centre; issue 30).
 * A MASK input marks the face by its bounding box (pixels > 0.5) and takes precedence over the
   detector, when it plausibly is a face mask (``judge_mask``: regions of plausible size, off
-  most of the border); several such regions mark several faces. A transparent background (a cut-out) is composited onto a plain background
-  and the detector runs; an empty mask (Load Image's placeholder) or specks leave it to the detector.
+  most of the border); several such regions mark several faces. A transparent background (a
+  cut-out) is composited onto a plain background and the detector runs; an empty mask (Load
+  Image's placeholder) or specks leave it to the detector.
 * Cropping follows ``process_bbox`` exactly. Like the official demo (which crops, saves the
   crop and detects again on it), the face box of the output is detected again on the crop; if
   that finds nothing (or the box came from a mask) the source box is shifted into the crop.
@@ -208,8 +209,9 @@ def judge_mask(mask: torch.Tensor, what: str = "the mask",
     """Whether a ``[H, W]`` mask (1 = marked; for an alpha channel 1 = transparent) plausibly marks
     faces: each region's box at least ``MASK_FACE_MIN_SIDE_FRACTION`` of the short side and at most
     ``MASK_FACE_MAX_AREA_FRACTION`` of the image, and marked on at most ``MASK_CUTOUT_BORDER_FRACTION``
-    of the border. Several such regions: several faces (``boxes``; ``box`` is the largest). Marked on more of the border: a cut-out's transparent background. Nothing above
-    ``threshold`` (Load Image's empty placeholder, alpha 250 everywhere) or only specks: no face mask.
+    of the border. Several such regions: several faces (``boxes``; ``box`` is the largest). Marked on
+    more of the border: a cut-out's transparent background. Nothing above ``threshold`` (Load
+    Image's empty placeholder, alpha 250 everywhere) or only specks: no face mask.
     """
     m = mask.detach().to("cpu", torch.float32)
     h, w = m.shape
@@ -244,9 +246,9 @@ def judge_mask(mask: torch.Tensor, what: str = "the mask",
     ignored = f" ({len(specks)} speck(s) ignored)" if specks else ""
     box = largest_face(faces)
     if len(faces) > 1:
-        return MaskVerdict("face", f"{what} marks {len(faces)} separate regions: {len(faces)} faces, the "
-                                   f"largest {box.w:.0f}x{box.h:.0f} px at ({box.x:.0f}, {box.y:.0f}){ignored}",
-                           box, tuple(faces))
+        why = (f"{what} marks {len(faces)} separate regions: {len(faces)} faces, the largest "
+               f"{box.w:.0f}x{box.h:.0f} px at ({box.x:.0f}, {box.y:.0f}){ignored}")
+        return MaskVerdict("face", why, box, tuple(faces))
     return MaskVerdict("face", f"{what} marks the face: {box.w:.0f}x{box.h:.0f} px at "
                                f"({box.x:.0f}, {box.y:.0f}){ignored}", box, (box,))
 
@@ -473,7 +475,8 @@ def _label(out: torch.Tensor, x: int, y: int, number: int, cell: int, colour, in
         for r in range(DIGIT_ROWS):
             for c in range(DIGIT_COLS):
                 if bits[r * DIGIT_COLS + c] == "1":
-                    _fill(out, dx + c * cell, y + (1 + r) * cell, dx + (c + 1) * cell, y + (2 + r) * cell, ink)
+                    x0, y0 = dx + c * cell, y + (1 + r) * cell
+                    _fill(out, x0, y0, x0 + cell, y0 + cell, ink)
 
 
 def face_preview(image: torch.Tensor, boxes, chosen: int | None = None) -> torch.Tensor:

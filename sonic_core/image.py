@@ -357,7 +357,8 @@ class ColorMatch:
         return out
 
     def _means(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[rh, rw, 3]`` -> local ring means (unnormalised, blurred) ``[1, 3, gh, gw]`` and the ring's mean ``[1, 3, 1, 1]``."""
+        """``[rh, rw, 3]`` -> local ring sums (blurred, not normalised) ``[1, 3, gh, gw]`` and the whole
+        ring's mean ``[1, 3, 1, 1]``."""
         pooled = torch.nn.functional.adaptive_avg_pool2d((x * self.ring[:, :, None]).permute(2, 0, 1)[None],
                                                          self.grid)  # [1, 3, gh, gw]
         return _blur(pooled, config.PASTE_COLOR_SIGMA), pooled.sum((2, 3), keepdim=True) / self.total
@@ -370,8 +371,8 @@ class ColorMatch:
         eps = 1 / config.U8_MAX / config.U8_MAX  # far below one level: black on black stays a gain of 1
         gain = (pl + self.prior * pg + eps) / (fl + self.prior * fg + eps)  # [1, 3, gh, gw]
         gain = gain.clamp(1 - config.PASTE_COLOR_MAX_GAIN, 1 + config.PASTE_COLOR_MAX_GAIN)
-        gain = torch.nn.functional.interpolate(gain, size=self.size, mode="bilinear", align_corners=False)
-        return (part * gain[0].permute(1, 2, 0)).clamp_(0, 1)  # gain [rh, rw, 3]
+        gain = torch.nn.functional.interpolate(gain - 1, size=self.size, mode="bilinear", align_corners=False)
+        return (part + part * gain[0].permute(1, 2, 0)).clamp_(0, 1)  # gain - 1 [rh, rw, 3]: 0 leaves part exact
 
 
 def base_frames(photo: torch.Tensor) -> torch.Tensor:
@@ -470,12 +471,16 @@ class PasteBack:
 
         self.mask = weights(band)[:, :, None]  # [rh, rw, 1]
         self.color = None
-        if color_match:
-            r = weights(max(band, config.PASTE_COLOR_BAND * short))  # [rh, rw]
-            self.color = ColorMatch(4 * r * (1 - r))  # the ring where the blend is between photo and frame
+        if color_match:  # measured along the crop's own border (background, also for region face: the head moves)
+            px = config.PASTE_COLOR_BAND * min(x2 - x1, y2 - y1)  # not the feather: a wide one reaches the hair
+            r = _ramp(y2 - y1, px, y1 > 0, y2 < h)[:, None] * _ramp(x2 - x1, px, x1 > 0, x2 < w)[None, :]  # [ch, cw]
+            ring = 4 * r * (1 - r)  # [ch, cw] where a crop-wide blend would be half photo, half frame
+            if self.others:  # not where another face's paste may lie: each face's gain is its single-face one
+                ring = (ring * keep_out(self.crop, self.others, config.PASTE_COLOR_KEEPOUT_SCALE, 0.0)).float()
+            self.color = ColorMatch(ring)
             if not self.color.active:
-                log.warning("paste-back: the region %s has no soft side to measure colour in: no colour match",
-                            self.region)
+                log.warning("paste-back: the crop %s has no soft side to measure colour in: no colour match",
+                            self.crop)
         self._on: dict = {}  # device -> (photo, mask, colour match) there
         log.info("paste-back: crop %s of the %dx%d photo (%d base frame(s)), region %s %s, feather %.0f px, "
                  "%d other face(s) left out, colour match %s", self.crop, w, h, self.bases.shape[0], region,
@@ -549,15 +554,15 @@ class PasteBack:
                              "every face must come from the same photo")
         if out is None:
             out = torch.empty(frames.shape[0], h, w, 3, dtype=torch.float32, device=frames.device)
-        x1, y1, _, _ = self.crop
+        x1, y1, x2, y2 = self.crop
         rx1, ry1, rx2, ry2 = self.region
         for k in range(frames.shape[0]):  # one frame at a time: one crop-sized copy alive
             under = base[k].to(frames.device) if base is not None else self.base(start + k, frames.device)
             crop = self.resize_to_crop(frames[k:k + 1])[0]  # [ch, cw, 3]
+            if color is not None:
+                crop = color(crop, under[y1:y2, x1:x2])
             part = crop[ry1 - y1:ry2 - y1, rx1 - x1:rx2 - x1]  # [rh, rw, 3]
             inside = under[ry1:ry2, rx1:rx2]  # [rh, rw, 3]
-            if color is not None:
-                part = color(part, inside)
             blended = torch.lerp(inside, part, mask)  # weight 0: the photo, 1: the frame, exactly
             frame = out[k] if out.device == frames.device else torch.empty_like(photo)  # [H, W, 3]
             if frame.data_ptr() != under.data_ptr():

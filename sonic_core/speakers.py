@@ -105,7 +105,8 @@ def turns_of(timeline: dict[str, list[tuple[float, float]]], speaker: str,
 # ----------------------------------------------------------------------------------------------
 # Tracks
 # ----------------------------------------------------------------------------------------------
-def turn_envelope(num_samples: int, sample_rate: float, turns, fade_s: float = config.SPEAKER_FADE_S) -> torch.Tensor:
+def turn_envelope(num_samples: int, sample_rate: float, turns,
+                  fade_s: float = config.SPEAKER_FADE_S) -> torch.Tensor:
     """Gain ``[T]`` float32: 1 inside the turns, 0 outside, ramping linearly over ``fade_s`` inside each
     turn's edges (a turn shorter than two fades peaks below 1). Turns past the end are cut off."""
     env = torch.zeros(num_samples, dtype=torch.float32)
@@ -130,7 +131,8 @@ def speaker_voice(waveform: torch.Tensor, sample_rate: float, timeline: str, spe
                   what: str = "the timeline") -> torch.Tensor:
     """One speaker's voice ``[C, T]`` from a mixed recording (``[C, T]`` or ``[1, C, T]``) and an RTTM
     timeline: the mix inside that speaker's turns, silence elsewhere, the input's length."""
-    turns = turns_of(parse_rttm(timeline, what), speaker.strip() if isinstance(speaker, str) else speaker, what)
+    name = speaker.strip() if isinstance(speaker, str) else speaker
+    turns = turns_of(parse_rttm(timeline, what), name, what)
     wave = check_waveform(waveform, sample_rate)  # [C, T]
     seconds = wave.shape[-1] / sample_rate
     if turns[0][0] >= seconds:
@@ -190,7 +192,8 @@ def mix_voices(waveforms) -> torch.Tensor:
     mix = torch.stack(list(waveforms)).sum(dim=0)  # [N, C, T] -> [C, T]
     peak = float(mix.abs().max()) if mix.numel() else 0.0
     if peak > config.MIX_PEAK:
-        log.info("voice mix peaks at %.3f: scaled by %.3f to stay under full scale", peak, config.MIX_PEAK / peak)
+        log.info("voice mix peaks at %.3f: scaled by %.3f to stay under full scale", peak,
+                 config.MIX_PEAK / peak)
         mix = mix * (config.MIX_PEAK / peak)
     return mix
 

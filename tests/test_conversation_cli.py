@@ -27,7 +27,7 @@ HEADS = (70, 170, 270)  # px, each head's centre x (faces 1, 2, 3 from the left)
 FACE_W, FACE_H = 72, 90  # px, each face's transparent ellipse
 FACE_TOP = 45  # px
 RATE = 22050  # Hz of the test voices (not 16 kHz: the resampler runs)
-H264_MEAN_TOL = 1.0  # u8 levels: mean |video - photo| beyond what the photo alone encoded gives (h264 rounding)
+H264_MEAN_TOL = 1.0  # u8 levels: mean |video - photo| beyond the photo's own h264 encode (its rounding)
 
 
 def face_box(k: int) -> tuple[int, int, int, int]:
@@ -117,13 +117,13 @@ def _refusals(f):
     photo, a, b, rttm = str(f["photo"]), str(f["a"]), str(f["b"]), str(f["rttm"])
     both = ["--crop", "--paste-back"]
     return [
-        ([photo, "--voice", f"4={a}", "--voice", f"1={b}", *both], rf"--voice 4={re.escape(a)}: face 4 is past "
-         r"the faces of .*three\.png \(faces 1\.\.3 were found, numbered from the left\); see the numbers "
-         r"with .*--preview-faces"),
+        ([photo, "--voice", f"4={a}", "--voice", f"1={b}", *both],
+         rf"--voice 4={re.escape(a)}: face 4 is past the faces of .*three\.png \(faces 1\.\.3 were found, "
+         r"numbered from the left\); see the numbers with .*--preview-faces"),
         ([photo, a, "--timeline", rttm, "--speaker", "carol=1", *both],
          r"--speaker carol: the timeline .*talk\.rttm has no speaker 'carol' \(its speakers: alice, bob\)"),
-        ([photo, "--voice", f"1={a}", "--voice", f"1={b}", *both], rf"--voice 1={re.escape(b)}: face 1 already "
-         rf"has the voice {re.escape(a)}"),
+        ([photo, "--voice", f"1={a}", "--voice", f"1={b}", *both],
+         rf"--voice 1={re.escape(b)}: face 1 already has the voice {re.escape(a)}"),
         ([photo, "--voice", f"1={a}"], r"--voice needs --crop --paste-back"),
         ([photo, "--voice", f"1={a}", "--crop"], r"--voice needs --crop --paste-back"),
         ([photo, "--voice", f"1={a}", "--timeline", rttm, *both], r"--voice and --timeline .* together"),
@@ -180,7 +180,7 @@ def test_preview_faces_writes_the_numbered_photo(files, tmp_path, capsys, no_mod
     for k in range(3):  # every face is boxed: pixels change around each face, not far away
         x1, y1, x2, y2 = face_box(k)
         assert changed[max(y1 - 6, 0):y2 + 6, x1 - 6:x2 + 6].any(), f"face {k + 1} not drawn"
-    assert not changed[:, :10].any() and not changed[-5:, :].any(), "the preview must not redraw the background"
+    assert not changed[:, :10].any() and not changed[-5:, :].any(), "the preview redrew the background"
     code, err = _run(capsys, ["animate", str(files["photo"]), "--preview-faces", str(out),
                               "--models", str(tmp_path / "no_models")])
     assert code == 2 and "already exists" in err
@@ -237,7 +237,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum() + 1e-12))
 
 
-BASE = ["--steps", "2", "--no-interpolate", "--min-resolution", "64", "--device", "cpu", "--crop", "--paste-back"]
+BASE = ["--steps", "2", "--no-interpolate", "--min-resolution", "64", "--device", "cpu", "--crop",
+        "--paste-back"]
 
 
 @pytest.mark.slow
@@ -342,3 +343,29 @@ def test_kill_9_in_the_second_step_then_resume(files, models, tmp_path):
     frames, _, _ = _decode(tmp_path / "talk.mp4")
     assert frames.shape[0] == int(0.8 * 12.5)
     assert not state.exists(), "--no-keep-result: nothing stays once the video is written"
+
+
+def test_each_face_has_its_own_fingerprint():
+    """A face's resume state and kept result are keyed by its crop (image latents, face mask) and its
+    voice (audio tokens, motion): another face or another voice never reads them."""
+    from sonic_core import sampler
+    from tests.test_resume import SETTINGS, _inputs
+    from tests.test_unet import _tiny_unet
+
+    unet = _tiny_unet(3)
+    sched = sampler.make_schedule(SETTINGS.steps, SETTINGS.i2i_strength, None)
+
+    def fp(**change):
+        x = {**_inputs(), **change}
+        return sampler._fingerprint(unet, x["image_latents"], x["ref_latents"], x["clip_embeds"],
+                                    x["cond_tokens"], x["uncond_tokens"], x["buckets"], x["face_mask"],
+                                    x["noise"], SETTINGS, torch.float32, sched, None)
+
+    base, other = _inputs(), _inputs(seed=1)
+    same = fp()
+    assert fp() == same  # same face, same voice: the same state
+    assert fp(cond_tokens=other["cond_tokens"], buckets=other["buckets"]) != same, "another voice"
+    assert fp(image_latents=other["image_latents"], ref_latents=other["ref_latents"],
+              clip_embeds=other["clip_embeds"]) != same, "another face's crop"
+    moved = base["face_mask"].roll(7, dims=-1)  # the same crop pixels, the face box elsewhere in it
+    assert fp(face_mask=moved) != same, "another face box"

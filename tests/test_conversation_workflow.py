@@ -17,8 +17,8 @@ from tests.test_conversation_cli import (PHOTO, RATE, _corr, _decode, face_box, 
                                          write_wav)
 
 PROMPT = REPO / "workflows" / "api" / "sonic_conversation.json"
-FAST = {"SonicSampler": {"steps": 2, "min_resolution": 64}, "SonicMotionBucketPredict": {"min_resolution": 64},
-        "SonicLatentToVideo": {"multiplier": 2}}  # tiny models: the fewest steps, the smallest size
+FAST = {"SonicSampler": {"steps": 2, "min_resolution": 64},  # tiny models: few steps, the smallest size
+        "SonicMotionBucketPredict": {"min_resolution": 64}, "SonicLatentToVideo": {"multiplier": 2}}
 
 
 class PhotoFaces:

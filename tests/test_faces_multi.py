@@ -47,8 +47,8 @@ class BlobDetector:
         self.calls += 1
         px = image_u8.to(torch.int32).numpy()  # [H, W, 3]
         on = (np.abs(px - np.array(SKIN)).max(axis=2) <= 2)  # [H, W]
-        return [SimpleNamespace(x=float(c0), y=float(r0), w=float(c1 - c0), h=float(r1 - r0), score=self.score)
-                for r0, c0, r1, c1 in face._regions(on)]
+        return [SimpleNamespace(x=float(c0), y=float(r0), w=float(c1 - c0), h=float(r1 - r0),
+                                score=self.score) for r0, c0, r1, c1 in face._regions(on)]
 
 
 def _xyxy(b):
@@ -66,11 +66,12 @@ def test_transparency_with_three_faces_numbers_them_left_to_right(tmp_path):
     faces = face.find_faces(image, mask=mask)
     assert [_xyxy(b) for b in faces] == list(FACES3)
     assert [b.number for b in faces] == [1, 2, 3] and all(b.source == "mask" for b in faces)
-    assert faces[0].others == (faces[1].xyxy, faces[2].xyxy) and faces[2].others == (faces[0].xyxy, faces[1].xyxy)
+    assert faces[0].others == (faces[1].xyxy, faces[2].xyxy)
+    assert faces[2].others == (faces[0].xyxy, faces[1].xyxy)
     # face_index 0 = the largest (today's choice), 1..3 from the left, 4 is past them
     assert face.choose_face(faces, 0).number == 2
     assert [face.choose_face(faces, k).number for k in (1, 2, 3)] == [1, 2, 3]
-    with pytest.raises(ValueError, match=r"face_index 4 is past the faces in the photo: only 3 faces were found"):
+    with pytest.raises(ValueError, match=r"face_index 4 is past the faces in the photo: only 3 faces were"):
         face.choose_face(faces, 4)
     with pytest.raises(ValueError, match="face_index -1"):
         face.choose_face(faces, -1)
@@ -204,7 +205,8 @@ def test_node_face_index_and_preview(tmp_path):
     assert spec[0] == "INT" and spec[1]["default"] == 0 and spec[1]["max"] == config.FACE_INDEX_MAX
     assert cls.RETURN_NAMES[-1] == "preview" and cls.RETURN_TYPES[-1] == "IMAGE"
     image, mask = read_image(_photo(tmp_path / "three.png", FACES3))
-    out, fmask, box, preview = cls().detect(image, "none", True, 0.5, 1.1, 0.5, "error", mask=mask, face_index=1)
+    out, fmask, box, preview = cls().detect(image, "none", True, 0.5, 1.1, 0.5, "error", mask=mask,
+                                            face_index=1)
     assert box.number == 1 and out.shape[1:3] == fmask.shape[1:] and preview.shape == (1, 160, 320, 3)
     x0, _, x1, y1 = FACES3[0]
     assert _u8(preview[0, y1 - 1, (x0 + x1) // 2]) == config.FACE_PREVIEW_CHOSEN_COLOUR
@@ -215,3 +217,26 @@ def test_node_face_index_and_preview(tmp_path):
     # whole_image: nothing boxed
     _, _, box, preview = cls().detect(torch.rand(1, 80, 100, 3), "none", True, 0.5, 1.1, 0.5, "whole_image")
     assert box.source == "whole_image" and box.number == 0 and preview.shape == (1, 80, 100, 3)
+
+
+def test_yoloface_style_network_numbers_every_kept_box():
+    """The YOLOv5-face-style network of tests/_yoloface (planted faces on one level, many cells): every
+    box the real YoloFaceDetector keeps after the confidence and NMS is a numbered face. (Its
+    TorchScript exports and their loading are tested in tests/test_face.py; eager here, for speed.)"""
+    from sonic_core.models import face_detector as fd
+    from tests import _yoloface as yolo
+
+    detector = fd.YoloFaceDetector(yolo.plant_faces(yolo.build(seed=3)).eval(), "cpu")
+    img = torch.rand(1, 208, 208, 3, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 0.1 s network: more threads only wait on each other on a busy CPU
+    try:
+        kept = detector.detect(to_u8(img[0]))
+        faces = face.find_faces(img, detector)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(faces) == len(kept) >= 2
+    centres = [b.x + b.w / 2 for b in faces]
+    assert centres == sorted(centres) and [b.number for b in faces] == list(range(1, len(kept) + 1))
+    assert sorted((b.x, b.y, b.score) for b in faces) == sorted((d.x, d.y, d.score) for d in kept)
+    assert face.choose_face(faces, 0).area == max(d.area for d in kept)

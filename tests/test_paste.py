@@ -82,11 +82,12 @@ def test_unmodified_crop_gives_the_photo_back():
 
 
 def test_animated_crop_lands_on_its_rectangle_only():
+    # geometry: constant frames, nothing like the photo, so without colour match (tests/test_paste_multi.py)
     photo = smooth_photo(300, 240)
     found = face_at(photo, 90, 100, 150, 170)
     x1, y1, x2, y2 = found.box.crop_xyxy
     frames = torch.ones(2, 256, 256, 3)  # white "generated" frames
-    out = image.PasteBack(photo, found.box, feather=0.1)(frames)
+    out = image.PasteBack(photo, found.box, feather=0.1, color_match=False)(frames)
     assert torch.equal(outside(out, found.box.crop_xyxy), outside(photo[0].expand(2, -1, -1, -1),
                                                                   found.box.crop_xyxy))
     cy, cx = (y1 + y2) // 2, (x1 + x2) // 2
@@ -95,14 +96,15 @@ def test_animated_crop_lands_on_its_rectangle_only():
     band = 0.1 * min(x2 - x1, y2 - y1)
     edge = out[0, cy, x1:x1 + int(band) + 2, 0] - photo[0, cy, x1:x1 + int(band) + 2, 0]
     assert edge[0] < 0.01 * (1 - photo[0, cy, x1, 0]) + 1e-6 and bool((edge[1:] >= edge[:-1] - 1e-6).all())
-    hard = image.PasteBack(photo, found.box, feather=0.0)(torch.ones(1, y2 - y1, x2 - x1, 3))  # crop-sized
+    hard = image.PasteBack(photo, found.box, feather=0.0, color_match=False)(
+        torch.ones(1, y2 - y1, x2 - x1, 3))  # crop-sized
     assert torch.equal(hard[0, y1:y2, x1:x2], torch.ones(y2 - y1, x2 - x1, 3))
 
 
 def test_face_region_keeps_the_photo_around_the_face():
     photo = smooth_photo(300, 240)
     found = face_at(photo, 90, 100, 150, 170)
-    paste = image.PasteBack(photo, found.box, feather=0.1, region="face")
+    paste = image.PasteBack(photo, found.box, feather=0.1, region="face", color_match=False)
     rx1, ry1, rx2, ry2 = paste.region
     x1, y1, x2, y2 = paste.crop
     assert x1 < rx1 < rx2 < x2 and y1 < ry1 < ry2 < y2, "the face area lies inside the crop"
@@ -116,7 +118,7 @@ def test_crop_at_the_photo_edge_and_off_by_one():
     photo = torch.zeros(1, 208, 208, 3)
     found = face_at(photo, 150, 100, 208, 208)
     assert found.box.crop_xyxy == (121, 110, 208, 198)
-    out = image.PasteBack(photo, found.box, feather=0.2)(torch.ones(1, 64, 64, 3))
+    out = image.PasteBack(photo, found.box, feather=0.2, color_match=False)(torch.ones(1, 64, 64, 3))
     assert out.shape == (1, 208, 208, 3)
     assert torch.equal(outside(out, (121, 110, 208, 198)), outside(photo, (121, 110, 208, 198)))
     assert out[0, 154, 207].ge(1 - RESAMPLE_EPS).all(), "the side on the photo's border is not feathered"
@@ -125,7 +127,7 @@ def test_crop_at_the_photo_edge_and_off_by_one():
     corner = face_at(torch.zeros(1, 160, 130, 3), 0, 0, 50, 50)
     x1, y1, x2, y2 = corner.box.crop_xyxy
     assert (x1, y1) == (0, 0)
-    out = image.PasteBack(torch.zeros(1, 160, 130, 3), corner.box)(torch.ones(1, 64, 64, 3))
+    out = image.PasteBack(torch.zeros(1, 160, 130, 3), corner.box, color_match=False)(torch.ones(1, 64, 64, 3))
     assert out[0, 0, 0].ge(1 - RESAMPLE_EPS).all() and out[0, y2 - 1, x2 - 1].lt(0.01).all()
 
 
@@ -149,7 +151,7 @@ def test_photo_of_4096_px():
     found = face_at(photo, 900, 1500, 1400, 2100)
     x1, y1, x2, y2 = found.box.crop_xyxy
     assert x2 - x1 == 1000
-    out = image.PasteBack(photo, found.box)(torch.ones(2, 512, 512, 3))
+    out = image.PasteBack(photo, found.box, color_match=False)(torch.ones(2, 512, 512, 3))
     assert out.shape == (2, 4096, 2304, 3)
     assert out[:, :y1].eq(0.25).all() and out[:, y2:].eq(0.25).all() and out[:, :, :x1].eq(0.25).all()
     assert out[:, (y1 + y2) // 2, (x1 + x2) // 2].ge(1 - RESAMPLE_EPS).all()

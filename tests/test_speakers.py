@@ -45,7 +45,7 @@ def peak_hz(wave, rate):
 def test_parse_rttm_sorts_merges_and_skips_comments():
     turns = speakers.parse_rttm(RTTM)
     assert list(turns) == ["alice", "bob"]  # carol's only turn lasts 0 s
-    assert flat(turns["alice"]) == pytest.approx([0.5, 2.5])  # 0.5-1.5 overlaps 1.2-2.0, which touches 2.0-2.5
+    assert flat(turns["alice"]) == pytest.approx([0.5, 2.5])  # 0.5-1.5 overlaps 1.2-2.0, touching 2.0-2.5
     assert flat(turns["bob"]) == pytest.approx([1.8, 4.5])  # 1.8-3.2 and 3.0-4.5 overlap: merged
     two = speakers.parse_rttm("SPEAKER f 1 4 1 <NA> <NA> a <NA> <NA>\nSPEAKER f 1 0 1 <NA> <NA> a <NA> <NA>")
     assert two == {"a": [(0.0, 1.0), (4.0, 5.0)]}
@@ -84,7 +84,8 @@ def test_speaker_track_is_silent_outside_the_turns_and_fades_at_the_edges():
     assert out.shape == mixed.shape
     fade = round(config.SPEAKER_FADE_S * rate)  # 80 samples
     s0, s1 = round(0.5 * rate), round(2.5 * rate)
-    assert torch.equal(out[:, :s0], torch.zeros(2, s0)) and torch.equal(out[:, s1:64000], torch.zeros(2, 64000 - s1))
+    assert torch.equal(out[:, :s0], torch.zeros(2, s0))
+    assert torch.equal(out[:, s1:64000], torch.zeros(2, 64000 - s1))
     assert torch.equal(out[:, 68000:], torch.zeros(2, 12000))
     assert torch.equal(out[:, s0 + fade:s1 - fade], mixed[:, s0 + fade:s1 - fade])  # gain exactly 1
     env = speakers.turn_envelope(80000, rate, [(0.5, 2.5)])
@@ -149,7 +150,8 @@ def test_mix_voices_node_pads_and_fills_missing_voices_with_silence():
 
     a = {"waveform": tone(440, 0.5, 16000, amp=0.9)[None], "sample_rate": 16000}
     b = {"waveform": tone(440, 1.0, 44100, amp=0.9)[None], "sample_rate": 44100}
-    c = {"waveform": (tone(660, 0.25, 8000, amp=0.5) * 32767).to(torch.int16)[None], "sample_rate": 8000}  # PCM
+    pcm = (tone(660, 0.25, 8000, amp=0.5) * 32767).to(torch.int16)[None]  # int16 PCM [1, 1, T]
+    c = {"waveform": pcm, "sample_rate": 8000}
     mix, v1, v2, v3, v4 = SonicMixVoices().mix(a, b, voice_3=c)
     n = 44100
     for out in (mix, v1, v2, v3, v4):

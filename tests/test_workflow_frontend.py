@@ -204,7 +204,10 @@ LOADED_SIZE = {
     "SonicLoader": (210, 178), "SonicFaceMaskDetect": (210, 262), "SonicWhisperAudioEncode": (210, 78),
     "SonicMotionBucketPredict": (244, 214), "SonicSampler": (259, 562), "VAEDecode": (140, 46),
     "SonicFrameInterpolate": (210, 150), "SonicVideoCombine": (210, 194),
-    "SonicLatentToVideo": (372, 378), "SonicPasteBack": (210, 122), "SonicLatentSegment": (211, 126), "UpscaleModelLoader": (210, 58),
+    # Latent To Video, Paste Back and Latent Segment: estimated for color_match (+24 px a widget) and the
+    # more_faces / same_segment_as sockets (+20 px) until measured in the browser again
+    "SonicLatentToVideo": (372, 422), "SonicPasteBack": (210, 146), "SonicLatentSegment": (211, 146),
+    "UpscaleModelLoader": (210, 58),
     "ImageUpscaleWithModel": (222, 46), "FaceRestoreCFWithModel": (210, 102),
     "FaceRestoreModelLoader": (210, 58),
     # estimates (LiteGraph computeSize of their slots, not yet measured in a browser): the conversation workflow
@@ -214,11 +217,10 @@ LOADED_SIZE = {
 # node's height, so the size above is stale until measured again (tests/test_comfyui_real.py's
 # browser test measures it) and the workflows' layout must make room for it
 MEASURED_WIDGETS = {
-    "SonicFaceMaskDetect": 7, "SonicFrameInterpolate": 4, "SonicLatentSegment": 3, "SonicLatentToVideo": 11,
+    "SonicFaceMaskDetect": 7, "SonicFrameInterpolate": 4, "SonicLatentSegment": 3, "SonicLatentToVideo": 12,
     "SonicLoader": 6, "SonicMotionBucketPredict": 5, "SonicSVDLoader": 3, "SonicSampler": 16,
-    "SonicVideoCombine": 5, "SonicWhisperAudioEncode": 1, "SonicPasteBack": 2,
-    "SonicMixVoices": 0, "SonicSpeakerVoice": 2,  # not in a shipped workflow yet: no LOADED_SIZE measured
-    "SonicAddFace": 0,
+    "SonicVideoCombine": 5, "SonicWhisperAudioEncode": 1, "SonicPasteBack": 3, "SonicAddFace": 0,
+    "SonicMixVoices": 0, "SonicSpeakerVoice": 2,
 }
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
