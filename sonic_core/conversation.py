@@ -8,7 +8,8 @@ Faces are numbered 1..N from the left, as ``--preview-faces faces.png`` draws th
 one Sonic run on its own crop (same frame count, fps and seed for all); the faces are sampled
 together, windows of different faces sharing UNet calls as ``window_batch`` allows
 (``sampler_faces``), each face's result its own run's. Every run's frames are pasted into the same
-photo, chunk by chunk (``stream.video_frames_faces``): outside the driven faces' crops the video is the photo, and no crop covers another face (``FaceBox.others``).
+photo, chunk by chunk (``stream.video_frames_faces``): outside the driven faces' crops the video
+is the photo, and no crop covers another face (``FaceBox.others``).
 
 Everything that can be refused is refused before the heavy models load: the flags, the voices,
 the timeline and its speakers, and the face numbers (the faces are found first, from the photo's
