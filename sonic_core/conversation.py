@@ -5,9 +5,11 @@ or, from one mixed recording and a speaker timeline (RTTM, what diarization tool
 ``animate PHOTO mixed.wav --timeline talk.rttm --speaker alice=1 --speaker bob=3 ...``.
 
 Faces are numbered 1..N from the left, as ``--preview-faces faces.png`` draws them. Every face is
-one Sonic run on its own crop (same frame count, fps and seed for all), and every run's frames are
-pasted into the same photo, chunk by chunk (``stream.video_frames_faces``): outside the driven
-faces' crops the video is the photo, and no crop covers another face (``FaceBox.others``).
+one Sonic run on its own crop (same frame count, fps and seed for all); the faces are sampled
+together, windows of different faces sharing UNet calls as ``window_batch`` allows
+(``sampler_faces``), each face's result its own run's. Every run's frames are pasted into the same
+photo, chunk by chunk (``stream.video_frames_faces``): outside the driven faces' crops the video
+is the photo, and no crop covers another face (``FaceBox.others``).
 
 Everything that can be refused is refused before the heavy models load: the flags, the voices,
 the timeline and its speakers, and the face numbers (the faces are found first, from the photo's
@@ -283,13 +285,16 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   svd_dir: str | os.PathLike | None = None, progress=None,
                   state_dir: str | os.PathLike | None = None, resume: bool = False,
-                  keep_result: bool = True) -> Path:
+                  keep_result: bool = True, shared_calls: bool = True) -> Path:
     """Photo + one voice per face (or a mixed recording + timeline) -> ``output``, every face pasted
     into the photo. ``settings``: pipeline.AnimateSettings with ``crop`` and ``paste_back`` on.
     ``keep_result`` False (``--no-keep-result``): the faces kept while the run lasted are removed
-    once the video is written (the default state folder never keeps them past that either)."""
+    once the video is written (the default state folder never keeps them past that either).
+    ``shared_calls`` (default): the faces are sampled together, windows of different faces sharing
+    UNet calls as free memory allows (``sampler_faces``); False: one face after another (the bench's
+    comparison)."""
     from . import audio as audio_mod
-    from . import budget, face, lowvram, motion, preflight, sampler, stream, video, weights
+    from . import budget, face, lowvram, motion, preflight, sampler_faces, stream, video, weights
     from . import image as image_mod
     from .models import svd
     from .models.rife import load_rife
@@ -343,7 +348,7 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
     log.info("models loaded in %.1f s", time.perf_counter() - t0)
     run = dataclasses.replace(SAMPLER_DEFAULTS, steps=settings.steps, min_resolution=settings.min_resolution,
                               frames_per_window=settings.frames_per_window)
-    faces, kept, fps = [], [], GENERATED_FPS
+    kept, fps, driven = [], GENERATED_FPS, []
     for n in cast.faces:  # N faces, N Sonic runs: the same frame count, fps and seed
         log.info("face %d of %d (%s)", n, len(boxes), cast.source(n))
         sonic_audio = audio_mod.encode_audio(models, voices[n][None], rate, settings.max_seconds,
@@ -352,23 +357,23 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
         embeds = motion.reference_embeds(clip, ref_image, settings.min_resolution)
         sonic_motion = motion.predict_motion(models.load("audio2bucket"), sonic_audio, embeds,
                                              settings.dynamic_scale, settings.dynamic_scale)
-        w_img, h_img = image_mod.working_size(ref_image.shape[2], ref_image.shape[1], settings.min_resolution)
-        window_batch, rows = sampler.plan_batching(
-            budget.device_free_bytes(device), h_img // VAE_SCALE, w_img // VAE_SCALE, run.frames_per_window,
-            dtype, sampler.window_count(sonic_audio.num_frames, run), settings.window_batch,
-            settings.guidance_rows,
-            sampler.clip_state_bytes(sonic_audio.num_frames, h_img // VAE_SCALE, w_img // VAE_SCALE,
-                                     sonic_audio.cond_tokens.shape, dtype))
-        latents = sampler.generate(models.load("unet"), vae, clip, ref_image, ref_mask, sonic_audio,
-                                   sonic_motion, settings=dataclasses.replace(run, guidance_rows=rows),
-                                   seed=settings.seed, dtype=dtype, window_batch=window_batch,
-                                   callback=stage("sampling"), resume=store)  # [F,4,h,w] VAE space
-        if store.kept is not None:
-            kept.append(store.kept)
-            store.kept = None
-        faces.append((latents, pastes[n]))
+        driven.append((ref_image, ref_mask, sonic_audio, sonic_motion))
         fps = sonic_audio.fps
         del sonic_audio, sonic_motion, embeds
+    # sampled together (windows of different faces share UNet calls), or one face after another
+    together = [driven] if shared_calls else [[face] for face in driven]
+    numbered = [cast.faces] if shared_calls else [[n] for n in cast.faces]
+    latents = []
+    for faces_now, numbers in zip(together, numbered):
+        window_batch, rows = plan_face_batching(faces_now, run, settings, dtype, device)
+        latents += sampler_faces.generate_faces(models.load("unet"), vae, clip, faces_now,
+                                                settings=dataclasses.replace(run, guidance_rows=rows),
+                                                seed=settings.seed, dtype=dtype, window_batch=window_batch,
+                                                callback=stage("sampling"), resume=store, kept=kept,
+                                                labels=[f"face {n}" for n in numbers])  # VAE space
+    del driven, together, faces_now
+    faces = [(lat, pastes[n]) for n, lat in zip(cast.faces, latents)]  # [F,4,h,w] VAE space, its paste
+    del latents
     rife = None
     if settings.interpolate:
         rife = load_rife(str(models_dir / "RIFE" / "flownet.pkl"), device)
@@ -390,6 +395,27 @@ def animate_faces(image_path: str | os.PathLike, cast: Cast, output: str | os.Pa
     log.info("%s: %d face(s), %d frames at %g fps in %.1f s", output, len(faces), len(frames), fps,
              time.perf_counter() - t0)
     return output
+
+
+def plan_face_batching(faces: list[tuple], run, settings, dtype: torch.dtype,
+                       device: torch.device) -> tuple[int, int]:
+    """(windows per UNet call, CFG rows per call) for faces sampled together (``(image, mask, audio,
+    motion)`` each): the windows of all faces count together against free memory (the largest crop's
+    size, so any call fits), and so does every face's clip state (latents, audio tokens)."""
+    from . import budget, sampler
+    from . import image as image_mod
+
+    sizes = [image_mod.working_size(img.shape[2], img.shape[1], settings.min_resolution) for img, *_ in faces]
+    h = max(hh for _, hh in sizes) // VAE_SCALE
+    w = max(ww for ww, _ in sizes) // VAE_SCALE
+    windows = sum(sampler.window_count(audio.num_frames, run) for _, _, audio, _ in faces)
+    clip_bytes = sum(sampler.clip_state_bytes(audio.num_frames, hh // VAE_SCALE, ww // VAE_SCALE,
+                                              audio.cond_tokens.shape, dtype)
+                     for (ww, hh), (_, _, audio, _) in zip(sizes, faces))
+    batch, rows = sampler.plan_batching(budget.device_free_bytes(device), h, w, run.frames_per_window, dtype,
+                                        windows, settings.window_batch, settings.guidance_rows, clip_bytes)
+    log.info("sampler: %d face(s), %d window(s) x %d guidance row(s) per UNet call", len(faces), batch, rows)
+    return batch, rows
 
 
 def run_cli(args, settings) -> int:

@@ -489,9 +489,17 @@ def _guided_velocity(
     ``settings.guidance_rows`` 3: one call with the rows [uncond, drop_audio, cond] of every window
     (SPEC §10); 1: three calls, one branch each (the same rows, a third of the activations).
     """
-    nb, w = len(chunk), len(chunk[0])
     index = torch.tensor(chunk, device=latents.device)  # [nb,W]
-    x = latents[index]  # [nb,W,4,h,w]
+    rows = window_rows(latents[index], sigma, img_lat, clip, cond[index], uncond, mb[index], settings)
+    return guided_call(unet, *rows, t, mask, g1, g2, settings)
+
+
+def window_rows(x, sigma, img_lat, clip, tok_c, uncond, mb_w, settings):
+    """The UNet inputs of ``nb`` windows of one face: ``x`` [nb,W,4,h,w] their latents, ``tok_c``
+    [nb,W,K,D] their audio tokens, ``mb_w`` [nb,W,2] their motion buckets; ``img_lat`` [1,4,h,w],
+    ``clip`` [1,1,D], ``uncond`` [K,D] the face's. Returns sample [nb,3,W,8,h,w], CLIP context
+    [nb,3,1,D], audio tokens [nb,3,W,K,D], time ids [nb,3,3] (rows [uncond, drop_audio, cond])."""
+    nb, w = x.shape[:2]
     x_in = x / ((sigma**2 + 1) ** 0.5)  # scale_model_input (c_in), SPEC §8
     x_in = x_in.unsqueeze(1).expand(nb, CFG_BRANCHES, *x.shape[1:])  # [nb,3,W,4,h,w]
     zero_img = torch.zeros_like(img_lat)
@@ -502,14 +510,21 @@ def _guided_velocity(
     ehs = torch.stack([torch.zeros_like(clip), clip, clip])  # [3,1,1,D]
     ehs = ehs.unsqueeze(0).expand(nb, -1, -1, -1, -1).flatten(2, 3)  # [nb,3,1,D]
 
-    tok_c = cond[index]  # [nb,W,K,D]
     tok_u = uncond.expand(nb, w, *uncond.shape)  # [nb,W,K,D]
     tokens = torch.stack([tok_u, tok_u, tok_c], dim=1)  # [nb,3,W,K,D]
 
-    mean_mb = mb[index].mean(dim=1)  # [nb,2]
-    fps = torch.full((nb, 1), float(settings.fps_conditioning), device=mb.device)
+    mean_mb = mb_w.mean(dim=1)  # [nb,2]
+    fps = torch.full((nb, 1), float(settings.fps_conditioning), device=mb_w.device)
     ids = torch.cat([fps, mean_mb], dim=1).to(clip.dtype)  # [nb,3]
     ids = ids.unsqueeze(1).expand(nb, CFG_BRANCHES, 3)  # [nb,3,3]
+    return sample_in, ehs, tokens, ids
+
+
+def guided_call(unet, sample_in, ehs, tokens, ids, t, mask, g1, g2, settings) -> torch.Tensor:
+    """The UNet call(s) for ``nb`` windows' rows (``window_rows``, windows of several faces may be
+    stacked along nb) and 3-way guidance -> [nb,W,4,h,w]. ``mask``: None, one face mask
+    [1,1,H,W] for every window, or one per window [nb,1,H,W]."""
+    nb = sample_in.shape[0]
 
     def call(rows: slice) -> torch.Tensor:  # the CFG rows ``rows`` of every window -> [nb,r,W,4,h,w]
         r = len(range(CFG_BRANCHES)[rows])
@@ -663,9 +678,46 @@ def generate(
     with ``noise_aug_strength > 0``) the pixel noise, so results do not depend on the device.
     ``group``: a torch.distributed process group to share the windows across ranks (see ``sample``).
     """
-    from .config import LATENT_CHANNELS, check_inputs
+    from .config import check_inputs
 
     seed, window_batch = check_inputs({"seed": seed, "window_batch": window_batch}).values()  # as the node
+    device = next(unet.parameters()).device
+    inputs = face_inputs(vae, clip_vision, image, mask, audio, motion, settings=settings, seed=seed,
+                         dtype=dtype, device=device, noise=noise)
+    # handed over, not kept here: sample() drops the noise once the start latents exist
+    handoff = [inputs.pop("noise")]
+    del noise
+    latents = sample(
+        unet,
+        image_latents=inputs["image_latents"],
+        ref_latents=inputs["ref_latents"],
+        clip_embeds=inputs["clip_embeds"],
+        cond_tokens=inputs["cond_tokens"],
+        uncond_tokens=inputs["uncond_tokens"],
+        buckets=inputs["buckets"],
+        face_mask=inputs["face_mask"],
+        noise=handoff.pop(),
+        settings=settings,
+        device=device,
+        dtype=dtype,
+        window_batch=window_batch,
+        callback=callback,
+        on_step=on_step,
+        resume=resume,
+        group=group,
+    )  # [F,4,h,w], ours: scaled in place, so the clip is not held twice (same values as to_vae_space)
+    return latents.float().mul_(1.0 / VAE_SCALING_FACTOR).cpu()
+
+
+def face_inputs(vae, clip_vision, image, mask, audio, motion, *, settings: SamplerDefaults, seed: int,
+                dtype: torch.dtype, device: torch.device, noise: torch.Tensor | None = None,
+                faces: int = 1) -> dict:
+    """``sample``'s keyword inputs for one face (what ``generate`` feeds it): the seeded noise, the
+    reference's latents, CLIP embedding and working-size mask, the audio tokens and motion buckets.
+    ``faces``: how many faces sample together (their clip state is checked against memory at once)."""
+    from .config import LATENT_CHANNELS, check_inputs
+
+    seed = check_inputs({"seed": seed})["seed"]  # as the node
     num_frames = int(audio.num_frames)
     if motion.buckets.shape[0] != num_frames:
         raise ValueError(
@@ -679,9 +731,8 @@ def generate(
     w_img, h_img = working_size(int(rgb_hw[1]), int(rgb_hw[0]), settings.min_resolution)
     from .budget import MemoryEstimate, add_sampler, check_fits
 
-    device = next(unet.parameters()).device
-    check_fits(add_sampler(MemoryEstimate(num_frames), (w_img, h_img), dtype, device.type != "cpu"), device,
-               "Sonic sampler")  # before the noise is drawn
+    check_fits(add_sampler(MemoryEstimate(num_frames * faces), (w_img, h_img), dtype, device.type != "cpu"),
+               device, "Sonic sampler")  # before the noise is drawn
     latent_shape = (1, num_frames, LATENT_CHANNELS, h_img // VAE_SCALE, w_img // VAE_SCALE)
     seeded = torch.randn(latent_shape, generator=gen, dtype=torch.float32)  # [1,F,4,h,w]
     if noise is None:
@@ -692,26 +743,6 @@ def generate(
     ref = prepare_reference(
         vae, clip_vision, image, mask, settings.min_resolution, settings.noise_aug_strength, gen
     )
-    # handed over, not kept here: sample() drops the noise once the start latents exist
-    handoff = [noise.reshape(latent_shape[1:])]
-    del noise
-    latents = sample(
-        unet,
-        image_latents=ref.image_latents,
-        ref_latents=ref.ref_latents,
-        clip_embeds=ref.clip_embeds,
-        cond_tokens=audio.cond_tokens,
-        uncond_tokens=audio.uncond_tokens,
-        buckets=motion.buckets,
-        face_mask=ref.face_mask,
-        noise=handoff.pop(),
-        settings=settings,
-        device=device,
-        dtype=dtype,
-        window_batch=window_batch,
-        callback=callback,
-        on_step=on_step,
-        resume=resume,
-        group=group,
-    )  # [F,4,h,w], ours: scaled in place, so the clip is not held twice (same values as to_vae_space)
-    return latents.float().mul_(1.0 / VAE_SCALING_FACTOR).cpu()
+    return dict(image_latents=ref.image_latents, ref_latents=ref.ref_latents, clip_embeds=ref.clip_embeds,
+                cond_tokens=audio.cond_tokens, uncond_tokens=audio.uncond_tokens, buckets=motion.buckets,
+                face_mask=ref.face_mask, noise=noise.reshape(latent_shape[1:]))  # noise [F,4,h,w]

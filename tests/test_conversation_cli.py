@@ -300,48 +300,46 @@ def test_timeline_drives_each_face_with_its_turns(files, models, tmp_path, capsy
 
 DRIVER = textwrap.dedent("""
     import os, signal, sys
-    from sonic_core import cli, sampler
+    from sonic_core import cli, sampler_faces
     kill_at = int(sys.argv[1])
-    calls = {"n": 0}
-    real = sampler.generate
-    def generate(*a, **k):
-        calls["n"] += 1
+    real = sampler_faces.generate_faces
+    def generate_faces(*a, **k):
         inner = k.get("callback")
         def callback(done, total, *rest):
-            if calls["n"] == 2 and done == kill_at:  # face 3's sampling, inside step 2
+            if done == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if inner is not None:
                 inner(done, total, *rest)
         k["callback"] = callback
         return real(*a, **k)
-    sampler.generate = generate
+    sampler_faces.generate_faces = generate_faces
     sys.exit(cli.main(sys.argv[2:]))
 """)
 
 
 @pytest.mark.slow
-def test_kill_9_in_the_second_face_then_resume(files, models, tmp_path):
-    """A SIGKILL while face 3 samples: face 1's sampling is kept and face 3's state saved (each its
-    own file: the fingerprints differ); --resume returns face 1 without sampling and continues face 3."""
+def test_kill_9_in_the_second_step_then_resume(files, models, tmp_path):
+    """A SIGKILL while faces 1 and 3 sample together (issue 30 item 7): each face's state after step 1
+    is saved (each its own file: the fingerprints differ); --resume continues both from step 2."""
     state = tmp_path / "state"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     argv = ["animate", str(files["photo"]), "--voice", f"1={files['a']}", "--voice", f"3={files['b']}",
             "-o", str(tmp_path / "talk.mp4"), "--models", str(models), *BASE, "--steps", "3",
-            "--state-dir", str(state), "--no-keep-result"]
+            "--state-dir", str(state), "--no-keep-result", "--window-batch", "2"]
 
     def drive(kill_at: int, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", DRIVER, str(kill_at), *argv, *extra], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=600)
 
-    killed = drive(2)  # one window per step: the 2nd UNet call of face 3 is in step 2
+    killed = drive(3)  # one window per face and step, both in one call: windows 3-4 are step 2
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (tmp_path / "talk.mp4").exists()
-    assert len(list(state.glob(f"{RESULT_PREFIX}*"))) == 1, "face 1's finished sampling is kept"
-    assert len(list(state.glob(f"{PREFIX}*"))) == 1, "face 3's state after step 1"
+    assert not list(state.glob(f"{RESULT_PREFIX}*")), "no face finished"
+    assert len(list(state.glob(f"{PREFIX}*"))) == 2, "each face's state after step 1"
     resumed = drive(0, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "equal a finished sampling kept" in resumed.stderr, "face 1 must not be sampled again"
-    assert "resuming at step 2 of 3" in resumed.stderr, resumed.stderr[-3000:]
+    for n in (1, 3):
+        assert f"face {n}: resuming at step 2 of 3" in resumed.stderr, resumed.stderr[-3000:]
     frames, _, _ = _decode(tmp_path / "talk.mp4")
     assert frames.shape[0] == int(0.8 * 12.5)
     assert not state.exists(), "--no-keep-result: nothing stays once the video is written"

@@ -190,6 +190,27 @@ def test_stacked_windows_equal_separate_calls(dtype, tol):
     assert (out_ab2[3:] - out_b).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 64 * 1.2e-7)])
+@torch.no_grad()
+def test_stacked_windows_with_their_own_face_masks(dtype, tol):
+    """Windows of two faces in one call (issue 30 item 7): one face mask per group, each window's
+    output that of its own call with its own mask (tolerances as for stacked windows above)."""
+    unet = _tiny_unet().to(dtype)
+    a, b = _tiny_inputs(3, 3, seed=1, dtype=dtype), _tiny_inputs(3, 3, seed=2, dtype=dtype)
+    mask_b = torch.zeros_like(b["face_mask"])
+    mask_b[..., 20:60, 5:40] = 1.0  # another face: another place
+    b["face_mask"] = mask_b
+    out_a, out_b = unet(**a), unet(**b)
+    ab = dict(_cat(a, b), face_mask=torch.cat([a["face_mask"], mask_b]))  # [2,1,H,W]
+    out_ab = unet(**ab, groups=2)
+    diff = (out_ab - torch.cat([out_a, out_b])).abs().max().item()
+    assert diff < tol, f"stacked faces differ from separate calls by {diff:.2e}"
+    shared = unet(**dict(ab, face_mask=a["face_mask"]), groups=2)  # face a's mask for both: b changes
+    assert (shared[3:] - out_b).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="2 masks for groups=3"):
+        unet(**dict(_cat(ab, a), face_mask=ab["face_mask"]), groups=3)
+
+
 @torch.no_grad()
 def test_audio_scale_zero_equals_zeroed_audio_weights():
     unet = _tiny_unet()

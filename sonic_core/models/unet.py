@@ -88,9 +88,9 @@ class AudioCallContext:
     audio_frames: torch.Tensor | None = None  # [B*W, K, D] per-frame tokens (spatial layers)
     audio_window: torch.Tensor | None = None  # [B, K, D] tokens mean-pooled over W (temporal)
     clip: torch.Tensor | None = None  # [B, T, D] CLIP context per row (temporal layers)
-    face_mask: torch.Tensor | None = None  # [1, 1, H, W_img] or None (no mask)
+    face_mask: torch.Tensor | None = None  # [1 or G, 1, H, W_img] or None (no mask)
     audio_scale: float = 1.0
-    mask_cache: dict[int, torch.Tensor] = field(default_factory=dict)  # N -> [1, N, 1]
+    mask_cache: dict[int, torch.Tensor] = field(default_factory=dict)  # N -> [1 or G, 1, N, 1]
 
     def clear(self) -> None:
         self.batch, self.groups, self.audio_scale = 0, 1, 1.0
@@ -98,13 +98,15 @@ class AudioCallContext:
         self.mask_cache = {}
 
     def token_mask(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor | None:
-        """Face mask at ``num_tokens`` query tokens as ``[1, N, 1]`` in ``like``'s dtype/device."""
+        """Face mask at ``num_tokens`` query tokens as ``[G, 1, N, 1]`` in ``like``'s dtype/device
+        (G = 1: one mask for every row; G = groups: one per group of rows, e.g. windows of
+        different faces sharing a call). Each mask is resized on its own, as when it runs alone."""
         if self.face_mask is None:
             return None
         mask = self.mask_cache.get(num_tokens)
         if mask is None:
-            mask = resize_face_mask(self.face_mask, num_tokens)  # [N]
-            mask = mask.to(device=like.device, dtype=like.dtype).view(1, num_tokens, 1)  # [1, N, 1]
+            mask = torch.stack([resize_face_mask(m[None], num_tokens) for m in self.face_mask])  # [G, N]
+            mask = mask.to(device=like.device, dtype=like.dtype).view(-1, 1, num_tokens, 1)  # [G, 1, N, 1]
             self.mask_cache[num_tokens] = mask
         return mask
 
@@ -191,12 +193,15 @@ class SonicAudioAttnProcessor(nn.Module):
             if encoder_hidden_states is None:
                 raise RuntimeError("spatial Sonic cross-attention called without a CLIP context")
             context, audio = encoder_hidden_states, ctx.audio_frames  # [B*W, T, D], [B*W, K, D]
-            mask = ctx.token_mask(length, query)  # [1, L, 1] or None
+            mask = ctx.token_mask(length, query)  # [G, 1, L, 1] or None
         out = _attend(attn, query, attn.to_k, attn.to_v, context)  # [n, L', C]
         audio_out = _attend(attn, query, self.to_k_ip[0], self.to_v_ip[0], audio)  # [n, L', C]
         # same operation order as the official processor: out + scale * (audio_out * M)
-        if mask is not None:
-            audio_out = audio_out * mask
+        if mask is not None and mask.shape[0] == 1:
+            audio_out = audio_out * mask[0]  # [rows, L, C] x [1, L, 1]
+        elif mask is not None:  # one mask per group: rows are group-major, each group rows // G of them
+            grouped = audio_out.view(mask.shape[0], -1, length, channels)  # [G, rows/G, L, C]
+            audio_out = (grouped * mask).view(rows, length, channels)  # [rows, L, C]
         if ctx.audio_scale != 1.0:
             audio_out = audio_out * ctx.audio_scale
         out = out + audio_out
@@ -294,7 +299,8 @@ class SonicUNet(UNetSpatioTemporalConditionModel):
                 for every frame).
             added_time_ids: ``[B, 3]`` ``[fps, bucket0, bucket1]``.
             audio_tokens: ``[B, W, K, D]`` audio tokens per frame.
-            face_mask: ``[1, 1, H, W_img]`` float face mask at pixel resolution, or None (no mask).
+            face_mask: ``[1, 1, H, W_img]`` float face mask at pixel resolution, or None (no mask);
+                ``[groups, 1, H, W_img]``: one mask per group (windows of different faces in one call).
             audio_scale: weight of the audio branch in every ``attn2`` (official ip_audio_scale).
             groups: B holds this many independent equal groups (stacked windows): small
                 projections run per group so each group's output equals running it alone.
@@ -311,6 +317,9 @@ class SonicUNet(UNetSpatioTemporalConditionModel):
             ctx.batch = batch
             if groups < 1 or batch % groups:
                 raise ValueError(f"groups={groups} must divide the batch {batch}")
+            if face_mask is not None and face_mask.shape[0] not in (1, groups):
+                raise ValueError(f"face_mask has {face_mask.shape[0]} masks for groups={groups}: give one "
+                                 "mask [1, 1, H, W_img] or one per group")
             ctx.groups = int(groups)
             ctx.audio_frames = audio_tokens.flatten(0, 1)  # [B*W, K, D], batch-major
             ctx.audio_window = audio_tokens.mean(dim=1)  # [B, K, D], mean over the window's frames
@@ -338,9 +347,9 @@ class SonicUNet(UNetSpatioTemporalConditionModel):
                              f"{encoder_hidden_states.shape[-1]}")
         if added_time_ids.ndim != 2 or added_time_ids.shape[0] != batch:
             raise ValueError(f"added_time_ids must be [B={batch}, 3], got shape {tuple(added_time_ids.shape)}")
-        if face_mask is not None and (face_mask.ndim != 4 or tuple(face_mask.shape[:2]) != (1, 1)):
-            raise ValueError(f"face_mask must be [1, 1, H, W_img] (or None for no mask), "
-                             f"got shape {tuple(face_mask.shape)}")
+        if face_mask is not None and (face_mask.ndim != 4 or face_mask.shape[1] != 1):
+            raise ValueError("face_mask must be [1, 1, H, W_img] or [groups, 1, H, W_img] (or None for no "
+                             f"mask), got shape {tuple(face_mask.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
