@@ -276,6 +276,7 @@ STUB_MODEL_LISTS = {"FaceRestoreModelLoader": {"model_name": "facerestore_models
 # browser tests only open the graphs).
 YOLOFACE_NAME = "yoloface_v5m.pt"
 THIRD_PARTY_MODELS = {"upscale_models": "RealESRGAN_x2.pth", "facerestore_models": "codeformer-v0.1.0.pth"}
+OTHER_MODEL_FOLDERS = ("frame_interpolation",)  # filled by the tests that need them (ComfyUI 0.33+)
 
 
 def _write_named_models(model_root: Path) -> None:
@@ -343,7 +344,7 @@ def _serve(tmp: Path, front_end_root: str | None = None, extra_args: tuple[str, 
     _write_named_models(model_root)
     extra = tmp / "extra_model_paths.yaml"
     yaml_root = json.dumps(str(model_root))  # a JSON string is a valid YAML scalar
-    folders = "".join(f"  {f}: {f}\n" for f in ("sonic", *THIRD_PARTY_MODELS))
+    folders = "".join(f"  {f}: {f}\n" for f in ("sonic", *THIRD_PARTY_MODELS, *OTHER_MODEL_FOLDERS))
     extra.write_text(f"sonic_test:\n  base_path: {yaml_root}\n{folders}")
 
     flags = _cli_flags()
