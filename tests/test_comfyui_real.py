@@ -254,14 +254,58 @@ def _stop(proc: subprocess.Popen) -> None:
 
 # Stand-ins for the third-party nodes the example workflows use (their specs in workflows/specs/),
 # so the frontend knows them; they never run.
+# A combo that lists a model folder (STUB_MODEL_LISTS) lists it here too, as the real node does.
 SPEC_STUBS = """import json, pathlib
+import folder_paths
 _SPECS = json.loads(pathlib.Path(%r).read_text())
+_MODEL_LISTS = %r
+
+
+def _inputs(name, spec):
+    inputs = json.loads(json.dumps(spec["input"]))
+    for key, folder in _MODEL_LISTS.get(name, {}).items():
+        inputs["required"][key] = [folder_paths.get_filename_list(folder)]
+    return inputs
+
+
 NODE_CLASS_MAPPINGS = {
-    name: type(name, (), {"INPUT_TYPES": classmethod(lambda cls, s=spec: s["input"]),
+    name: type(name, (), {"INPUT_TYPES": classmethod(lambda cls, n=name, s=spec: _inputs(n, s)),
                           "RETURN_TYPES": tuple(spec["output"]), "FUNCTION": "run", "CATEGORY": "stub"})
     for name, spec in _SPECS.items() if not name.startswith("_")}
 """
 THIRD_PARTY_SPECS = REPO / "workflows" / "specs" / "third_party_nodes.json"
+STUB_MODEL_LISTS = {"FaceRestoreModelLoader": {"model_name": "facerestore_models"}}
+# The model files the UI workflows name, each under its real name with tiny random weights, so the
+# frontend's missing-model panel appears only for a file that is really missing. The render tests
+# pick their own files (RenderCase.loader_files); the third-party files are never loaded (the
+# browser tests only open the graphs).
+YOLOFACE_NAME = "yoloface_v5m.pt"
+THIRD_PARTY_MODELS = {"upscale_models": "RealESRGAN_x2.pth", "facerestore_models": "codeformer-v0.1.0.pth"}
+OTHER_MODEL_FOLDERS = ("frame_interpolation",)  # filled by the tests that need them (ComfyUI 0.33+)
+
+
+def _write_named_models(model_root: Path) -> None:
+    """The selftest's tiny models (models/sonic/Sonic/unet.pth ...) where the render case left the
+    name free, a tiny YOLOv5-face export as yoloface_v5m.pt, and the third-party files."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from sonic_core import selftest
+    from tests import _yoloface
+
+    model_dir = model_root / "sonic"
+    with tempfile.TemporaryDirectory() as tmp:
+        selftest.write_tiny_models(tmp)
+        for entry in sorted(Path(tmp).iterdir()):
+            if not (model_dir / entry.name).exists():  # the render case's own files stay
+                shutil.move(str(entry), str(model_dir / entry.name))
+    if not (model_dir / YOLOFACE_NAME).exists():
+        _yoloface.export(_yoloface.build(), model_dir / YOLOFACE_NAME)
+    for folder, name in THIRD_PARTY_MODELS.items():
+        (model_root / folder).mkdir(exist_ok=True)
+        torch.save({"weight": torch.zeros(1)}, model_root / folder / name)
 # What a new user's first start writes; the tutorial's template dialog would cover the canvas.
 # Workflow validation on: frontend 1.58.1 has it off by default, 1.27.10 on.
 BROWSER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True}
@@ -302,9 +346,11 @@ def _serve(tmp: Path, front_end_root: str | None = None, extra_args: tuple[str, 
             else _tiny_case(model_dir, base / "input"))
     svd_dir, files = case.svd_dir, case.loader_files
     _write_ui_inputs(base / "input")
+    _write_named_models(model_root)
     extra = tmp / "extra_model_paths.yaml"
     yaml_root = json.dumps(str(model_root))  # a JSON string is a valid YAML scalar
-    extra.write_text(f"sonic_test:\n  base_path: {yaml_root}\n  sonic: sonic\n")
+    folders = "".join(f"  {f}: {f}\n" for f in ("sonic", *THIRD_PARTY_MODELS, *OTHER_MODEL_FOLDERS))
+    extra.write_text(f"sonic_test:\n  base_path: {yaml_root}\n{folders}")
 
     flags = _cli_flags()
     port = _free_port()
@@ -321,7 +367,7 @@ def _serve(tmp: Path, front_end_root: str | None = None, extra_args: tuple[str, 
         link = _link_pack(base / "custom_nodes")
         stub = base / "custom_nodes" / "sonic_test_third_party_stubs"
         stub.mkdir()
-        (stub / "__init__.py").write_text(SPEC_STUBS % str(THIRD_PARTY_SPECS))
+        (stub / "__init__.py").write_text(SPEC_STUBS % (str(THIRD_PARTY_SPECS), STUB_MODEL_LISTS))
         stubbed = True
     else:  # older ComfyUI: link into its own custom_nodes, removed afterwards
         link = _link_pack(Path(COMFYUI_PATH) / "custom_nodes")
@@ -781,13 +827,19 @@ BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 VIEWPORT = {"width": 1600, "height": 1000}
 PAGE_TIMEOUT_MS = 180_000  # first page load on a busy 2-core CPU
 SETTLE_MS = 2500  # image preview, audio player and any toast appear within this after a load
-# Toasts, alert and modal dialogs with text, except the Templates dialog while it is meant to be open.
+# Toasts, alert and modal dialogs with text, except the Templates dialog while it is meant to be open,
+# and status notices: the error overlay of frontend 1.49+ ("4 errors found ... View details") that
+# stands for the missing-model panel (a model file the workflow names is not in the loader's list).
 NOTICES_JS = """() => [...document.querySelectorAll(
-    '.p-toast-message, [role=alertdialog], .p-dialog, [role=dialog]')]
+    '.p-toast-message, [role=alertdialog], .p-dialog, [role=dialog], [role=status]')]
   .filter(e => !e.querySelector('[data-testid="template-workflows-content"]'))
   .map(e => e.innerText.trim()).filter(Boolean)"""
 CLOSE_NOTICES_JS = """() => document.querySelectorAll(
     '.p-toast-message .p-toast-close-button, .p-toast-message-close-button').forEach(b => b.click())"""
+# What the page shows before a workflow of ours is loaded: ComfyUI's default graph, whose model files
+# the test ComfyUI lacks (0.33's frontends flag them); an empty graph in its place clears that.
+EMPTY_GRAPH = {"last_node_id": 0, "last_link_id": 0, "nodes": [], "links": [], "groups": [], "config": {},
+               "extra": {}, "version": 0.4}
 GRAPH_JS = """() => ({
   nodes: window.app.graph._nodes.map(n => ({id: n.id, type: n.type, pos: [...n.pos], size: [...n.size]})),
   groups: (window.app.graph._groups || window.app.graph.groups || []).map(g => ({
@@ -820,6 +872,8 @@ def _open_page(playwright, server: Server):
     page.goto(server.url + "/", wait_until="networkidle")
     page.wait_for_function("window.app && window.app.graph && window.app.extensionManager")
     page.wait_for_timeout(SETTLE_MS)
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", EMPTY_GRAPH)
+    page.wait_for_timeout(SETTLE_MS)
     return browser, page, dialogs
 
 
@@ -847,6 +901,29 @@ def _layout(page) -> list[str]:
     return layout_problems(page.evaluate(GRAPH_JS))
 
 
+MISSING_MODEL_PANEL = (1, 49)  # the first frontend tested that flags a model file the loader lacks
+ABSENT_MODEL = "absent/yoloface_v5m.pt"
+
+
+def _missing_model_is_noticed(page, dialogs: list[str]) -> list[str]:
+    """The notice check can fail: the basic workflow with a detector file the test ComfyUI lacks
+    raises the missing-model notice (frontend 1.49+; older ones say nothing of a combo value)."""
+    version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || ''")
+    if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < MISSING_MODEL_PANEL:
+        return []
+    wf = json.loads((UI_WORKFLOWS / "sonic_basic.json").read_text())
+    face = next(n for n in wf["nodes"] if n["type"] == "SonicFaceMaskDetect")
+    face["widgets_values"][0] = ABSENT_MODEL
+    face["properties"].pop("models", None)
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", wf)
+    page.wait_for_timeout(SETTLE_MS)
+    noticed = _notices(page, dialogs)
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", EMPTY_GRAPH)
+    page.wait_for_timeout(SETTLE_MS)
+    _notices(page, dialogs)
+    return [] if noticed else [f"frontend {version}: no notice for the missing model file {ABSENT_MODEL}"]
+
+
 def test_workflows_load_in_the_browser_with_no_alert(frontend):
     """Dropped in (app.loadGraphData validates as a drop does): no notice, every node known, the API
     prompt the frontend makes equals workflows/api/<name>.json, and no nodes overlap at the sizes
@@ -872,6 +949,7 @@ def test_workflows_load_in_the_browser_with_no_alert(frontend):
                 if got != _comparable(twin):
                     problems.append(f"{path.name}: the frontend's API prompt differs from workflows/api/"
                                     f"{path.name}: {json.dumps(got, sort_keys=True)[:2000]}")
+            problems += _missing_model_is_noticed(page, dialogs)
         finally:
             browser.close()
     assert not problems, "\n".join(problems)

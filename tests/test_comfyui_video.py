@@ -10,6 +10,7 @@ sampler's latent, so a run takes seconds.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -105,6 +106,69 @@ def test_segments_requeue_and_video_nodes_run_once_at_the_end(comfy):
     last = next(v for v in runs.values() if _preview_count(v, preview))
     video = R._saved_video(comfy, last, "segvideo")
     assert R._decode(video)[0] == frames
+
+
+# ----------------------------------------------------------------------------------------------
+# ComfyUI's own frame interpolation (0.33+) after our sampler, beside Sonic's RIFE node
+# ----------------------------------------------------------------------------------------------
+CORE_INTERP = ("FrameInterpolationModelLoader", "FrameInterpolate")
+CORE_RIFE_NAME = "sonic_test_rife4.pth"
+# A RIFE 4.x IFNet with random weights, built by that ComfyUI's own class in its own Python (the layout
+# its loader detects; Sonic's flownet.pkl, RIFE HDv3, is not one it reads).
+CORE_RIFE_SCRIPT = """import sys, torch
+sys.path.insert(0, {root!r})
+from comfy.cli_args import args
+args.cpu = True
+from comfy_extras.frame_interpolation_models.ifnet import IFNet
+torch.manual_seed(0)
+net = IFNet(head_ch=4, channels=(16, 16, 16, 16, 16))
+for p in net.parameters():
+    p.data.normal_(0.0, 0.02)
+torch.save(net.state_dict(), {path!r})
+"""
+
+
+def _write_core_rife(s: R.Server) -> None:
+    import subprocess
+
+    folder = s.model_dir.parent / "frame_interpolation"
+    folder.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    if env.get("COMFYUI_STUBS"):
+        env["LD_LIBRARY_PATH"] = env["COMFYUI_STUBS"]
+    script = CORE_RIFE_SCRIPT.format(root=R.COMFYUI_PATH, path=str(folder / CORE_RIFE_NAME))
+    run = subprocess.run([env.get("COMFYUI_PYTHON", sys.executable), "-c", script], cwd=R.COMFYUI_PATH,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_core_frame_interpolation_follows_the_sampler(comfy):
+    """Sonic Sampler -> VAE Decode, then both ComfyUI's Run Frame Interpolation Model (x2, a RIFE 4.x
+    model) and Sonic's Frame Interpolate (x2, RIFE/flownet.pkl), each into Video Combine at 25 fps:
+    the same 2N-1 frames and the whole soundtrack either way. The core node outputs no frame rate:
+    Video Combine's 25 is set by hand there."""
+    specs = R._specs_with(comfy, R.CHAIN)
+    if not all(c in specs for c in CORE_INTERP):
+        pytest.skip(f"this ComfyUI has no {CORE_INTERP} (0.33.0 and later)")
+    _write_core_rife(comfy)
+    specs = R._specs_with(comfy, R.CHAIN + CORE_INTERP)
+    values = R._widget_values(comfy)
+    values["SonicVideoCombine"] = {"filename_prefix": f"sonic_rife/{R.VIDEO_PREFIX}"}
+    prompt = R._chain_prompt(specs, values, R.CHAIN)
+    decode = next(k for k, n in prompt.items() if n["class_type"] == "VAEDecode")
+    sonic_combine = next(n for n in prompt.values() if n["class_type"] == "SonicVideoCombine")
+    loader, interp, combine = (str(len(prompt) + i) for i in (1, 2, 3))
+    prompt[loader] = {"class_type": CORE_INTERP[0], "inputs": {"model_name": CORE_RIFE_NAME}}
+    prompt[interp] = {"class_type": CORE_INTERP[1],
+                      "inputs": {"interp_model": [loader, 0], "images": [decode, 0], "multiplier": 2}}
+    prompt[combine] = {"class_type": "SonicVideoCombine",
+                       "inputs": {**sonic_combine["inputs"], "images": [interp, 0],
+                                  "filename_prefix": f"core_rife/{R.VIDEO_PREFIX}"}}
+    assert not isinstance(prompt[combine]["inputs"]["frame_rate"], list), "the frame rate is linked"
+    entry = R._run(comfy, prompt)
+    frames = 2 * comfy.case.frames - 1
+    for sub in ("sonic_rife", "core_rife"):
+        R._check_video(R._saved_video(comfy, entry, sub), comfy.case, frames)
 
 
 # ----------------------------------------------------------------------------------------------

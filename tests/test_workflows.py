@@ -113,3 +113,34 @@ def test_validator_catches_broken_workflows(specs):
     broken = json.loads(json.dumps(wf))
     broken["nodes"][0]["type"] = "NoSuchNode"
     assert check_ui(broken, specs)
+
+
+# Single-file models the UI workflows name: each node that picks one carries, in properties.models, its
+# name, download URL and folder the way ComfyUI's templates do, so the missing-model panel of frontend
+# 1.49+ offers "Download" and "Copy URL" under the folder "sonic" instead of "Unknown". Folders of
+# several files (whisper-tiny, SVD-xt) keep the README's commands.
+SINGLE_FILE_MODELS = ("Sonic/unet.pth", "Sonic/audio2token.pth", "Sonic/audio2bucket.pth", "yoloface_v5m.pt",
+                      "RIFE/flownet.pkl")
+
+
+def _download_url(name: str) -> str:
+    from sonic_core.pipeline import SONIC_REPO
+
+    return f"https://huggingface.co/{SONIC_REPO}/resolve/main/{name}"
+
+
+@pytest.mark.parametrize("path", _ui_files(), ids=lambda p: p.stem)
+def test_single_file_models_carry_their_download(path: Path):
+    from nodes.runtime import MODEL_FOLDER
+
+    problems, named = [], set()
+    for node in json.loads(path.read_text())["nodes"]:
+        values = [v for v in node.get("widgets_values") or [] if isinstance(v, str)]
+        listed = node["properties"].get("models", [])
+        want = [{"name": v, "url": _download_url(v), "directory": MODEL_FOLDER}
+                for v in values if v in SINGLE_FILE_MODELS]
+        named.update(m["name"] for m in want)
+        if listed != want:
+            problems.append(f"node {node['id']} ({node['type']}): properties.models {listed}, expected {want}")
+    assert not problems, "\n".join(problems)
+    assert named, f"{path.name} names none of {SINGLE_FILE_MODELS}"
