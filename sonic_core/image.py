@@ -464,7 +464,8 @@ class PasteBack:
                              "connect the image you gave Face Mask Detect")
         from .face import check_same_photo
 
-        check_same_photo(self.photo, box)  # same size, another picture: refused (issue 29)
+        if self.bases.shape[0] == 1:  # a batch of base frames is an earlier paste's output (another face in it)
+            check_same_photo(self.photo, box)  # same size, another picture: refused (issue 29)
         x1, y1, x2, y2 = (int(v) for v in box.crop_xyxy)
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
             raise ValueError(f"the face box's crop {box.crop_xyxy} does not lie inside the {w}x{h} photo: "
