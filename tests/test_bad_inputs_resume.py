@@ -245,7 +245,8 @@ def test_cli_refuses_an_unusable_state_dir_before_loading(tiny, tmp_path, capsys
     afile = tmp_path / "afile"
     afile.write_text("x")
     ro = disks("ro")
-    for state_dir, words in ((afile, f"{afile} is not a folder"), (afile / "sub", f"{afile} is not a folder"),
+    for state_dir, words in ((afile, f"{afile} is a file, not a folder"),
+                             (afile / "sub", f"{afile} is a file, not a folder"),
                              (ro, f"{ro} is not writable (read-only file system)")):
         code = cli.main(["-q", *_cli(tiny, tmp_path / "o.mp4", "--state-dir", str(state_dir),
                                      models=tmp_path / "none")])
@@ -268,7 +269,7 @@ def test_cli_runs_on_with_a_full_state_dir_or_a_file_in_the_default_place(tiny, 
     caplog.clear()
     assert cli.main(_cli(tiny, tmp_path / "b.mp4")) == 0
     [warning] = _warnings(caplog)
-    assert f"{blocker} is not a folder" in warning and "goes on without resume states" in warning
+    assert f"{blocker} is a file, not a folder" in warning and "goes on without resume states" in warning
     assert _frames(tmp_path / "b.mp4") > 0 and blocker.read_text() == "not a folder"
 
 
@@ -298,7 +299,7 @@ def test_cli_poisoned_states_do_not_block_the_next_run(tiny, tmp_path, caplog):
 def test_node_runs_on_when_its_folder_is_unusable_or_full(chain, tmp_path, monkeypatch, caplog, disks):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    for folder, words in ((afile, f"{afile} is not a folder"),
+    for folder, words in ((afile, f"{afile} is a file, not a folder"),
                           (disks("ro") / "sonic_resume", "is not writable (read-only file system)"),
                           (disks("full"), "could not save the resume state")):
         caplog.clear()
