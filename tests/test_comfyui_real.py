@@ -309,24 +309,39 @@ def _write_named_models(model_root: Path) -> None:
 # What a new user's first start writes; the tutorial's template dialog would cover the canvas.
 # Workflow validation on: frontend 1.58.1 has it off by default, 1.27.10 on.
 BROWSER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True}
-UI_INPUT_FILES = ("portrait.png", "speech.wav")  # what the UI workflows' Load Image / Load Audio name
+
+
+def _ui_input_names() -> tuple[set[str], set[str]]:
+    """Every file name the UI workflows' Load Image / Load Audio nodes name (portrait.png, speech.wav,
+    the conversation's two_people.png and its two voices): a workflow naming one the test ComfyUI lacks
+    opens with the missing-input notice."""
+    images, audios = set(), set()
+    for path in (REPO / "workflows").glob("*.json"):
+        for node in json.loads(path.read_text())["nodes"]:
+            names = {"LoadImage": images, "LoadAudio": audios}.get(node["type"])
+            if names is not None and node.get("widgets_values"):
+                names.add(node["widgets_values"][0])
+    return images, audios
 
 
 def _write_ui_inputs(input_dir: Path) -> None:
-    """A portrait-sized picture and a short tone under the names the UI workflows load."""
+    """A portrait-sized picture and a short tone under every name the UI workflows load."""
     import numpy as np
     from PIL import Image
 
+    images, audios = _ui_input_names()
     y, x = np.mgrid[0:640, 0:512]  # (H, W)
-    Image.fromarray(np.dstack([x % 256, y % 256, np.full_like(x, 128)]).astype(np.uint8)).save(
-        input_dir / UI_INPUT_FILES[0])
+    picture = Image.fromarray(np.dstack([x % 256, y % 256, np.full_like(x, 128)]).astype(np.uint8))
+    for name in images:
+        picture.save(input_dir / name)
     rate = 16000
     tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)  # 2 s
-    with wave.open(str(input_dir / UI_INPUT_FILES[1]), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes((tone * (PCM16_SCALE - 1)).astype(np.int16).tobytes())
+    for name in audios:
+        with wave.open(str(input_dir / name), "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(rate)
+            f.writeframes((tone * (PCM16_SCALE - 1)).astype(np.int16).tobytes())
 
 
 def _serve(tmp: Path, front_end_root: str | None = None, extra_args: tuple[str, ...] = (),
